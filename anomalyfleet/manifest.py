@@ -1,0 +1,84 @@
+"""Manifests: sizes and SHA-256 of every file in a directory artefact, written last, checked on read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from anomalyfleet.errors import AnomalyFleetError
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(AnomalyFleetError):
+    """An artefact is incomplete or corrupted: a file is missing, truncated or altered."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel == MANIFEST_NAME or path.name.startswith("."):
+            continue
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"files": files}
+
+
+def write_manifest(root: str | Path) -> dict:
+    manifest = build_manifest(root)
+    atomic_write_bytes(Path(root) / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{root}: no {MANIFEST_NAME} (incomplete or not an anomalyfleet artefact)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: corrupt manifest ({exc.msg})") from exc
+
+
+def verify_manifest(root: str | Path) -> dict:
+    """Check every listed file's size and checksum; raise naming the first bad file."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    for rel, entry in manifest.get("files", {}).items():
+        path = root / rel
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise ManifestError(f"{path}: size {size} bytes, manifest says {entry['size']} (truncated?)")
+        if file_sha256(path) != entry["sha256"]:
+            raise ManifestError(f"{path}: checksum mismatch (corrupted)")
+    return manifest

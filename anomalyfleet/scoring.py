@@ -1,0 +1,146 @@
+"""Batched scoring of image files: scores, maps, overlays, and an atomic JSONL of results."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from anomalyfleet.data import AnomalyDataset, Sample
+from anomalyfleet.data.transforms import load_image
+from anomalyfleet.detector import Detector, Prediction
+from anomalyfleet.errors import DataError
+from anomalyfleet.manifest import atomic_write_bytes
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """One image file, or every image below a directory (sorted, recursive)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"no such image file or directory: {path}")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"no images (png, jpg, bmp, tif) found under {path}")
+    return images
+
+
+@dataclass
+class ScoredBatch:
+    samples: list[Sample]
+    prediction: Prediction
+    masks: np.ndarray | None  # (B, S, S) bool, when the samples carry masks
+
+
+def predict_samples(
+    detector: Detector,
+    samples: Sequence[Sample],
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> Iterator[ScoredBatch]:
+    """Score samples in batches; text features are computed once."""
+    dataset = AnomalyDataset(list(samples), image_size=detector.image_size, mean=detector.mean, std=detector.std)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress)
+    with torch.inference_mode():
+        text = detector.text_features()
+        for batch in loader:
+            features = detector.extract(batch["image"].to(detector.device))
+            prediction = detector.predict_features(features, text)
+            indices = batch["index"].tolist()
+            masks = (batch["mask"][:, 0] > 0.5).numpy()
+            bar.update(len(indices))
+            yield ScoredBatch(samples=[samples[i] for i in indices], prediction=prediction, masks=masks)
+    bar.close()
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Map [0, 1] values to RGB (blue -> cyan -> yellow -> red), vectorised."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+    pos = v * (len(stops) - 1)
+    low = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+    frac = pos - low
+    rgb = stops[low[..., 0]] * (1 - frac) + stops[low[..., 0] + 1] * frac
+    return rgb.astype(np.uint8)
+
+
+def overlay_png(image_path: str | Path, anomaly_map: np.ndarray, scale: float, alpha: float = 0.45) -> bytes:
+    """The image (at map size) with the anomaly map blended over it, as PNG bytes."""
+    size = anomaly_map.shape[::-1]
+    base = np.asarray(load_image(image_path).resize(size, Image.BICUBIC), dtype=np.float32)
+    heat = heat_colors(anomaly_map / max(scale, 1e-8)).astype(np.float32)
+    blended = (base * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(blended).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def score_images(
+    detector: Detector,
+    images: Sequence[Path],
+    out_dir: str | Path,
+    batch_size: int = 8,
+    write_maps: bool = True,
+    write_overlays: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Score files and write `scores.jsonl`, `maps/<name>.npy`, `overlays/<name>.png` under out_dir.
+
+    Every file is written atomically and the JSONL last, so a crash never leaves a results file
+    that points to maps that are not there.
+    """
+    out_dir = Path(out_dir)
+    samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
+    names = _unique_names(images)
+    threshold = detector.thresholds.get("image")
+    scale = float(len(detector.settings.layers))  # maps sum one probability per layer
+    records = []
+    position = 0
+    for scored in predict_samples(detector, samples, batch_size=batch_size, progress=progress):
+        for row, sample in enumerate(scored.samples):
+            name = names[position]
+            position += 1
+            score = float(scored.prediction.scores[row])
+            record = {"image": sample.image, "score": score}
+            if threshold is not None:
+                record.update(threshold=float(threshold), anomalous=bool(score >= threshold))
+            amap = scored.prediction.maps[row].astype(np.float32)
+            record["map_max"] = float(amap.max())
+            if write_maps:
+                buffer = io.BytesIO()
+                np.save(buffer, amap)
+                atomic_write_bytes(out_dir / "maps" / f"{name}.npy", buffer.getvalue())
+                record["map"] = f"maps/{name}.npy"
+            if write_overlays:
+                atomic_write_bytes(out_dir / "overlays" / f"{name}.png", overlay_png(sample.image, amap, scale))
+                record["overlay"] = f"overlays/{name}.png"
+            records.append(record)
+    payload = "".join(json.dumps(r) + "\n" for r in records).encode()
+    atomic_write_bytes(out_dir / "scores.jsonl", payload)
+    return out_dir / "scores.jsonl"
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, disambiguated when two images share a stem."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = path.stem
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}-{count}")
+    return names

@@ -175,15 +175,29 @@ class CLIPBackbone(VisionBackbone):
 
 def load_openai_clip_file(path: str | Path) -> nn.Module:
     """Build an open_clip model from an OpenAI-format CLIP file (TorchScript archive or state dict)."""
-    import open_clip
+    from open_clip.model import build_model_from_openai_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"CLIP weights not found: {path}")
     try:
-        model = open_clip.load_openai_model(str(path), device="cpu", jit=False)
-    except (RuntimeError, KeyError, ValueError, AttributeError) as exc:
-        raise BundleError(f"not an OpenAI-format CLIP file ({path}): {str(exc).splitlines()[0]}") from exc
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except RuntimeError:  # not a TorchScript archive: a plain (or wrapped) state dict
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors all mean "not a weights file"
+            raise BundleError(f"cannot read CLIP weights {path}: {str(exc).splitlines()[0]}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
+    if isinstance(state, dict):
+        # Traced archives may carry the text causal mask, which the model rebuilds itself.
+        state = {k: v for k, v in state.items() if k != "attn_mask"}
+    if not isinstance(state, dict) or "visual.proj" not in state:
+        raise BundleError(f"{path} is not an OpenAI-format CLIP ViT (no visual.proj)")
+    try:
+        model = build_model_from_openai_state_dict(dict(state))
+    except (RuntimeError, KeyError) as exc:
+        raise BundleError(f"{path}: weights do not form a CLIP model ({str(exc).splitlines()[0]})") from exc
     return model.float().eval()
 
 

@@ -19,6 +19,7 @@ def evaluate_detector(
     samples: Sequence[Sample],
     batch_size: int = 8,
     progress: bool = True,
+    per_image: bool = False,
 ) -> dict:
     """Score every sample and compute image metrics, plus pixel metrics where masks exist.
 
@@ -50,4 +51,10 @@ def evaluate_detector(
     report["images"] = len(samples)
     report["seconds"] = seconds
     report["detector"] = detector.describe()
+    if per_image:
+        report["per_image"] = [
+            {"image": image, "category": category, "label": int(label), "score": score}
+            for category, entry in sorted(by_category.items())
+            for image, label, score in zip(entry["images"], entry["labels"], entry["scores"])
+        ]
     return report

@@ -27,7 +27,6 @@ converted state dict is cached as a `.pt` file keyed by the ONNX file's SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import tempfile
@@ -43,6 +42,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from anomalyfleet.errors import BundleError
+from anomalyfleet.manifest import file_sha256
 
 __all__ = [
     "CACHE_ENV",
@@ -101,14 +101,6 @@ def default_cache_dir() -> Path:
     """`$ANOMALYFLEET_CACHE`, else `~/.cache/anomalyfleet`."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "anomalyfleet"
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_path_for(sha256: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,118 @@
+"""The command line end to end on tiny models: train, score, eval, checkpoints, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anomalyfleet.cli import main
+from tests.image_sets import write_folder_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp("cli") / "parts", normals=5, anomalies=5)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, dataset, openai_clip_file):
+    out = tmp_path_factory.mktemp("bundles") / "det"
+    code = main(["train", "--data", f"folder:{dataset}", "--backbone", f"openai:{openai_clip_file}",
+                 "--out", str(out), "--epochs", "2", "--batch-size", "4", "--image-size", "56",
+                 "--layers", "3,6", "--dpam-layers", "4", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_bundle(bundle):
+    meta = json.loads((bundle / "detector.json").read_text())
+    assert meta["settings"]["layers"] == [3, 6] and meta["settings"]["image_size"] == 56
+    assert len(meta["training"]["history"]) == 2
+    assert meta["training"]["config"]["lr"] == 1e-3 and meta["training"]["config"]["betas"] == [0.5, 0.999]
+
+
+def test_score_writes_jsonl_maps_and_overlays(bundle, dataset, tmp_path):
+    out = tmp_path / "scored"
+    assert main(["score", "--detector", str(bundle), "--images", str(dataset / "anomaly"), "--out", str(out), "--quiet"]) == 0
+    lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 5
+    for record in lines:
+        assert 0.0 <= record["score"] <= 1.0
+        amap = np.load(out / record["map"])
+        assert amap.shape == (56, 56)
+        assert (out / record["overlay"]).stat().st_size > 0
+
+
+def test_eval_report_has_the_documented_keys(bundle, dataset, tmp_path, capsys):
+    report_path = tmp_path / "report.json"
+    assert main(["eval", "--detector", str(bundle), "--data", f"folder:{dataset}", "--out", str(report_path), "--quiet"]) == 0
+    report = json.loads(report_path.read_text())
+    keys = {"image_auroc", "image_ap", "pixel_auroc", "aupro", "aupro_anomalyclip"}
+    assert set(report["mean"]) == keys
+    assert set(report["per_category"]["parts"]) == keys
+    assert report["mean"]["pixel_auroc"] is not None
+    assert "mean" in capsys.readouterr().out
+
+
+def test_overrides_at_scoring_time(bundle, dataset, tmp_path):
+    out = tmp_path / "override"
+    assert main(["score", "--detector", str(bundle), "--images", str(dataset / "normal"), "--out", str(out),
+                 "--image-size", "70", "--layers", "6", "--no-overlays", "--quiet"]) == 0
+    record = json.loads((out / "scores.jsonl").read_text().splitlines()[0])
+    assert np.load(out / record["map"]).shape == (70, 70)
+
+
+def test_checkpoint_export_and_import(bundle, tmp_path, openai_clip_file, dataset):
+    ref = tmp_path / "ref.pth"
+    assert main(["export-checkpoint", "--detector", str(bundle), "--out", str(ref)]) == 0
+    imported = tmp_path / "imported"
+    assert main(["import-checkpoint", "--checkpoint", str(ref), "--backbone", f"openai:{openai_clip_file}",
+                 "--out", str(imported), "--image-size", "56", "--layers", "3,6", "--dpam-layers", "4"]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    for det, out in ((bundle, a), (imported, b)):
+        assert main(["score", "--detector", str(det), "--images", str(dataset / "anomaly"), "--out", str(out),
+                     "--no-overlays", "--quiet"]) == 0
+    sa = [json.loads(x)["score"] for x in (a / "scores.jsonl").read_text().splitlines()]
+    sb = [json.loads(x)["score"] for x in (b / "scores.jsonl").read_text().splitlines()]
+    assert sa == sb
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["score", "--detector", "/nonexistent/bundle", "--images", "{data}/normal", "--out", "{tmp}/o"], "not found"),
+        (["score", "--images", "/nonexistent/images", "--out", "{tmp}/o"], "no such image"),
+        (["train", "--data", "folder:/nonexistent", "--out", "{tmp}/o"], "/nonexistent"),
+        (["train", "--data", "nosuchkind:{data}", "--out", "{tmp}/o"], "nosuchkind"),
+        (["train", "--data", "folder:{data}", "--backbone", "resnet50", "--out", "{tmp}/o"], "unknown backbone"),
+        (["eval", "--detector", "{data}/normal/n000.png", "--data", "folder:{data}"], "not a detector bundle"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv, message, dataset, tmp_path, capsys):
+    argv = [a.format(data=dataset, tmp=tmp_path) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("anomalyfleet: error:") and message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_image_is_named(bundle, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code = main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "broken.png" in err[-1]
+    assert not (tmp_path / "o" / "scores.jsonl").exists()
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "anomalyfleet.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("train", "score", "eval", "import-checkpoint"):
+        assert command in result.stdout

@@ -1,0 +1,55 @@
+"""Image and mask loading and preprocessing, exactly as the AnomalyCLIP reference does it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from anomalyfleet.errors import DataError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _open(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and names its path
+            return image.copy()
+    except FileNotFoundError as exc:
+        raise DataError(f"image not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: corrupt, empty or not an image") from exc
+
+
+def load_image(path: str | Path) -> Image.Image:
+    return _open(path).convert("RGB")
+
+
+def load_mask(path: str | Path, threshold: int = 1) -> np.ndarray:
+    """Boolean (H, W) defect mask: pixels >= threshold (on the greyscale image) are defect."""
+    return np.asarray(_open(path).convert("L")) >= threshold
+
+
+def preprocess_image(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Bicubic resize of both sides to (size, size) (aspect not kept), to [0, 1], normalise.
+
+    The reference's centre crop after that resize is the identity, so it is not repeated here.
+    """
+    resized = image.resize((size, size), Image.BICUBIC)
+    array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (array - mean_t) / std_t
+
+
+def preprocess_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """(1, size, size) in {0, 1}: bilinear resize of the 0/255 mask, then threshold at 0.5."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy((np.asarray(image, dtype=np.float32) / 255.0 > 0.5).astype(np.float32))[None]

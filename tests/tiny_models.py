@@ -22,8 +22,6 @@ def tiny_clip(seed: int = 0, vision_layers: int = 6, text_layers: int = 10, imag
             if name.endswith("logit_scale"):
                 continue
             param.add_(torch.randn_like(param) * 0.02)
-            # Released CLIP weights are float16 values; loaders round to float16, so do the same here.
-            param.copy_(param.half().float())
     return model.eval()
 
 

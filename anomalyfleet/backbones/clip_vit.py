@@ -195,10 +195,13 @@ def load_openai_clip_file(path: str | Path) -> nn.Module:
     if not isinstance(state, dict) or "visual.proj" not in state:
         raise BundleError(f"{path} is not an OpenAI-format CLIP ViT (no visual.proj)")
     try:
-        model = build_model_from_openai_state_dict(dict(state))
+        model = build_model_from_openai_state_dict(dict(state)).float()
+        # open_clip rounds every weight to float16 while building; the reference does not, so
+        # load the file's own values again at full precision.
+        model.load_state_dict({k: v.float() for k, v in state.items() if k in model.state_dict()}, strict=True)
     except (RuntimeError, KeyError) as exc:
         raise BundleError(f"{path}: weights do not form a CLIP model ({str(exc).splitlines()[0]})") from exc
-    return model.float().eval()
+    return model.eval()
 
 
 def load_open_clip_model(name: str, pretrained: str | None) -> nn.Module:

@@ -16,10 +16,11 @@ def focal_loss(probs: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
     dot product of that soft target with the probabilities plus smooth, averaged over all pixels.
     """
     num_classes = probs.shape[1]
-    flat = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
-    one_hot = F.one_hot(target.reshape(-1).long(), num_classes).to(flat.dtype)
-    one_hot = one_hot.clamp(FOCAL_SMOOTH / (num_classes - 1), 1.0 - FOCAL_SMOOTH)
-    pt = (one_hot * flat).sum(dim=1) + FOCAL_SMOOTH
+    target = target.reshape(probs.shape[0], 1, *probs.shape[2:]).long()
+    p_true = probs.gather(1, target)
+    p_rest = probs.sum(dim=1, keepdim=True) - p_true
+    # Same value as the clamped one-hot dot product, without materialising the one-hot tensor.
+    pt = (1.0 - FOCAL_SMOOTH) * p_true + FOCAL_SMOOTH / (num_classes - 1) * p_rest + FOCAL_SMOOTH
     return (-((1 - pt) ** gamma) * pt.log()).mean()
 
 

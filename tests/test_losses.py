@@ -68,3 +68,17 @@ def test_local_loss_averages_over_layers():
     out = losses.total_loss(maps, masks, torch.ones(2, dtype=torch.bool), torch.zeros(2, 2), torch.tensor([0, 1]))
     mean_local = (losses.local_loss(maps[0], masks) + losses.local_loss(maps[1], masks)) / 2
     assert math.isclose(float(out["local"]), float(mean_local), rel_tol=1e-6)
+
+
+def test_focal_equals_the_one_hot_formulation_on_random_maps():
+    """The gather-based focal loss equals the reference's clamped one-hot form."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(2)
+    probs = torch.rand(3, 2, 5, 6).softmax(dim=1)
+    target = (torch.rand(3, 5, 6) > 0.6).long()
+    flat = probs.permute(0, 2, 3, 1).reshape(-1, 2)
+    one_hot = F.one_hot(target.reshape(-1), 2).float().clamp(1e-5, 1 - 1e-5)
+    pt = (one_hot * flat).sum(1) + 1e-5
+    expected = (-((1 - pt) ** 2) * pt.log()).mean()
+    torch.testing.assert_close(losses.focal_loss(probs, target), expected)

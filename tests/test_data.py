@@ -1,0 +1,151 @@
+"""Dataset readers, preprocessing and their errors, on generated layouts and the real Magnetic Tile."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalyfleet.data import AnomalyDataset, parse_data_spec, parse_data_specs
+from anomalyfleet.data.transforms import CLIP_MEAN, CLIP_STD, load_image, preprocess_image, preprocess_mask
+from anomalyfleet.errors import DataError
+from tests.image_sets import write_folder_dataset
+
+
+def png(path, size=(20, 16), value=128, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(np.full(shape, value, np.uint8), mode=mode).save(path)
+    return path
+
+
+def make_mvtec(root):
+    for cat in ("bottle", "cable"):
+        png(root / cat / "train" / "good" / "000.png")
+        png(root / cat / "test" / "good" / "000.png")
+        png(root / cat / "test" / "crack" / "001.png")
+        png(root / cat / "ground_truth" / "crack" / "001_mask.png", value=255, mode="L")
+        png(root / cat / "test" / "scratch" / "002.png")  # no mask: label-only
+    return root
+
+
+def test_mvtec(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec")
+    samples = parse_data_spec(f"mvtec:{root}")
+    assert len(samples) == 6 and {s.category for s in samples} == {"bottle", "cable"}
+    crack = [s for s in samples if "crack" in s.image]
+    assert all(s.label == 1 and s.mask.endswith("001_mask.png") for s in crack)
+    assert all(s.mask is None and not s.has_mask for s in samples if "scratch" in s.image)
+    assert len(parse_data_spec(f"mvtec:{root}?split=train&categories=bottle")) == 1
+    with pytest.raises(DataError, match="unknown categories"):
+        parse_data_spec(f"mvtec:{root}?categories=screw")
+
+
+def test_visa(tmp_path):
+    root = tmp_path / "visa"
+    png(root / "candle" / "Data" / "Images" / "Normal" / "a.JPG")
+    png(root / "candle" / "Data" / "Images" / "Anomaly" / "b.JPG")
+    png(root / "candle" / "Data" / "Masks" / "Anomaly" / "b.png", mode="L", value=255)
+    (root / "split_csv").mkdir()
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["object", "split", "label", "image", "mask"])
+        writer.writerow(["candle", "test", "normal", "candle/Data/Images/Normal/a.JPG", ""])
+        writer.writerow(["candle", "test", "anomaly", "candle/Data/Images/Anomaly/b.JPG", "candle/Data/Masks/Anomaly/b.png"])
+        writer.writerow(["candle", "train", "normal", "candle/Data/Images/Normal/a.JPG", ""])
+    samples = parse_data_spec(f"visa:{root}")
+    assert [s.label for s in samples] == [0, 1] and samples[1].mask.endswith("b.png")
+    assert len(parse_data_spec(f"visa:{root}?split=train")) == 1
+
+
+def test_folder_and_combined_specs(tmp_path):
+    root = write_folder_dataset(tmp_path / "widgets", normals=3, anomalies=3, label_only=1)
+    samples = parse_data_spec(f"folder:{root}")
+    assert sum(s.label for s in samples) == 3 and sum(1 for s in samples if s.mask) == 2
+    assert {s.category for s in samples} == {"widgets"}
+    assert len(parse_data_specs([f"folder:{root}", f"folder:{root}?category=other"])) == 12
+
+
+def test_magnetic_tile_like_layout_and_split(tmp_path):
+    root = tmp_path / "mt"
+    for i in range(10):
+        png(root / "MT_Free" / "Imgs" / f"f{i}.jpg")
+    for i in range(3):
+        png(root / "MT_Crack" / "Imgs" / f"c{i}.jpg")
+        png(root / "MT_Crack" / "Imgs" / f"c{i}.png", mode="L", value=255)
+    train = parse_data_spec(f"magnetic-tile:{root}?defects=Crack&normals=train")
+    test = parse_data_spec(f"magnetic-tile:{root}?defects=MT_Crack&normals=test")
+    train_normals = {s.image for s in train if s.label == 0}
+    test_normals = {s.image for s in test if s.label == 0}
+    assert len(train_normals) == 5 and len(test_normals) == 5 and train_normals.isdisjoint(test_normals)
+    assert all(s.mask_threshold == 128 for s in train)
+    assert parse_data_spec(f"magnetic-tile:{root}?defects=Crack&normals=train") == train  # deterministic
+    assert len(parse_data_spec(f"magnetic-tile:{root}?defects=Crack&normals=none&limit=2")) == 2
+    with pytest.raises(DataError, match="unknown defect"):
+        parse_data_spec(f"magnetic-tile:{root}?defects=Dent")
+    with pytest.raises(DataError, match="missing MT_Fray"):
+        parse_data_spec(f"magnetic-tile:{root}?defects=Fray")
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [("folder:/no/such/dir", "not found"), ("cats:/tmp", "unknown data kind"), ("folder", "needs KIND:PATH"),
+     ("folder:{tmp}?colour=red", "unknown option")],
+)
+def test_spec_errors(spec, message, tmp_path):
+    with pytest.raises(DataError, match=message):
+        parse_data_spec(spec.format(tmp=tmp_path))
+
+
+def test_empty_layout_is_an_error(tmp_path):
+    (tmp_path / "empty" / "normal").mkdir(parents=True)
+    with pytest.raises(DataError, match="hold no images"):
+        parse_data_spec(f"folder:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="expected normal/"):
+        parse_data_spec(f"folder:{tmp_path}")
+
+
+def test_corrupt_image_and_mask_size_mismatch(tmp_path):
+    root = write_folder_dataset(tmp_path / "w", normals=1, anomalies=1)
+    broken = root / "normal" / "n000.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    dataset = AnomalyDataset(parse_data_spec(f"folder:{root}"), 56, CLIP_MEAN, CLIP_STD)
+    with pytest.raises(DataError, match="n000.png"):
+        dataset[0]
+    mask = next((root / "masks").iterdir())
+    png(mask, size=(10, 10), mode="L", value=255)
+    with pytest.raises(DataError, match="mask .* is 10x10 but image"):
+        dataset[1]
+
+
+def test_preprocessing_values():
+    image = Image.fromarray(np.full((30, 50, 3), 255, np.uint8))
+    tensor = preprocess_image(image, 28, CLIP_MEAN, CLIP_STD)
+    assert tensor.shape == (3, 28, 28)
+    expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(tensor[:, 5, 5], expected)
+    mask = np.zeros((40, 40), bool)
+    mask[:, :20] = True
+    out = preprocess_mask(mask, 20)
+    assert out.shape == (1, 20, 20) and set(out.unique().tolist()) == {0.0, 1.0}
+    assert out[0, :, :9].min() == 1 and out[0, :, 11:].max() == 0
+
+
+def test_grayscale_images_become_rgb(tmp_path):
+    path = png(tmp_path / "g.png", mode="L")
+    assert load_image(path).mode == "RGB"
+
+
+def test_real_magnetic_tile(magnetic_tile_root):
+    expected = {"Blowhole": 115, "Break": 85, "Crack": 57, "Fray": 32, "Uneven": 103}
+    for defect, count in expected.items():
+        samples = parse_data_spec(f"magnetic-tile:{magnetic_tile_root}?defects={defect}&normals=none")
+        assert len(samples) == count and all(s.mask for s in samples)
+    normals = parse_data_spec(f"magnetic-tile:{magnetic_tile_root}?defects=Crack&normals=all")
+    assert sum(1 for s in normals if s.label == 0) == 952
+    sample = parse_data_spec(f"magnetic-tile:{magnetic_tile_root}?defects=Crack&normals=none&limit=1")
+    item = AnomalyDataset(sample, 224, CLIP_MEAN, CLIP_STD)[0]
+    assert item["mask"].sum() > 0 and item["image"].shape == (3, 224, 224)

@@ -9,6 +9,7 @@ a temporary directory and renaming it, so a reader never sees half a bundle.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -20,7 +21,7 @@ from anomalyfleet import __version__
 from anomalyfleet.backbones import BackboneSpec, VisionBackbone, create_backbone
 from anomalyfleet.detector import Detector, DetectorSettings, make_prompts, prompt_kind
 from anomalyfleet.errors import BundleError
-from anomalyfleet.manifest import ManifestError, atomic_write_bytes, verify_manifest, write_manifest
+from anomalyfleet.manifest import ManifestError, atomic_write_bytes, default_mode, verify_manifest, write_manifest
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
 
 FORMAT = "anomalyfleet-detector"
@@ -65,6 +66,7 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(staging, default_mode(directory=True))
     try:
         state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
         torch.save(state, staging / PROMPTS_FILE)

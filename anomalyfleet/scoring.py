@@ -78,11 +78,16 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def overlay_png(image_path: str | Path, anomaly_map: np.ndarray, scale: float, alpha: float = 0.45) -> bytes:
-    """The image (at map size) with the anomaly map blended over it, as PNG bytes."""
+def overlay_png(image_path: str | Path, anomaly_map: np.ndarray, alpha: float = 0.45) -> bytes:
+    """The image (at map size) with the anomaly map blended over it, as PNG bytes.
+
+    Colours span each map's own range, so the most anomalous region of every image stands out;
+    the absolute level is the score in the JSONL.
+    """
     size = anomaly_map.shape[::-1]
     base = np.asarray(load_image(image_path).resize(size, Image.BICUBIC), dtype=np.float32)
-    heat = heat_colors(anomaly_map / max(scale, 1e-8)).astype(np.float32)
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    heat = heat_colors((anomaly_map - low) / max(high - low, 1e-8)).astype(np.float32)
     blended = (base * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(blended).save(buffer, format="PNG")
@@ -107,7 +112,6 @@ def score_images(
     samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
     names = _unique_names(images)
     threshold = detector.thresholds.get("image")
-    scale = float(len(detector.settings.layers))  # maps sum one probability per layer
     records = []
     position = 0
     for scored in predict_samples(detector, samples, batch_size=batch_size, progress=progress):
@@ -126,7 +130,7 @@ def score_images(
                 atomic_write_bytes(out_dir / "maps" / f"{name}.npy", buffer.getvalue())
                 record["map"] = f"maps/{name}.npy"
             if write_overlays:
-                atomic_write_bytes(out_dir / "overlays" / f"{name}.png", overlay_png(sample.image, amap, scale))
+                atomic_write_bytes(out_dir / "overlays" / f"{name}.png", overlay_png(sample.image, amap))
                 record["overlay"] = f"overlays/{name}.png"
             records.append(record)
     payload = "".join(json.dumps(r) + "\n" for r in records).encode()

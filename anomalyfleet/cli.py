@@ -146,7 +146,7 @@ def cmd_import_checkpoint(args) -> int:
 
     spec = parse_backbone(args.backbone)
     backbone = create_backbone(spec, args.image_size)
-    defaults = default_settings(spec, backbone.num_layers)
+    defaults = default_settings(spec, backbone.num_layers, backbone.patch_size)
     settings = DetectorSettings(
         image_size=args.image_size or defaults["image_size"],
         layers=tuple(args.layers or defaults["layers"]),

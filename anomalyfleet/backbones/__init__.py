@@ -103,7 +103,7 @@ def _preset_for(spec: BackboneSpec) -> dict | None:
     return None
 
 
-def default_settings(spec: BackboneSpec, num_layers: int) -> dict:
+def default_settings(spec: BackboneSpec, num_layers: int, patch_size: int = 14) -> dict:
     """Image size, map layers and DPAM depth for a backbone, from its preset or the CLIP rule."""
     preset = _preset_for(spec)
     if preset is not None and spec.kind != "openai_file":
@@ -111,7 +111,8 @@ def default_settings(spec: BackboneSpec, num_layers: int) -> dict:
     rule = _config()["clip_defaults"]
     # The reference runs DPAM on 19 of 24 blocks; keep that proportion for other depths.
     dpam = max(1, min(num_layers, round(num_layers * rule["dpam_fraction"])))
-    return {"image_size": rule["image_size"], "layers": [num_layers], "dpam_layers": dpam}
+    size = (rule["image_size"] // patch_size) * patch_size  # 518 for /14 models, 512 for /16
+    return {"image_size": size, "layers": [num_layers], "dpam_layers": dpam}
 
 
 def _resolve_local(path: str) -> str:
@@ -144,5 +145,5 @@ def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> Vision
     else:
         model = load_openai_clip_file(_resolve_local(spec.pretrained))
     layers = len(model.visual.transformer.resblocks)
-    size = image_size or default_settings(spec, layers)["image_size"]
+    size = image_size or default_settings(spec, layers, model.visual.conv1.kernel_size[0])["image_size"]
     return CLIPBackbone(model, image_size=size, source=spec.to_dict())

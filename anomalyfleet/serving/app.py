@@ -1,0 +1,550 @@
+"""HTTP API (FastAPI ingress on Ray Serve) and `build_app`, which wires the deployments together.
+
+    POST /v1/lines/{line}/score         one image: raw bytes body, or multipart with one file
+    POST /v1/lines/{line}/score-batch   multipart with several files
+    GET  /v1/lines                      lines, detector versions and thresholds
+    POST /v1/admin/reload               re-read the registry now (admin token)
+    GET  /healthz
+    GET  /openapi.json, /docs
+
+`?return_map=true` adds the overlay (PNG, base64), the map itself (8-bit PNG, value 255 =
+`map_scale`) and defect boxes (connected regions of the map above the line's pixel threshold, in
+the uploaded image's pixel coordinates).
+
+The gateway authenticates, checks and decodes uploads, resizes them to the detector's input size
+and hands them to the scorer replicas through a DeploymentHandle with the line's bundle as the
+multiplexed model id. Every refusal is a 4xx with `{"detail": reason}`.
+"""
+
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from scipy import ndimage
+
+from anomalyfleet import __version__
+from anomalyfleet.errors import AnomalyFleetError
+from anomalyfleet.scoring import overlay_png
+from anomalyfleet.serving.auth import AuthError, Authenticator, Principal
+from anomalyfleet.serving.config import ServiceConfig
+from anomalyfleet.serving.inputs import (
+    RAW_TYPES,
+    CheckedImage,
+    InputError,
+    Limits,
+    Upload,
+    decode_image,
+    is_multipart,
+    model_pixels,
+    parse_multipart,
+    too_large,
+)
+from anomalyfleet.serving.metrics import UNKNOWN_LINE, GatewayMetrics
+from anomalyfleet.serving.registry import LineRegistry, LineState, RegistrySnapshot
+from anomalyfleet.serving.service import DetectorScorer, ScoreItem, ScoreOutcome
+
+logger = logging.getLogger("ray.serve")
+
+MULTIPART_OVERHEAD = 64 * 1024  # part headers and boundaries on top of the image bytes
+MAX_BOXES = 32
+
+
+# --- response models (they make the OpenAPI document) -----------------------------------------------
+
+
+class DetectorInfo(BaseModel):
+    bundle: str
+    version: str = Field(description="digest of the bundle's manifest: changes whenever the bundle is republished")
+    backbone: str
+
+
+class DefectBox(BaseModel):
+    x0: int
+    y0: int
+    x1: int = Field(description="exclusive")
+    y1: int = Field(description="exclusive")
+    peak: float = Field(description="highest map value in the region")
+    area_fraction: float = Field(description="share of the map's pixels in the region")
+
+
+class ImageResult(BaseModel):
+    image: str
+    score: float = Field(description="probability of 'abnormal' (0..1)")
+    anomalous: bool = Field(description="score >= threshold")
+    threshold: float
+    width: int
+    height: int
+    model_latency_ms: float
+    batch_size: int = Field(description="images in the model batch that scored this one")
+    overlay_png: str | None = Field(None, description="base64 PNG: the anomaly map blended over the image")
+    map_png: str | None = Field(None, description="base64 8-bit PNG of the map; 255 = map_scale")
+    map_scale: float | None = None
+    pixel_threshold: float | None = None
+    boxes: list[DefectBox] | None = None
+
+
+class ScoreResponse(ImageResult):
+    line: str
+    detector: DetectorInfo
+    latency_ms: float = Field(description="end to end inside the service")
+
+
+class BatchResponse(BaseModel):
+    line: str
+    detector: DetectorInfo
+    threshold: float
+    results: list[ImageResult]
+    latency_ms: float
+
+
+class LineInfo(BaseModel):
+    line: str
+    bundle: str
+    version: str
+    threshold: float
+    threshold_source: str
+    pixel_threshold: float
+    map_scale: float
+    image_size: int
+    backbone: str
+    created_at: str
+    calibrated: bool
+    description: str = ""
+
+
+class LinesResponse(BaseModel):
+    lines: list[LineInfo]
+    unavailable: dict[str, str] = Field(description="line -> why it cannot serve (or still serves its previous bundle)")
+    registry_version: str
+
+
+class Health(BaseModel):
+    status: str
+    lines: int
+    unavailable: int
+    registry_version: str
+    version: str = __version__
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 503)}
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{t: {"schema": {"type": "string", "format": "binary"}}
+               for t in ("image/png", "image/jpeg", "image/bmp", "image/tiff", "application/octet-stream")},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["files"],
+            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+        }}},
+    }
+}
+
+api = FastAPI(
+    title="anomalyfleet",
+    version=__version__,
+    description="Zero-shot anomaly scoring per production line: score, decision against the line's "
+                "threshold, and on request the anomaly map and defect boxes.",
+)
+# Declared for the OpenAPI document; the header itself is parsed by the Authenticator so that a
+# missing and a malformed token get distinct reasons.
+bearer = HTTPBearer(auto_error=False, description="a client's or a line's token")
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, kind: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.kind = kind
+        self.reason = reason
+
+
+def _refusal(exc: Exception) -> Refusal:
+    if isinstance(exc, Refusal):
+        return exc
+    if isinstance(exc, (AuthError, InputError)):
+        return Refusal(exc.status, exc.kind, exc.reason)
+    raise exc
+
+
+def _error_response(refusal: Refusal) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+    return JSONResponse({"detail": refusal.reason}, status_code=refusal.status, headers=headers)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def defect_boxes(amap: np.ndarray, threshold: float, width: int, height: int) -> list[DefectBox]:
+    """Connected regions of the map at or above `threshold`, scaled to the upload's pixel grid."""
+    labels, count = ndimage.label(amap >= threshold)
+    if count == 0:
+        return []
+    side_y, side_x = amap.shape
+    sy, sx = height / side_y, width / side_x
+    peaks = ndimage.maximum(amap, labels, index=np.arange(1, count + 1))
+    areas = ndimage.sum_labels(np.ones_like(amap), labels, index=np.arange(1, count + 1))
+    boxes = []
+    for index, region in enumerate(ndimage.find_objects(labels)):
+        if region is None:
+            continue
+        ys, xs = region
+        boxes.append(DefectBox(
+            x0=int(math.floor(xs.start * sx)), y0=int(math.floor(ys.start * sy)),
+            x1=min(width, int(math.ceil(xs.stop * sx))), y1=min(height, int(math.ceil(ys.stop * sy))),
+            peak=float(peaks[index]), area_fraction=float(areas[index]) / amap.size,
+        ))
+    boxes.sort(key=lambda b: b.peak, reverse=True)
+    return boxes[:MAX_BOXES]
+
+
+def map_png(amap: np.ndarray, scale: float) -> bytes:
+    grey = np.clip(amap / max(scale, 1e-8), 0.0, 1.0) * 255.0
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(grey).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=64)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, scorer: DeploymentHandle, config: ServiceConfig):
+        self.config = config
+        self.scorer = scorer
+        self.limits = Limits(config.max_bytes, config.max_pixels, config.max_batch_files)
+        self.registry = LineRegistry(config.registry)
+        # A registry that cannot be read at start is a deployment error; later read failures
+        # only keep the last good registry serving.
+        self.snapshot: RegistrySnapshot = self.registry.load()
+        self.auth = self._authenticator(self.snapshot)
+        self.metrics = GatewayMetrics()
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._last_check = time.monotonic()
+        self._refreshing: asyncio.Task | None = None
+        self._stale: dict[str, str] = {}
+
+    # --- registry ---------------------------------------------------------------------------------
+    def _authenticator(self, snapshot: RegistrySnapshot) -> Authenticator:
+        return Authenticator([*self.config.tokens, *snapshot.document.grants()], required=self.config.require_auth)
+
+    def _handle(self, model_id: str) -> DeploymentHandle:
+        handle = self._handles.get(model_id)
+        if handle is None:
+            if len(self._handles) > 256:
+                self._handles.clear()
+            handle = self._handles[model_id] = self.scorer.options(multiplexed_model_id=model_id)
+        return handle
+
+    async def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < self.config.registry_check_interval_s:
+            return
+        self._last_check = now
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+        if self.registry.changed(self.snapshot):
+            self._refreshing = asyncio.create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        """Load the changed registry, warm every changed line's new bundle, then switch at once.
+
+        Requests keep using the previous snapshot (and its model ids) until the switch, so a
+        reload never makes a request wait for, or fail on, a bundle that is still loading. A
+        line whose new bundle fails to load keeps serving its previous one.
+        """
+        old = self.snapshot
+        try:
+            new = await asyncio.to_thread(self.registry.load, old)
+        except AnomalyFleetError as exc:
+            logger.warning("registry reload failed, keeping the previous registry: %s", exc)
+            self.metrics.reload("_registry", ok=False)
+            return
+        stale: dict[str, str] = {}
+        for name, state in list(new.lines.items()):
+            previous = old.lines.get(name)
+            if previous is not None and previous.model_id == state.model_id:
+                continue
+            try:
+                await self._handle(state.model_id).warm.remote()
+                self.metrics.reload(name, ok=True)
+            except Exception as exc:  # any failure to load the new bundle: keep the old one
+                self.metrics.reload(name, ok=False)
+                reason = f"new bundle failed to load: {_first_line(exc)}"
+                if previous is not None:
+                    new.lines[name] = previous
+                    stale[name] = reason + " (still serving the previous bundle)"
+                else:
+                    del new.lines[name]
+                    new.errors[name] = reason
+        for name, reason in list(new.errors.items()):
+            if name in old.lines:  # unreadable now (e.g. mid-publication): keep the old bundle
+                new.lines[name] = old.lines[name]
+                stale[name] = reason + " (still serving the previous bundle)"
+                del new.errors[name]
+        try:
+            auth = self._authenticator(new)
+        except AnomalyFleetError as exc:
+            logger.warning("registry reload refused: %s", exc)
+            self.metrics.reload("_registry", ok=False)
+            return
+        self.snapshot, self.auth, self._stale = new, auth, stale
+
+    # --- request plumbing -------------------------------------------------------------------------
+    def _principal(self, request: Request) -> Principal:
+        return self.auth.authenticate(request.headers.get("authorization"))
+
+    def _line(self, request: Request, line: str, snapshot: RegistrySnapshot) -> tuple[LineState, str]:
+        known = line in snapshot.lines or line in snapshot.errors
+        label = line if known else UNKNOWN_LINE
+        try:
+            principal = self._principal(request)
+        except AuthError as exc:
+            raise Refusal(exc.status, exc.kind, exc.reason) from None
+        if not known:
+            raise Refusal(404, "unknown_line", f"unknown line {line!r}")
+        try:
+            self.auth.authorize(principal, line)
+        except AuthError as exc:
+            raise Refusal(exc.status, exc.kind, exc.reason) from None
+        state = snapshot.lines.get(line)
+        if state is None:
+            raise Refusal(503, "unavailable", f"line {line!r} is unavailable: {snapshot.errors[line]}")
+        return state, label
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_bytes + MULTIPART_OVERHEAD
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large(limit)
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _uploads(self, request: Request, batch: bool) -> list[Upload]:
+        content_type = request.headers.get("content-type")
+        if is_multipart(content_type):
+            uploads = parse_multipart(await self._read_body(request), content_type or "")
+            if not uploads:
+                raise Refusal(400, "empty", "multipart body holds no file part (name it 'file')")
+            if not batch and len(uploads) > 1:
+                raise Refusal(400, "too_many_files", "score takes one image; use score-batch for several")
+            if len(uploads) > self.limits.max_files:
+                raise Refusal(413, "too_many_files", f"{len(uploads)} files exceed the limit of {self.limits.max_files}")
+            return uploads
+        if batch:
+            raise Refusal(415, "wrong_type", "score-batch takes multipart/form-data with one or more files")
+        if content_type and not content_type.lower().startswith(RAW_TYPES):
+            raise Refusal(415, "wrong_type", f"unsupported content type {content_type.split(';')[0]!r} "
+                                             "(send image bytes or multipart/form-data)")
+        return [Upload(name="body", data=await self._read_body(request))]
+
+    def _prepare(self, upload: Upload, size: int) -> tuple[CheckedImage, np.ndarray]:
+        checked, image = decode_image(upload, self.limits)
+        return checked, model_pixels(image, size)
+
+    async def _score(self, state: LineState, pixels: np.ndarray, want_map: bool) -> ScoreOutcome:
+        try:
+            return await self._handle(state.model_id).score.remote(ScoreItem(state.name, pixels, want_map))
+        except Exception as exc:  # load failures and lost replicas both mean: try again later
+            logger.warning("scoring on line %s failed: %s", state.name, exc)
+            raise Refusal(503, "unavailable", f"detector for line {state.name!r} unavailable: {_first_line(exc)}") from None
+
+    def _result(self, state: LineState, checked: CheckedImage, outcome: ScoreOutcome, want_map: bool) -> dict:
+        # A registry threshold is the line's; otherwise the threshold of the bundle that answered.
+        if state.threshold_source == "registry" or outcome.bundle_threshold is None:
+            threshold = state.threshold
+        else:
+            threshold = outcome.bundle_threshold
+        result: dict[str, Any] = {
+            "image": checked.name, "score": outcome.score, "anomalous": bool(outcome.score >= threshold),
+            "threshold": threshold, "width": checked.width, "height": checked.height,
+            "model_latency_ms": outcome.model_ms, "batch_size": outcome.batch_size,
+        }
+        if want_map and outcome.map is not None:
+            amap = outcome.map
+            result.update(
+                overlay_png=_b64(overlay_png(io.BytesIO(checked.data), amap)),
+                map_png=_b64(map_png(amap, state.map_scale)),
+                map_scale=state.map_scale,
+                pixel_threshold=state.pixel_threshold,
+                boxes=[b.model_dump() for b in defect_boxes(amap, state.pixel_threshold, checked.width, checked.height)],
+            )
+        return result
+
+    def _detector(self, state: LineState, outcome: ScoreOutcome | None) -> dict:
+        version = outcome.version if outcome is not None else state.version
+        return {"bundle": state.bundle, "version": version, "backbone": state.backbone}
+
+    def _record(self, label: str, state: LineState | None, results: list[dict]) -> None:
+        for result in results:
+            self.metrics.scored(label, result["score"], result["anomalous"])
+
+    # --- endpoints ----------------------------------------------------------------------------------
+    @api.post("/v1/lines/{line}/score", response_model=ScoreResponse, response_model_exclude_none=True,
+              responses=ERRORS, openapi_extra=IMAGE_BODY, summary="Score one image for a line")
+    async def score(self, line: str, request: Request, return_map: bool = False,
+                    _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
+        started = time.perf_counter()
+        label, code = UNKNOWN_LINE, 200
+        try:
+            await self._maybe_refresh()
+            state, label = self._line(request, line, self.snapshot)
+            uploads = await self._uploads(request, batch=False)
+            checked, pixels = await asyncio.to_thread(self._prepare, uploads[0], state.image_size)
+            outcome = await self._score(state, pixels, return_map)
+            result = await asyncio.to_thread(self._result, state, checked, outcome, return_map)
+            self._record(label, state, [result])
+            latency = (time.perf_counter() - started) * 1000.0
+            return {**result, "line": line, "detector": self._detector(state, outcome), "latency_ms": latency}
+        except (Refusal, AuthError, InputError) as exc:
+            refusal = _refusal(exc)
+            code = refusal.status
+            self.metrics.error(label, refusal.kind)
+            return _error_response(refusal)
+        finally:
+            self.metrics.request(label, "score", code, (time.perf_counter() - started) * 1000.0)
+
+    @api.post("/v1/lines/{line}/score-batch", response_model=BatchResponse, response_model_exclude_none=True,
+              responses=ERRORS, openapi_extra=BATCH_BODY, summary="Score several images for a line")
+    async def score_batch(self, line: str, request: Request, return_map: bool = False,
+                          _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
+        started = time.perf_counter()
+        label, code = UNKNOWN_LINE, 200
+        try:
+            await self._maybe_refresh()
+            state, label = self._line(request, line, self.snapshot)
+            uploads = await self._uploads(request, batch=True)
+            # All files are checked before any is scored: a batch is accepted or refused whole.
+            prepared = await asyncio.to_thread(lambda: [self._prepare(u, state.image_size) for u in uploads])
+            outcomes = await asyncio.gather(*(self._score(state, pixels, return_map) for _, pixels in prepared))
+            results = await asyncio.to_thread(
+                lambda: [self._result(state, checked, outcome, return_map) for (checked, _), outcome in zip(prepared, outcomes)]
+            )
+            self._record(label, state, results)
+            return {
+                "line": line, "detector": self._detector(state, outcomes[0]),
+                "threshold": results[0]["threshold"], "results": results,
+                "latency_ms": (time.perf_counter() - started) * 1000.0,
+            }
+        except (Refusal, AuthError, InputError) as exc:
+            refusal = _refusal(exc)
+            code = refusal.status
+            self.metrics.error(label, refusal.kind)
+            return _error_response(refusal)
+        finally:
+            self.metrics.request(label, "score-batch", code, (time.perf_counter() - started) * 1000.0)
+
+    @api.get("/v1/lines", response_model=LinesResponse, responses={401: {"model": ErrorBody}},
+             summary="Lines this token may use, with detector versions and thresholds")
+    async def lines(self, request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
+        try:
+            await self._maybe_refresh()
+            principal = self._principal(request)
+        except AuthError as exc:
+            self.metrics.error(UNKNOWN_LINE, exc.kind)
+            return _error_response(_refusal(exc))
+        snapshot = self.snapshot
+        visible = [state.public() for name, state in sorted(snapshot.lines.items()) if principal.may_use(name)]
+        unavailable = {**snapshot.errors, **self._stale}
+        return {
+            "lines": visible,
+            "unavailable": {k: v for k, v in sorted(unavailable.items()) if principal.may_use(k)},
+            "registry_version": snapshot.digest,
+        }
+
+    @api.post("/v1/admin/reload", response_model=LinesResponse, responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+              summary="Re-read the registry and bundles now (this gateway replica; others follow on their next check)")
+    async def reload(self, request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
+        try:
+            self.auth.require_admin(self._principal(request))
+        except AuthError as exc:
+            self.metrics.error(UNKNOWN_LINE, exc.kind)
+            return _error_response(_refusal(exc))
+        if self._refreshing is not None and not self._refreshing.done():
+            await self._refreshing
+        self._refreshing = asyncio.create_task(self._refresh())
+        await self._refreshing
+        self._last_check = time.monotonic()
+        return await self.lines(request, _credentials)
+
+    @api.get("/healthz", response_model=Health, summary="Liveness and registry state")
+    async def healthz(self):
+        snapshot = self.snapshot
+        return {"status": "ok", "lines": len(snapshot.lines), "unavailable": len(snapshot.errors),
+                "registry_version": snapshot.digest}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in reversed(text.splitlines()):
+        # Ray wraps remote errors in a traceback; the last line names the cause.
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
+
+
+def build_app(config: ServiceConfig):
+    """The Serve application: a Gateway ingress composed with an autoscaled DetectorScorer."""
+    scorer_autoscaling = {
+        "min_replicas": config.min_replicas,
+        "max_replicas": config.max_replicas,
+        "target_ongoing_requests": config.target_ongoing_requests,
+        "upscale_delay_s": config.upscale_delay_s,
+        "downscale_delay_s": config.downscale_delay_s,
+    }
+    if config.initial_replicas is not None:
+        scorer_autoscaling["initial_replicas"] = config.initial_replicas
+    scorer = DetectorScorer.options(
+        autoscaling_config=scorer_autoscaling,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+    ).bind(
+        max_batch_size=config.max_batch_size,
+        batch_wait_timeout_s=config.batch_wait_timeout_s,
+        max_models_per_replica=config.max_models_per_replica,
+        torch_threads=config.threads,
+        device="cuda" if config.num_gpus > 0 else "cpu",
+    )
+    gateway = Gateway.options(
+        autoscaling_config={
+            "min_replicas": config.gateway_min_replicas,
+            "max_replicas": config.gateway_max_replicas,
+            "target_ongoing_requests": max(2.0, config.target_ongoing_requests * 4),
+        },
+        max_ongoing_requests=config.gateway_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.gateway_num_cpus},
+    )
+    return gateway.bind(scorer, config)
+
+
+__all__ = ["Gateway", "api", "build_app", "defect_boxes"]

@@ -1,0 +1,140 @@
+"""The service's configuration: one typed model, validated once, from a file, the environment or code.
+
+Sources, later ones winning: the model's defaults, a YAML/JSON file (`ANOMALYFLEET_SERVE_CONFIG` or
+the path given), then `ANOMALYFLEET_SERVE_<FIELD>` variables for scalar fields (so a serve config's
+`runtime_env.env_vars` can tune a deployment without another file) and `ANOMALYFLEET_REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from anomalyfleet.errors import ConfigError
+from anomalyfleet.serving.auth import TokenGrant
+
+CONFIG_ENV = "ANOMALYFLEET_SERVE_CONFIG"
+REGISTRY_ENV = "ANOMALYFLEET_REGISTRY"
+FIELD_ENV_PREFIX = "ANOMALYFLEET_SERVE_"
+
+
+class ServiceConfig(BaseModel):
+    """Everything `build_app` needs; deployment options here are what a serve config may override."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Where the line registry lives (path, file:// or s3://); None serves the bundled detector as
+    # one line, "default", so `serve run serving.app:app` works on a fresh checkout.
+    registry: str | None = None
+    # How often each gateway replica looks for a changed registry or a republished bundle. The
+    # check is a stat for local files, so a small value is cheap; 0 checks on every request.
+    registry_check_interval_s: float = Field(5.0, ge=0)
+
+    # Scorer (the model replicas): autoscaling and resources.
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    # Torch threads per scorer replica; None uses num_cpus (at least 1), so replicas sharing a
+    # machine do not oversubscribe its cores.
+    torch_threads: int | None = Field(None, ge=1)
+    # How many detectors one replica keeps loaded (LRU); backbones are shared between them.
+    max_models_per_replica: int = Field(4, ge=1)
+
+    # Dynamic batching on each scorer replica; max_batch_size 1 turns batching off.
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+    # Gateway (HTTP ingress): light CPU work (auth, decoding, resizing, overlays).
+    gateway_min_replicas: int = Field(1, ge=1)
+    gateway_max_replicas: int = Field(2, ge=1)
+    gateway_num_cpus: float = Field(0.25, ge=0)
+    gateway_max_ongoing_requests: int = Field(64, ge=1)
+
+    # Input limits.
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_batch_files: int = Field(32, ge=1)
+
+    # Bearer tokens per client (lines: which lines a client may score; "*" for all). Lines may add
+    # their own tokens in the registry. require_auth None: on as soon as any token is configured.
+    tokens: list[TokenGrant] = Field(default_factory=list)
+    require_auth: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServiceConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie within min_replicas..max_replicas")
+        if self.gateway_min_replicas > self.gateway_max_replicas:
+            raise ValueError("gateway_min_replicas exceeds gateway_max_replicas")
+        # Serve refuses a batch that cannot fit into the replica's ongoing-request budget.
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size ({self.max_batch_size})"
+            )
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+    # --- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> "ServiceConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid service configuration: {_first_error(exc)}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ServiceConfig":
+        return cls.from_mapping(_read_mapping(path))
+
+    @classmethod
+    def from_env_or_file(cls, path: str | Path | None = None, environ: dict[str, str] | None = None) -> "ServiceConfig":
+        env = os.environ if environ is None else environ
+        path = path or env.get(CONFIG_ENV)
+        data: dict[str, Any] = _read_mapping(path) if path else {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(FIELD_ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            # Lists (tokens) come as JSON; scalars as text that pydantic coerces and checks.
+            data[name] = json.loads(raw) if name == "tokens" else (None if raw == "" else raw)
+        if env.get(REGISTRY_ENV):
+            data["registry"] = env[REGISTRY_ENV]
+        return cls.from_mapping(data)
+
+
+def _read_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"service configuration not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "config"
+    return f"{where}: {first.get('msg')}"
+
+
+__all__ = ["ServiceConfig", "CONFIG_ENV", "REGISTRY_ENV"]

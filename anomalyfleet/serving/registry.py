@@ -1,0 +1,368 @@
+"""The line registry: which detector bundle and threshold each production line uses.
+
+A YAML or JSON document (local path, file:// or, through `anomalyfleet.storage`, s3://):
+
+    version: 1
+    lines:
+      press-3:
+        bundle: bundles/press-3          # relative paths are relative to the registry file
+        threshold: 0.62                  # optional: else the bundle's calibrated thresholds["image"]
+        pixel_threshold: 1.4             # optional: map level for defect boxes
+        tokens: ["a-secret", {token_sha256: "..."}, {token_env: PRESS3_TOKEN}]
+    clients:                             # optional: tokens that may use several lines
+      - {name: qa-dashboard, token_env: QA_TOKEN, lines: ["*"]}
+
+The document is validated once into typed models; every line is then resolved against its bundle's
+metadata into a `LineState`, whose `model_id` (bundle URI + manifest digest) names exactly the
+weights that will answer. A line whose bundle cannot be read is reported unavailable and does not
+stop the other lines from serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from anomalyfleet.errors import AnomalyFleetError, ConfigError
+from anomalyfleet.serving.auth import TokenGrant
+
+LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_LINE = "default"
+# Threshold used by the built-in registry, whose bundled detector carries no calibrated threshold.
+UNCALIBRATED_THRESHOLD = 0.5
+
+
+class LineToken(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    token: SecretStr | None = None
+    token_sha256: str | None = None
+    token_env: str | None = None
+
+
+class LineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bundle: str
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    pixel_threshold: float | None = Field(None, ge=0.0)
+    tokens: list[SecretStr | LineToken] = Field(default_factory=list)
+    description: str = ""
+
+    def grants(self, line: str) -> list[TokenGrant]:
+        grants = []
+        for i, entry in enumerate(self.tokens):
+            if isinstance(entry, LineToken):
+                data = entry.model_dump(exclude_none=True)
+                if "token" in data:
+                    data["token"] = entry.token.get_secret_value()  # type: ignore[union-attr]
+                data.setdefault("name", f"line:{line}:{i}")
+            else:
+                data = {"name": f"line:{line}:{i}", "token": entry.get_secret_value()}
+            grants.append(TokenGrant(lines=[line], **data))
+        return grants
+
+
+class RegistryDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = 1
+    lines: dict[str, LineSpec]
+    clients: list[TokenGrant] = Field(default_factory=list)
+
+    @field_validator("lines")
+    @classmethod
+    def _names(cls, lines: dict[str, LineSpec]) -> dict[str, LineSpec]:
+        bad = [name for name in lines if not LINE_NAME.match(name)]
+        if bad:
+            raise ValueError(f"line names must match {LINE_NAME.pattern}: {', '.join(map(repr, bad))}")
+        return lines
+
+    @model_validator(mode="after")
+    def _version(self) -> "RegistryDocument":
+        if self.version != 1:
+            raise ValueError(f"registry version {self.version} is not supported (expected 1)")
+        return self
+
+    def grants(self) -> list[TokenGrant]:
+        grants = list(self.clients)
+        for name, spec in self.lines.items():
+            grants += spec.grants(name)
+        return grants
+
+
+@dataclass(frozen=True)
+class LineState:
+    """A line resolved against its bundle: everything the gateway needs without loading weights."""
+
+    name: str
+    bundle: str  # as written in the registry
+    bundle_uri: str  # resolved (absolute path or URI)
+    version: str  # digest of the bundle manifest
+    model_id: str  # multiplexed model id: bundle_uri#version
+    threshold: float
+    threshold_source: str  # "registry" or "bundle"
+    pixel_threshold: float
+    map_scale: float  # the map's largest possible value (one per map layer)
+    image_size: int
+    backbone: str
+    backbone_fingerprint: str
+    created_at: str
+    calibrated: bool
+    description: str = ""
+    signature: tuple | None = None  # stat of the bundle manifest, for cheap change checks
+    spec: LineSpec | None = None  # the registry entry it was resolved from
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "line": self.name,
+            "bundle": self.bundle,
+            "version": self.version,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "pixel_threshold": self.pixel_threshold,
+            "map_scale": self.map_scale,
+            "image_size": self.image_size,
+            "backbone": self.backbone,
+            "created_at": self.created_at,
+            "calibrated": self.calibrated,
+            "description": self.description,
+        }
+
+
+@dataclass
+class RegistrySnapshot:
+    document: RegistryDocument
+    lines: dict[str, LineState]
+    errors: dict[str, str]  # line -> why it is unavailable
+    digest: str  # of the registry's bytes
+    signature: tuple | None
+    loaded_at: float = field(default_factory=time.time)
+
+
+# --- storage hooks ------------------------------------------------------------------------------
+
+
+def local_path(uri: str) -> Path | None:
+    """The local path behind a plain path or file:// URI; None for remote schemes."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if "://" in uri:
+        return None
+    return Path(uri).expanduser()
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """Storage hook for registries: local here, anything else through `anomalyfleet.storage`."""
+    path = local_path(uri)
+    if path is not None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"line registry not found: {uri}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read line registry {uri}: {exc.strerror or exc}") from exc
+    try:
+        from anomalyfleet import storage
+    except ImportError as exc:
+        raise ConfigError(f"{uri}: non-local registries need anomalyfleet.storage, which is not installed") from exc
+    reader = getattr(storage, "read_bytes", None)
+    if reader is None:
+        raise ConfigError(f"{uri}: anomalyfleet.storage has no read_bytes(uri)")
+    return reader(uri)
+
+
+def _stat_signature(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def source_signature(uri: str | None) -> tuple | None:
+    """Cheap change marker for local files; None (read and compare digests) for remote ones."""
+    if uri is None:
+        return ("builtin",)
+    path = local_path(uri)
+    return _stat_signature(path) if path is not None else None
+
+
+def resolve_bundle_uri(bundle: str, registry_uri: str | None) -> str:
+    if "://" in bundle and not bundle.startswith("file://"):
+        return bundle
+    path = local_path(bundle)
+    assert path is not None
+    if not path.is_absolute() and registry_uri is not None:
+        base = local_path(registry_uri)
+        if base is not None:
+            path = base.parent / path
+    return str(path.resolve()) if not path.is_absolute() else str(path)
+
+
+def bundle_signature(bundle_uri: str) -> tuple | None:
+    path = local_path(bundle_uri)
+    return _stat_signature(path / "manifest.json") if path is not None else None
+
+
+# --- parsing and resolution -----------------------------------------------------------------------
+
+
+def parse_registry(data: bytes | str | dict, origin: str = "registry") -> RegistryDocument:
+    if not isinstance(data, dict):
+        try:
+            data = yaml.safe_load(data) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML/JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping with a 'lines' table")
+    try:
+        return RegistryDocument.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ConfigError(f"{origin}: {where}: {first.get('msg')}") from exc
+
+
+def builtin_registry() -> dict:
+    from anomalyfleet.cli import default_detector_path
+
+    return {"version": 1, "lines": {DEFAULT_LINE: {
+        "bundle": str(default_detector_path()),
+        "threshold": UNCALIBRATED_THRESHOLD,
+        "description": "the bundled offline detector, uncalibrated threshold",
+    }}}
+
+
+def manifest_version(local_dir: str | Path) -> str:
+    return hashlib.sha256((Path(local_dir) / "manifest.json").read_bytes()).hexdigest()[:12]
+
+
+def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineState:
+    """Read the bundle's metadata (verifying its manifest) and settle the line's threshold."""
+    from anomalyfleet.backbones import BackboneSpec
+    from anomalyfleet.bundle import read_bundle_metadata
+
+    uri = resolve_bundle_uri(spec.bundle, registry_uri)
+    signature = bundle_signature(uri)
+    meta = read_bundle_metadata(uri)
+    version = manifest_version(meta["_local_dir"])
+    bundle_thresholds = meta.get("thresholds") or {}
+    if spec.threshold is not None:
+        threshold, source = float(spec.threshold), "registry"
+    elif bundle_thresholds.get("image") is not None:
+        threshold, source = float(bundle_thresholds["image"]), "bundle"
+    else:
+        raise ConfigError(
+            f"line {name!r}: no threshold: calibrate its bundle (anomalyfleet calibrate) or set one in the registry"
+        )
+    settings = meta["settings"]
+    if spec.pixel_threshold is not None:
+        pixel = float(spec.pixel_threshold)
+    elif bundle_thresholds.get("pixel") is not None:
+        pixel = float(bundle_thresholds["pixel"])
+    else:
+        # Maps are sums over the map layers of the abnormal probability: "more likely abnormal
+        # than normal on average over layers" is half the number of layers.
+        pixel = 0.5 * len(settings["layers"])
+    return LineState(
+        name=name,
+        bundle=spec.bundle,
+        bundle_uri=uri,
+        version=version,
+        model_id=f"{uri}#{version}",
+        threshold=threshold,
+        threshold_source=source,
+        pixel_threshold=pixel,
+        map_scale=float(len(settings["layers"])),
+        image_size=int(settings["image_size"]),
+        backbone=BackboneSpec.from_dict(meta["backbone"]).label(),
+        backbone_fingerprint=str(meta["backbone_fingerprint"]),
+        created_at=str(meta.get("created_at", "")),
+        calibrated=bool((meta.get("extras") or {}).get("calibration")),
+        description=spec.description,
+        signature=signature,
+        spec=spec,
+    )
+
+
+class LineRegistry:
+    """Loads a registry and tells, cheaply, when it or one of its local bundles has changed."""
+
+    def __init__(self, uri: str | None):
+        self.uri = uri
+
+    def _read(self) -> tuple[bytes, tuple | None]:
+        signature = source_signature(self.uri)
+        if self.uri is None:
+            return json.dumps(builtin_registry(), sort_keys=True).encode(), signature
+        return read_uri_bytes(self.uri), signature
+
+    def load(self, previous: RegistrySnapshot | None = None) -> RegistrySnapshot:
+        raw, signature = self._read()
+        document = parse_registry(raw, origin=self.uri or "built-in registry")
+        lines: dict[str, LineState] = {}
+        errors: dict[str, str] = {}
+        for name, spec in document.lines.items():
+            old = previous.lines.get(name) if previous else None
+            if old is not None and _unchanged(old, spec, self.uri):
+                lines[name] = old
+                continue
+            try:
+                lines[name] = resolve_line(name, spec, self.uri)
+            except AnomalyFleetError as exc:
+                errors[name] = str(exc)
+            except (OSError, ValueError, KeyError) as exc:
+                errors[name] = f"cannot read bundle {spec.bundle}: {exc}"
+        return RegistrySnapshot(document, lines, errors, hashlib.sha256(raw).hexdigest()[:12], signature)
+
+    def changed(self, snapshot: RegistrySnapshot) -> bool:
+        """Has the registry, or a local bundle it names, changed since `snapshot`?"""
+        signature = source_signature(self.uri)
+        if signature is None:
+            try:
+                raw, _ = self._read()
+            except AnomalyFleetError:
+                return False
+            if hashlib.sha256(raw).hexdigest()[:12] != snapshot.digest:
+                return True
+        elif signature != snapshot.signature:
+            return True
+        for state in snapshot.lines.values():
+            now = bundle_signature(state.bundle_uri)
+            # A missing manifest is a bundle mid-publication (save_bundle renames directories):
+            # keep serving the old one and look again next time.
+            if now is not None and state.signature is not None and now != state.signature:
+                return True
+        # Lines that failed to resolve may have been fixed by publishing their bundle.
+        return bool(snapshot.errors)
+
+
+def _unchanged(old: LineState, spec: LineSpec, registry_uri: str | None) -> bool:
+    if old.spec != spec or resolve_bundle_uri(spec.bundle, registry_uri) != old.bundle_uri:
+        return False
+    # Remote bundles (no stat signature) are re-resolved only when the registry itself changes.
+    return old.signature is None or bundle_signature(old.bundle_uri) == old.signature
+
+
+__all__ = [
+    "DEFAULT_LINE",
+    "LineRegistry",
+    "LineSpec",
+    "LineState",
+    "RegistryDocument",
+    "RegistrySnapshot",
+    "local_path",
+    "parse_registry",
+    "read_uri_bytes",
+    "resolve_line",
+]

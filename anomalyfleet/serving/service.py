@@ -1,0 +1,206 @@
+"""Model replicas: per-line detectors multiplexed over a replica pool, scored in dynamic batches.
+
+Each scorer replica keeps its most used bundles loaded (Serve's multiplexing LRU, keyed by
+`bundle_uri#manifest_digest`, so a republished bundle is a new model and requests already routed to
+the old one finish on it). Bundles that use the same backbone weights share one backbone object, so a
+second line on the same backbone costs only its prompts. Requests of one replica are batched by
+`@serve.batch`, which splits every batch by model id; a batch is one forward pass.
+
+`DetectorPool` holds the model logic without Ray, so it can be tested and benchmarked alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from ray import serve
+
+from anomalyfleet import maps as mapping
+from anomalyfleet.bundle import load_bundle, read_bundle_metadata
+from anomalyfleet.data.transforms import preprocess_image
+from anomalyfleet.detector import Detector
+from anomalyfleet.device import select_device
+from anomalyfleet.errors import BundleError
+from anomalyfleet.serving.metrics import ScorerMetrics
+from anomalyfleet.serving.registry import manifest_version
+
+logger = logging.getLogger("ray.serve")
+
+# save_bundle swaps directories with two renames; a reader can land between them.
+_PUBLISH_RETRIES = 5
+_PUBLISH_WAIT_S = 0.05
+
+
+@dataclass
+class ScoreItem:
+    """One preprocessed-to-size image for a line (what the gateway sends)."""
+
+    line: str
+    pixels: np.ndarray  # (S, S, 3) uint8, already resized to the detector's image size
+    want_map: bool = False
+
+
+@dataclass
+class ScoreOutcome:
+    score: float
+    map: np.ndarray | None  # (S, S) float32 smoothed anomaly map, when asked for
+    version: str  # manifest digest of the bundle that answered
+    bundle: str
+    bundle_threshold: float | None  # the bundle's calibrated image threshold, if any
+    model_ms: float
+    batch_size: int
+
+
+@dataclass
+class LoadedDetector:
+    detector: Detector
+    text: torch.Tensor  # prompt features: fixed per bundle, so computed once at load
+    version: str
+    bundle_uri: str
+    backbone_key: tuple
+    loaded_at: float = field(default_factory=time.time)
+
+
+def parse_model_id(model_id: str) -> tuple[str, str]:
+    uri, sep, version = model_id.rpartition("#")
+    if not sep or not uri:
+        raise BundleError(f"malformed model id {model_id!r} (expected BUNDLE_URI#VERSION)")
+    return uri, version
+
+
+class DetectorPool:
+    """Loads bundles with shared backbones and scores batches; not thread-safe by design.
+
+    All loading and scoring must run on one thread: loading a bundle onto a shared backbone
+    sets that backbone's image size, which a concurrent forward pass would see.
+    """
+
+    def __init__(self, device: str | torch.device = "auto"):
+        self.device = select_device(device) if isinstance(device, str) else device
+        # Backbones live as long as some loaded detector uses them; Serve's LRU drops detectors,
+        # and with them the last reference to a backbone no line needs any more.
+        self._backbones: weakref.WeakValueDictionary[tuple, torch.nn.Module] = weakref.WeakValueDictionary()
+
+    @property
+    def shared_backbones(self) -> int:
+        return len(self._backbones)
+
+    def load(self, model_id: str) -> LoadedDetector:
+        uri, wanted = parse_model_id(model_id)
+        last_error: Exception | None = None
+        for attempt in range(_PUBLISH_RETRIES):
+            try:
+                return self._load_once(uri, wanted)
+            except BundleError as exc:
+                last_error = exc
+                time.sleep(_PUBLISH_WAIT_S * (attempt + 1))
+        assert last_error is not None
+        raise last_error
+
+    def _load_once(self, uri: str, wanted: str) -> LoadedDetector:
+        meta = read_bundle_metadata(uri)
+        before = manifest_version(meta["_local_dir"])
+        key = (json.dumps(meta["backbone"], sort_keys=True), str(meta["backbone_fingerprint"]))
+        shared = self._backbones.get(key)
+        detector = load_bundle(uri, device=self.device, backbone=shared).eval()
+        after = manifest_version(meta["_local_dir"])
+        if before != after:
+            raise BundleError(f"{uri} changed while loading")
+        if wanted and before != wanted:
+            # The bundle was republished since the gateway resolved it; what answers is reported
+            # by its own version, so callers never attribute a score to the wrong weights.
+            logger.info("bundle %s is at version %s, asked for %s", uri, before, wanted)
+        if shared is None:
+            self._backbones[key] = detector.backbone
+        with torch.inference_mode():
+            text = detector.text_features().detach()
+        return LoadedDetector(detector, text, before, uri, key)
+
+    def run(self, loaded: LoadedDetector, items: list[ScoreItem]) -> list[ScoreOutcome]:
+        started = time.perf_counter()
+        detector = loaded.detector
+        size = detector.image_size
+        with torch.inference_mode():
+            tensors = []
+            for item in items:
+                image = Image.fromarray(np.ascontiguousarray(item.pixels))
+                # Same size: PIL's resize is a copy, so this equals the CLI's preprocessing exactly.
+                tensors.append(preprocess_image(image, size, detector.mean, detector.std))
+            batch = torch.stack(tensors).to(detector.device)
+            if detector.backbone.image_size != size:
+                detector.backbone.set_image_size(size)  # another line on this backbone uses another size
+            features = detector.extract(batch)
+            if any(item.want_map for item in items):
+                prediction = detector.predict_features(features, loaded.text)
+                scores, maps = prediction.scores, prediction.maps.astype(np.float32)
+            else:
+                scores = mapping.image_scores(features.global_feature, loaded.text, detector.settings.temperature).cpu().numpy()
+                maps = None
+        elapsed = (time.perf_counter() - started) * 1000.0
+        threshold = detector.thresholds.get("image")
+        return [
+            ScoreOutcome(
+                score=float(scores[i]),
+                map=maps[i] if (maps is not None and item.want_map) else None,
+                version=loaded.version,
+                bundle=loaded.bundle_uri,
+                bundle_threshold=None if threshold is None else float(threshold),
+                model_ms=elapsed,
+                batch_size=len(items),
+            )
+            for i, item in enumerate(items)
+        ]
+
+
+@serve.deployment(name="DetectorScorer", max_ongoing_requests=32)
+class DetectorScorer:
+    """A scorer replica. Requests must carry a multiplexed model id (`bundle_uri#version`)."""
+
+    def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+                 max_models_per_replica: int = 4, torch_threads: int = 1, device: str = "auto"):
+        torch.set_num_threads(torch_threads)
+        self._pool = DetectorPool(device)
+        # One worker: the pool is single-threaded by design, and torch already uses the cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyfleet-model")
+        self._metrics = ScorerMetrics()
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+        async def _load_detector(model_id: str) -> LoadedDetector:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._pool.load, model_id)
+
+        # Wired here rather than as a decorated method so the LRU size is configuration.
+        self.get_detector = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(_load_detector)
+
+    async def score(self, item: ScoreItem) -> ScoreOutcome:
+        # Load before queueing: a bundle that fails to load fails its own requests, not a batch.
+        await self.get_detector(serve.get_multiplexed_model_id())
+        return await self._score_batch(item)
+
+    async def warm(self) -> dict:
+        """Load the request's model now (the gateway calls this before switching a line over)."""
+        loaded = await self.get_detector(serve.get_multiplexed_model_id())
+        return {"version": loaded.version, "bundle": loaded.bundle_uri, "shared_backbones": self._pool.shared_backbones}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, items: list[ScoreItem]) -> list[ScoreOutcome]:
+        # Serve splits batches by multiplexed model id, so one id stands for the whole batch.
+        loaded = await self.get_detector(serve.get_multiplexed_model_id())
+        outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._pool.run, loaded, items)
+        counts: dict[str, int] = {}
+        for item in items:
+            counts[item.line] = counts.get(item.line, 0) + 1
+        self._metrics.batch(counts, outcomes[0].model_ms if outcomes else 0.0)
+        return outcomes
+
+
+__all__ = ["DetectorPool", "DetectorScorer", "LoadedDetector", "ScoreItem", "ScoreOutcome", "parse_model_id"]

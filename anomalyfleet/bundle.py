@@ -88,8 +88,10 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
 
 def _local_bundle_dir(path: str) -> Path:
     if "://" in path and not path.startswith("file://"):
-        from anomalyfleet import storage
-
+        try:
+            from anomalyfleet import storage
+        except ImportError as exc:
+            raise BundleError(f"{path}: remote bundles need the storage layer, which this version does not have yet") from exc
         return Path(storage.cached_tree(path))
     local = Path(path[len("file://") :] if path.startswith("file://") else path)
     if not local.exists():

@@ -233,12 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(p)
     p.set_defaults(func=cmd_export_checkpoint)
 
-    try:
-        from anomalyfleet.cli_bundle import add_bundle_commands
-    except ImportError:
-        pass
-    else:
-        add_bundle_commands(sub)
+    from anomalyfleet.cli_calibrate import add_calibrate_command
+
+    add_calibrate_command(sub)
     return parser
 
 

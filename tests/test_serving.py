@@ -180,6 +180,9 @@ def test_tokens(env):
     assert requests.get(f"{base}/v1/lines", timeout=30).status_code == 401
     visible = requests.get(f"{base}/v1/lines", headers=_auth(B_TOKEN), timeout=30).json()["lines"]
     assert [x["line"] for x in visible] == ["line-b"]
+    assert requests.post(f"{base}/v1/admin/reload", headers=_auth(B_TOKEN), timeout=30).status_code == 403
+    reloaded = requests.post(f"{base}/v1/admin/reload", headers=_auth(ALL_TOKEN), timeout=60)
+    assert reloaded.status_code == 200 and len(reloaded.json()["lines"]) == 3
 
 
 def _png(size: tuple[int, int], colour=(120, 80, 40)) -> bytes:
@@ -215,9 +218,11 @@ def test_bad_inputs_are_4xx_and_the_replica_keeps_serving(env):
         assert isinstance(r.json()["detail"], str) and r.json()["detail"], name
     r = requests.post(f"{base}/v1/lines/no-such-line/score", data=good, headers=_auth(), timeout=60)
     assert r.status_code == 404 and "no-such-line" in r.json()["detail"]
-    r = requests.post(f"{base}/v1/lines/line-a/score", files={"other": ("x.txt", b"abc", "text/plain")},
-                      data={"field": "value"}, headers=_auth(), timeout=60)
-    assert r.status_code == 400 and r.json()["detail"]
+    r = requests.post(f"{base}/v1/lines/line-a/score", files={"file": ("notes.txt", b"abc", "text/plain")},
+                      headers=_auth(), timeout=60)
+    assert r.status_code == 415 and "notes.txt" in r.json()["detail"]
+    r = requests.post(f"{base}/v1/lines/line-a/score", files={"field": (None, "value")}, headers=_auth(), timeout=60)
+    assert r.status_code == 400 and r.json()["detail"]  # multipart without a file part
     files = [("files", ("ok.png", good, "image/png")), ("files", ("bad.png", b"not an image", "image/png"))]
     r = requests.post(f"{base}/v1/lines/line-a/score-batch", files=files, headers=_auth(), timeout=60)
     assert r.status_code == 415 and "bad.png" in r.json()["detail"]
@@ -277,6 +282,21 @@ def test_bundle_reload_under_traffic_loses_no_request(env, tmp_path):
     assert r["detector"]["version"] == new_version
     assert abs(r["score"] - expected["score"]) < 1e-5 and r["threshold"] == pytest.approx(0.45)
 
+    # Editing the registry (here: line-r's threshold) is picked up the same way, without a redeploy.
+    registry = env["root"] / "registry.yaml"
+    text = registry.read_text().replace("line-r: {bundle: bundles/r}", "line-r: {bundle: bundles/r, threshold: 0.77}")
+    staging = registry.with_name(".registry.yaml.tmp")
+    staging.write_text(text)
+    staging.replace(registry)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r = requests.post(f"{base}/v1/lines/line-r/score", data=body, headers=_auth(), timeout=60)
+        assert r.status_code == 200
+        if r.json()["threshold"] == pytest.approx(0.77):
+            break
+        time.sleep(0.3)
+    assert r.json()["threshold"] == pytest.approx(0.77) and r.json()["detector"]["version"] == new_version
+
 
 def test_metrics_on_rays_export_port(env):
     base = env["base"]
@@ -306,3 +326,34 @@ def test_metrics_on_rays_export_port(env):
             line for line in text.splitlines() if "anomalyfleet" in line)[:3000])
     # Serve's own series are exported beside ours.
     assert "ray_serve_" in text
+
+
+def test_pool_shares_one_backbone_between_lines_and_matches_predict(tmp_path, openai_clip_file):
+    """The replica's model logic without Ray: two bundles on one backbone object, CLI-equal scores."""
+    from anomalyfleet.data.transforms import load_image, preprocess_image
+    from anomalyfleet.serving.inputs import model_pixels
+    from anomalyfleet.serving.registry import manifest_version
+    from anomalyfleet.serving.service import DetectorPool, ScoreItem
+
+    a = _make_bundle(openai_clip_file, tmp_path / "a", seed=1, layers=(6,), threshold=0.3)
+    b = _make_bundle(openai_clip_file, tmp_path / "b", seed=2, layers=(3, 6), threshold=None)
+    data = write_folder_dataset(tmp_path / "parts", normals=2, anomalies=2)
+    images = sorted((data / "anomaly").glob("*.png")) + sorted((data / "normal").glob("*.png"))
+    pool = DetectorPool("cpu")
+    loaded_a = pool.load(f"{a}#{manifest_version(a)}")
+    loaded_b = pool.load(f"{b}#{manifest_version(b)}")
+    assert loaded_a.detector.backbone is loaded_b.detector.backbone and pool.shared_backbones == 1
+    for loaded, bundle in ((loaded_a, a), (loaded_b, b), (loaded_a, a)):  # back to a: sizes/layers switch cleanly
+        reference = load_bundle(bundle)
+        batch = torch.stack([preprocess_image(load_image(p), 56, reference.mean, reference.std) for p in images])
+        expected = reference.predict(batch)
+        items = [ScoreItem("x", model_pixels(load_image(p), 56), want_map=True) for p in images]
+        outcomes = pool.run(loaded, items)
+        assert np.allclose([o.score for o in outcomes], expected.scores, atol=1e-5)
+        assert np.allclose(np.stack([o.map for o in outcomes]), expected.maps, atol=1e-5)
+        assert {o.version for o in outcomes} == {manifest_version(bundle)}
+    del loaded_a, loaded_b, loaded
+    import gc
+
+    gc.collect()
+    assert pool.shared_backbones == 0  # unloaded detectors release the backbone

@@ -431,6 +431,10 @@ class Gateway:
             code = refusal.status
             self.metrics.error(label, refusal.kind)
             return _error_response(refusal)
+        except Exception:
+            code = 500  # a bug, not bad input: counted, and Serve logs the traceback
+            self.metrics.error(label, "internal")
+            raise
         finally:
             self.metrics.request(label, "score", code, (time.perf_counter() - started) * 1000.0)
 
@@ -461,6 +465,10 @@ class Gateway:
             code = refusal.status
             self.metrics.error(label, refusal.kind)
             return _error_response(refusal)
+        except Exception:
+            code = 500  # a bug, not bad input: counted, and Serve logs the traceback
+            self.metrics.error(label, "internal")
+            raise
         finally:
             self.metrics.request(label, "score-batch", code, (time.perf_counter() - started) * 1000.0)
 
@@ -532,8 +540,8 @@ def build_app(config: ServiceConfig):
         max_batch_size=config.max_batch_size,
         batch_wait_timeout_s=config.batch_wait_timeout_s,
         max_models_per_replica=config.max_models_per_replica,
-        torch_threads=config.threads,
-        device="cuda" if config.num_gpus > 0 else "cpu",
+        torch_threads=config.torch_threads,
+        device="auto",
     )
     gateway = Gateway.options(
         autoscaling_config={

@@ -45,8 +45,8 @@ class ServiceConfig(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    # Torch threads per scorer replica; None uses num_cpus (at least 1), so replicas sharing a
-    # machine do not oversubscribe its cores.
+    # Torch threads per scorer replica; None uses the CPUs Ray grants the replica (at least 1), so
+    # replicas sharing a machine do not oversubscribe its cores.
     torch_threads: int | None = Field(None, ge=1)
     # How many detectors one replica keeps loaded (LRU); backbones are shared between them.
     max_models_per_replica: int = Field(4, ge=1)
@@ -85,10 +85,6 @@ class ServiceConfig(BaseModel):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size ({self.max_batch_size})"
             )
         return self
-
-    @property
-    def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.num_cpus))
 
     # --- loading ----------------------------------------------------------------------------------
     @classmethod

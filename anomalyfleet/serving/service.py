@@ -70,6 +70,15 @@ class LoadedDetector:
     loaded_at: float = field(default_factory=time.time)
 
 
+def _granted_cpus() -> int:
+    try:
+        import ray
+
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # outside a Ray worker
+        return 1
+
+
 def parse_model_id(model_id: str) -> tuple[str, str]:
     uri, sep, version = model_id.rpartition("#")
     if not sep or not uri:
@@ -166,8 +175,10 @@ class DetectorScorer:
     """A scorer replica. Requests must carry a multiplexed model id (`bundle_uri#version`)."""
 
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-                 max_models_per_replica: int = 4, torch_threads: int = 1, device: str = "auto"):
-        torch.set_num_threads(torch_threads)
+                 max_models_per_replica: int = 4, torch_threads: int | None = None, device: str = "auto"):
+        # Threads follow the CPUs Ray granted this replica (a serve config may change them), and
+        # "auto" picks CUDA only when Ray made a GPU visible to it.
+        torch.set_num_threads(torch_threads or _granted_cpus())
         self._pool = DetectorPool(device)
         # One worker: the pool is single-threaded by design, and torch already uses the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyfleet-model")

@@ -8,6 +8,7 @@ a temporary directory and renaming it, so a reader never sees half a bundle.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -61,9 +62,20 @@ def bundle_metadata(detector: Detector, training: dict | None = None) -> dict:
     }
 
 
-def save_bundle(detector: Detector, path: str | Path, training: dict | None = None) -> Path:
-    """Write the bundle directory atomically (replacing an existing bundle at `path`)."""
-    path = Path(path)
+def save_bundle(detector: Detector, path: str | Path, training: dict | None = None) -> Path | str:
+    """Write the bundle directory atomically (replacing an existing bundle at `path`).
+
+    An s3:// target is written locally first and uploaded with its manifest last; for versioned,
+    immutable publication use `anomalyfleet.storage.BundleRegistry`.
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from anomalyfleet import storage
+
+        with tempfile.TemporaryDirectory(prefix="anomalyfleet-bundle-") as tmp:
+            local = save_bundle(detector, Path(tmp) / "bundle", training)
+            storage.put_tree(local, str(path))
+        return str(path)
+    path = Path(str(path)[len("file://"):] if str(path).startswith("file://") else path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(staging, default_mode(directory=True))
@@ -88,10 +100,8 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
 
 def _local_bundle_dir(path: str) -> Path:
     if "://" in path and not path.startswith("file://"):
-        try:
-            from anomalyfleet import storage
-        except ImportError as exc:
-            raise BundleError(f"{path}: remote bundles need the storage layer, which this version does not have yet") from exc
+        from anomalyfleet import storage
+
         return Path(storage.cached_tree(path))
     local = Path(path[len("file://") :] if path.startswith("file://") else path)
     if not local.exists():
@@ -186,7 +196,11 @@ def import_reference_checkpoint(
     The checkpoint's token buffers are used as they are, exactly as the reference's test script
     loads them, so scores match the reference even if they were made with another tokenizer build.
     """
-    checkpoint = Path(checkpoint)
+    if "://" in str(checkpoint) and not str(checkpoint).startswith("file://"):
+        from anomalyfleet import storage
+
+        checkpoint = storage.local_path_for(str(checkpoint))
+    checkpoint = Path(str(checkpoint).removeprefix("file://"))
     if not checkpoint.is_file():
         raise BundleError(f"checkpoint not found: {checkpoint}")
     try:
@@ -219,10 +233,10 @@ def import_reference_checkpoint(
 def export_reference_checkpoint(detector: Detector, path: str | Path) -> Path:
     if not isinstance(detector.prompts, AnomalyCLIPPromptLearner):
         raise BundleError("only text prompts (CLIP backbones) can be exported to the reference format")
+    from anomalyfleet import storage
+
     state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"prompt_learner": state}, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save({"prompt_learner": state}, buffer)
+    storage.write_bytes(str(path), buffer.getvalue())
     return path

@@ -69,6 +69,24 @@ def _load_detector(args, path: str | None):
     return detector
 
 
+def _checkpoint_mirror(checkpoint_dir: str):
+    """A local checkpoint directory; for an s3:// one, a node-local mirror synced after every epoch."""
+    from anomalyfleet import storage
+
+    if not storage.is_remote(checkpoint_dir):
+        return checkpoint_dir.removeprefix("file://"), None
+    import hashlib
+
+    local = storage.cache_dir("checkpoints") / hashlib.sha256(checkpoint_dir.encode()).hexdigest()[:24]
+    local.mkdir(parents=True, exist_ok=True)
+    remote = storage.join(checkpoint_dir, "checkpoint.pt")
+    if storage.exists(remote):
+        storage.download_file(remote, local / "checkpoint.pt")
+    else:  # the remote run was removed: do not resume from a stale local copy
+        (local / "checkpoint.pt").unlink(missing_ok=True)
+    return str(local), lambda path: storage.upload_file(path, remote)
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -101,7 +119,9 @@ def cmd_train(args) -> int:
     print(f"training {spec.label()} prompts on {len(samples)} images ({anomalous} anomalous) "
           f"for {config.epochs} epochs on {device}", file=sys.stderr)
     checkpoint_dir = args.checkpoint_dir or f"{args.out.rstrip('/')}.checkpoints"
-    state = train_prompts(detector, samples, config, checkpoint_dir=checkpoint_dir, progress=not args.quiet)
+    local_dir, upload = _checkpoint_mirror(checkpoint_dir)
+    state = train_prompts(detector, samples, config, checkpoint_dir=local_dir, progress=not args.quiet,
+                          on_checkpoint=upload)
     training = dict(detector.metadata.get("training", {}))
     training["data"] = list(args.data)
     save_bundle(detector.to("cpu"), args.out, training=training)
@@ -126,7 +146,6 @@ def cmd_score(args) -> int:
 def cmd_eval(args) -> int:
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.evaluation import evaluate_detector
-    from anomalyfleet.manifest import atomic_write_bytes
     from anomalyfleet.metrics import format_table
 
     samples = parse_data_specs(args.data)
@@ -135,7 +154,9 @@ def cmd_eval(args) -> int:
     report["data"] = list(args.data)
     print(format_table(report))
     if args.out:
-        atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
+        from anomalyfleet import storage
+
+        storage.write_bytes(args.out, json.dumps(report, indent=2).encode())
     return 0
 
 
@@ -236,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalyfleet.cli_calibrate import add_calibrate_command
 
     add_calibrate_command(sub)
+
+    from anomalyfleet.cli_bundle import add_bundle_commands
+
+    add_bundle_commands(sub)
     return parser
 
 

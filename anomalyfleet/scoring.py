@@ -24,8 +24,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def list_images(path: str | Path) -> list[Path]:
-    """One image file, or every image below a directory (sorted, recursive)."""
-    path = Path(path)
+    """One image file, or every image below a directory (sorted, recursive).
+
+    An s3:// object or prefix is fetched into the node's read-through cache first.
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from anomalyfleet import storage
+
+        path = storage.local_path_for(str(path)) if storage.exists(str(path)) else storage.cached_prefix(str(path))
+    path = Path(str(path).removeprefix("file://"))
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -106,9 +113,21 @@ def score_images(
     """Score files and write `scores.jsonl`, `maps/<name>.npy`, `overlays/<name>.png` under out_dir.
 
     Every file is written atomically and the JSONL last, so a crash never leaves a results file
-    that points to maps that are not there.
+    that points to maps that are not there. An s3:// `out_dir` gets the same files, uploaded with
+    a manifest last once all are written.
     """
-    out_dir = Path(out_dir)
+    if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
+        import tempfile
+
+        from anomalyfleet import storage
+        from anomalyfleet.manifest import write_manifest
+
+        with tempfile.TemporaryDirectory(prefix="anomalyfleet-scores-") as tmp:
+            local = score_images(detector, images, tmp, batch_size, write_maps, write_overlays, progress)
+            write_manifest(local.parent)
+            storage.put_tree(local.parent, str(out_dir))
+        return storage.join(str(out_dir), "scores.jsonl")
+    out_dir = Path(str(out_dir).removeprefix("file://"))
     samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
     names = _unique_names(images)
     threshold = detector.thresholds.get("image")

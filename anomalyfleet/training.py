@@ -166,8 +166,12 @@ def train_prompts(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     table: FeatureTable | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainState:
-    """Train the detector's prompts in place; resumes from `checkpoint_dir` when it holds this run."""
+    """Train the detector's prompts in place; resumes from `checkpoint_dir` when it holds this run.
+
+    `on_checkpoint(path)` runs after each epoch's checkpoint is written (e.g. to upload it).
+    """
     config.validate()
     if not samples:
         raise ConfigError("no training samples")
@@ -227,6 +231,8 @@ def train_prompts(
         state.epoch = epoch + 1
         if ckpt_path:
             save_checkpoint(ckpt_path, prompts, optimizer, state, run)
+            if on_checkpoint is not None:
+                on_checkpoint(ckpt_path)
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} "
                        f"(local {record['local']:.4f}, global {record['global']:.4f})")

@@ -38,3 +38,23 @@ def magnetic_tile_root():
     if not (MAGNETIC_TILE / "MT_Free").is_dir():
         pytest.skip(f"Magnetic Tile data not found at {MAGNETIC_TILE}")
     return MAGNETIC_TILE
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the whole session, on 127.0.0.1, with credentials checked."""
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point the storage layer (and boto3) of this process at the test S3 server."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    return s3_server

@@ -124,14 +124,3 @@ def test_backbone_spec_parsing():
         parse_backbone("resnet50")
     with pytest.raises(BundleError, match="not found"):
         create_backbone(parse_backbone("openai:/nonexistent/clip.pt"))
-
-
-def test_remote_uris_without_storage_layer_are_a_clear_error():
-    import importlib.util
-
-    if importlib.util.find_spec("anomalyfleet.storage") is not None:
-        pytest.skip("the storage layer is present; its own tests cover s3:// URIs")
-    with pytest.raises(BundleError, match="storage layer"):
-        load_bundle("s3://bucket/detectors/line-1/v0001")
-    with pytest.raises(ConfigError, match="storage layer"):
-        create_backbone(parse_backbone("openai:s3://bucket/ViT-L-14-336px.pt"))

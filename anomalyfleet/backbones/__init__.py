@@ -118,10 +118,8 @@ def default_settings(spec: BackboneSpec, num_layers: int, patch_size: int = 14) 
 def _resolve_local(path: str) -> str:
     """Weights may live in object storage; fetch them to the local cache first."""
     if "://" in path and not path.startswith("file://"):
-        try:
-            from anomalyfleet import storage
-        except ImportError as exc:
-            raise ConfigError(f"{path}: remote weights need the storage layer, which this version does not have yet") from exc
+        from anomalyfleet import storage
+
         return str(storage.local_path_for(path))
     return path[len("file://") :] if path.startswith("file://") else path
 

@@ -27,7 +27,12 @@ def _images_in(directory: Path) -> list[Path]:
 
 
 def _existing_dir(path: str) -> Path:
-    root = Path(path).expanduser()
+    if "://" in path and not path.startswith("file://"):
+        # A dataset in object storage is mirrored once per node into the read-through cache.
+        from anomalyfleet import storage
+
+        return storage.cached_prefix(path)
+    root = Path(path.removeprefix("file://")).expanduser()
     if not root.exists():
         raise DataError(f"data path not found: {path}")
     if not root.is_dir():
@@ -195,6 +200,7 @@ def read_library(root: Path, options: _Options) -> list[Sample]:
     if not manifest.is_file():
         raise DataError(f"{root}: not a defect library (no manifest.jsonl)")
     category = options.get("category") or root.name
+    wanted = _split_list(options.get("defects"))
     samples = []
     with open(manifest) as handle:
         for line_number, line in enumerate(handle, 1):
@@ -205,6 +211,8 @@ def read_library(root: Path, options: _Options) -> list[Sample]:
                 image = root / row["image"]
             except (json.JSONDecodeError, KeyError) as exc:
                 raise DataError(f"{manifest}:{line_number}: malformed library row") from exc
+            if wanted and row.get("defect_type") not in wanted:
+                continue
             mask = root / row["mask"] if row.get("mask") else None
             samples.append(Sample(str(image), int(row.get("label", 1)), str(mask) if mask else None, category))
     return samples
@@ -215,7 +223,7 @@ READERS: dict[str, tuple[Callable[[Path, _Options], list[Sample]], set[str]]] = 
     "visa": (read_visa, {"split", "categories"}),
     "magnetic-tile": (read_magnetic_tile, {"defects", "normals", "seed", "normal_fraction", "limit"}),
     "folder": (read_folder, {"category"}),
-    "library": (read_library, {"category"}),
+    "library": (read_library, {"category", "defects"}),
 }
 KNOWN_KINDS = tuple(READERS)
 

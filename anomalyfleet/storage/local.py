@@ -1,0 +1,121 @@
+"""Local-directory backend: every write goes to a temporary name first, then is renamed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from anomalyfleet.errors import StorageError
+from anomalyfleet.manifest import atomic_write_bytes, default_mode
+from anomalyfleet.storage.types import ObjectInfo
+from anomalyfleet.storage.uri import Location
+
+
+CHUNK = 8 * 1024 * 1024
+
+
+def _missing(loc: Location) -> StorageError:
+    return StorageError(f"not found: {loc}")
+
+
+def _os_error(loc: Location, exc: OSError, action: str) -> StorageError:
+    return StorageError(f"cannot {action} {loc}: {exc.strerror or exc}")
+
+
+class LocalBackend:
+    def read_bytes(self, loc: Location) -> bytes:
+        try:
+            return loc.path.read_bytes()
+        except FileNotFoundError:
+            raise _missing(loc) from None
+        except IsADirectoryError:
+            raise StorageError(f"{loc} is a directory, not a file") from None
+        except OSError as exc:
+            raise _os_error(loc, exc, "read") from None
+
+    def open_read(self, loc: Location) -> BinaryIO:
+        try:
+            return open(loc.path, "rb")
+        except FileNotFoundError:
+            raise _missing(loc) from None
+        except OSError as exc:
+            raise _os_error(loc, exc, "read") from None
+
+    def write_bytes(self, loc: Location, data: bytes, progress=None) -> None:
+        try:
+            atomic_write_bytes(loc.path, data)
+        except OSError as exc:
+            raise _os_error(loc, exc, "write") from None
+        if progress is not None:
+            progress(len(data))
+
+    def upload_file(self, source: Path, loc: Location, progress=None) -> None:
+        self._copy_file(source, loc.path, str(loc), progress)
+
+    def download_file(self, loc: Location, target: Path, progress=None) -> None:
+        if not loc.path.is_file():
+            raise _missing(loc)
+        self._copy_file(loc.path, target, str(loc), progress)
+
+    @staticmethod
+    def _copy_file(source: Path, target: Path, label: str, progress=None) -> None:
+        target = Path(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            try:
+                with open(source, "rb") as reader, open(tmp, "wb") as writer:
+                    while block := reader.read(CHUNK):
+                        writer.write(block)
+                        if progress is not None:
+                            progress(len(block))
+                os.chmod(tmp, default_mode())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except FileNotFoundError:
+            raise StorageError(f"not found: {source}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot copy to {label}: {exc.strerror or exc}") from None
+
+    def exists(self, loc: Location) -> bool:
+        return loc.path.exists()
+
+    def stat(self, loc: Location) -> ObjectInfo:
+        try:
+            st = loc.path.stat()
+        except FileNotFoundError:
+            raise _missing(loc) from None
+        return ObjectInfo(str(loc), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    def list(self, loc: Location) -> Iterator[ObjectInfo]:
+        root = loc.path
+        if root.is_file():
+            yield self.stat(loc)
+            return
+        if not root.is_dir():
+            return
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                continue  # another writer's temporary file, not an object yet
+            st = path.stat()
+            yield ObjectInfo(str(path), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    def delete(self, loc: Location) -> None:
+        try:
+            if loc.path.is_dir():
+                shutil.rmtree(loc.path)
+            else:
+                loc.path.unlink()
+        except FileNotFoundError:
+            pass  # deleting what is not there is not an error, as on S3
+        except OSError as exc:
+            raise _os_error(loc, exc, "delete") from None
+
+    def copy(self, src: Location, dst: Location) -> None:
+        self._copy_file(src.path, dst.path, str(dst))

@@ -1,0 +1,205 @@
+"""Directory artefacts (bundles, libraries) in storage: the manifest is uploaded last, checked on read.
+
+A tree counts as published only once its manifest.json exists, and the manifest names every file
+with its size and SHA-256, so a reader never takes a half-uploaded tree for a whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from anomalyfleet.errors import StorageError
+from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, default_mode, file_sha256, verify_manifest
+from anomalyfleet.storage import core
+from anomalyfleet.storage.cache import cache_dir, locked
+from anomalyfleet.storage.options import S3Options
+from anomalyfleet.storage.uri import is_remote, join, parse
+
+TRANSFER_THREADS = 8
+
+
+def _manifest_files(local: Path) -> dict:
+    try:
+        manifest = verify_manifest(local)
+    except ManifestError as exc:
+        raise StorageError(str(exc)) from exc
+    return manifest.get("files", {})
+
+
+def put_tree(local_dir: str | Path, uri: str, options: S3Options | None = None) -> None:
+    """Upload a directory that carries a manifest; its files first, the manifest last."""
+    local = Path(local_dir)
+    files = _manifest_files(local)
+    if not is_remote(uri):
+        target = parse(uri).path
+        if target.exists():
+            raise StorageError(f"{uri} already exists")
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=_mkparent(target)))
+        try:
+            os.chmod(staging, default_mode(directory=True))
+            for rel in [*files, MANIFEST_NAME]:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local / rel, staging / rel)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return
+    with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+        list(pool.map(lambda rel: core.upload_file(local / rel, join(uri, rel), options), files))
+    core.upload_file(local / MANIFEST_NAME, join(uri, MANIFEST_NAME), options)
+
+
+def _mkparent(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.parent
+
+
+def read_remote_manifest(uri: str, options: S3Options | None = None) -> tuple[bytes, dict]:
+    manifest_uri = join(uri, MANIFEST_NAME)
+    try:
+        raw = core.read_bytes(manifest_uri, options)
+    except StorageError as exc:
+        if str(exc).startswith("not found"):
+            raise StorageError(f"{uri}: no {MANIFEST_NAME} (not published, incomplete, or not an anomalyfleet artefact)") from None
+        raise
+    try:
+        return raw, json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{manifest_uri}: corrupt manifest ({exc.msg})") from None
+
+
+def _download_verified(uri: str, files: dict, raw_manifest: bytes, target: Path, options: S3Options | None) -> None:
+    def fetch(rel: str) -> None:
+        path = target / rel
+        core.download_file(join(uri, rel), path, options)
+        entry = files[rel]
+        if path.stat().st_size != entry["size"]:
+            raise StorageError(f"{join(uri, rel)}: {path.stat().st_size} bytes, manifest says {entry['size']} (truncated)")
+        if file_sha256(path) != entry["sha256"]:
+            raise StorageError(f"{join(uri, rel)}: checksum mismatch with the manifest (corrupted)")
+
+    with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+        list(pool.map(fetch, files))
+    (target / MANIFEST_NAME).write_bytes(raw_manifest)
+
+
+def get_tree(uri: str, local_dir: str | Path, options: S3Options | None = None) -> Path:
+    """Download a published tree to `local_dir` (which must not exist), verified, atomically."""
+    target = Path(local_dir)
+    if target.exists():
+        raise StorageError(f"{target} already exists")
+    raw, manifest = read_remote_manifest(uri, options)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=_mkparent(target)))
+    try:
+        os.chmod(staging, default_mode(directory=True))
+        _download_verified(uri, manifest.get("files", {}), raw, staging, options)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def cached_tree(uri: str, options: S3Options | None = None) -> Path:
+    """A local, verified copy of a published tree, shared by every process on this machine.
+
+    Keyed by the manifest's SHA-256: republishing under the same URI gives a new entry, and two
+    processes asking at once download it once (the second waits on the lock, then reuses it).
+    """
+    if not is_remote(uri):
+        return parse(uri).path
+    raw, manifest = read_remote_manifest(uri, options)
+    key = hashlib.sha256(raw).hexdigest()
+    root = cache_dir("trees")
+    final = root / key
+    if (final / MANIFEST_NAME).is_file():
+        return final
+    with locked(root / f"{key}.lock"):
+        if (final / MANIFEST_NAME).is_file():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+        try:
+            _download_verified(uri, manifest.get("files", {}), raw, staging, options)
+            if final.exists():  # a leftover from a crash between rename and manifest check
+                shutil.rmtree(final)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final
+
+
+def local_path_for(uri: str, options: S3Options | None = None, sha256: str | None = None) -> Path:
+    """A local file with the content of `uri` (weights, registries): the path itself when local,
+    else a read-through cache entry keyed by the object's ETag and size (or by `sha256` when the
+    caller knows the checksum, which is then verified)."""
+    if not is_remote(uri):
+        path = parse(uri).path
+        if not path.exists():
+            raise StorageError(f"not found: {uri}")
+        return path
+    info = core.stat(uri, options)
+    key = sha256 or hashlib.sha256(f"{uri}\0{info.etag}\0{info.size}".encode()).hexdigest()
+    root = cache_dir("objects")
+    final = root / key / parse(uri).path.name
+    if final.is_file():
+        return final
+    with locked(root / f"{key}.lock"):
+        if final.is_file():
+            return final
+        staging = root / key / f".{final.name}.part"
+        core.download_file(uri, staging, options)
+        if staging.stat().st_size != info.size:
+            staging.unlink(missing_ok=True)
+            raise StorageError(f"{uri}: downloaded {staging.stat().st_size} bytes, expected {info.size}")
+        if sha256 and file_sha256(staging) != sha256:
+            staging.unlink(missing_ok=True)
+            raise StorageError(f"{uri}: checksum differs from the expected {sha256[:12]}")
+        os.replace(staging, final)
+    return final
+
+
+def cached_prefix(uri: str, options: S3Options | None = None) -> Path:
+    """A local mirror of every object under a prefix (a dataset in a bucket), shared on this node.
+
+    Keyed by the listing (keys, sizes, ETags), so adding or changing an object gives a fresh mirror
+    while an unchanged prefix is fetched once.
+    """
+    if not is_remote(uri):
+        return parse(uri).path
+    base = uri.rstrip("/") + "/"
+    objects = list(core.list_objects(uri, options))
+    if not objects:
+        raise StorageError(f"nothing under {uri} (empty prefix or wrong path)")
+    listing = "\n".join(f"{o.uri}\0{o.size}\0{o.etag}" for o in objects)
+    key = hashlib.sha256(listing.encode()).hexdigest()
+    root = cache_dir("prefixes")
+    final = root / key
+    if (final / ".complete").is_file():
+        return final
+    with locked(root / f"{key}.lock"):
+        if (final / ".complete").is_file():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+        try:
+            def fetch(info) -> None:
+                rel = info.uri[len(base):]
+                core.download_file(info.uri, staging / rel, options)
+
+            with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+                list(pool.map(fetch, objects))
+            (staging / ".complete").write_text(uri)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final

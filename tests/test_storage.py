@@ -1,0 +1,343 @@
+"""Storage layer against a real S3 server (SeaweedFS on 127.0.0.1) and the local backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyfleet import storage
+from anomalyfleet.errors import StorageError
+from anomalyfleet.manifest import write_manifest
+from tests.image_sets import write_folder_dataset
+
+MiB = 1024 * 1024
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{time.time_ns()}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def base(request, tmp_path, s3_env):
+    """A fresh root on each backend; both must behave the same."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return s3_env.uri(_unique("roundtrip"))
+
+
+def test_round_trip_every_operation(base, tmp_path):
+    uri = storage.join(base, "a", "b.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"hello")
+    assert storage.exists(uri) and storage.read_bytes(uri) == b"hello"
+    assert storage.stat(uri).size == 5
+    storage.write_text(storage.join(base, "a", "c.txt"), "text")
+    storage.write_bytes(storage.join(base, "z.bin"), b"z")
+    listed = [o.uri for o in storage.list_objects(base)]
+    assert listed == sorted(listed) and len(listed) == 3
+    assert [o.uri for o in storage.list_objects(storage.join(base, "a"))] == [uri, storage.join(base, "a", "c.txt")]
+
+    with storage.open_read(uri) as stream:
+        assert stream.read(2) == b"he" and stream.read() == b"llo"
+
+    storage.copy(uri, storage.join(base, "copy.bin"))
+    assert storage.read_bytes(storage.join(base, "copy.bin")) == b"hello"
+
+    local = tmp_path / "up.bin"
+    local.write_bytes(b"x" * 1000)
+    storage.upload_file(local, storage.join(base, "up.bin"))
+    down = storage.download_file(storage.join(base, "up.bin"), tmp_path / "down" / "d.bin")
+    assert down.read_bytes() == b"x" * 1000
+    assert not [p for p in down.parent.iterdir() if p.name.endswith(".tmp")]
+
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    storage.delete(uri)  # deleting twice is not an error, on either backend
+    with pytest.raises(StorageError, match="not found"):
+        storage.read_bytes(uri)
+
+
+def test_large_object_multipart_and_streaming(s3_env, tmp_path):
+    options = s3_env.options(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    data = np.random.default_rng(0).integers(0, 256, size=12 * MiB + 123, dtype=np.uint8).tobytes()
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    uri = s3_env.uri(_unique("big") + "/big.bin")
+    storage.upload_file(source, uri, options)
+    # A multipart upload's ETag has a part count suffix: proof it went up in parts.
+    assert storage.stat(uri, options).etag.endswith("-3")
+    digest = hashlib.sha256()
+    with storage.open_read(uri, options) as stream:
+        while block := stream.read(MiB):
+            digest.update(block)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    storage.write_bytes(storage.join(uri + "-copy"), data, options)  # write_bytes also goes multipart
+    assert storage.read_bytes(uri + "-copy", options) == data
+
+
+def _bundle_like(root: Path, files: dict[str, bytes]) -> Path:
+    root.mkdir(parents=True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    write_manifest(root)
+    return root
+
+
+def test_trees_are_verified_and_manifest_goes_last(base, tmp_path):
+    local = _bundle_like(tmp_path / "tree", {"a.txt": b"alpha", "sub/b.bin": b"\x00" * 100})
+    uri = storage.join(base, "tree")
+    storage.put_tree(local, uri)
+    copy = storage.get_tree(uri, tmp_path / "copy")
+    assert (copy / "a.txt").read_bytes() == b"alpha" and (copy / "sub" / "b.bin").stat().st_size == 100
+    cached = storage.cached_tree(uri)
+    assert (cached / "manifest.json").is_file()
+
+    # Corrupt one object behind the manifest's back: the reader names it.
+    storage.write_bytes(storage.join(uri, "a.txt"), b"alphx")
+    with pytest.raises(StorageError, match=r"a\.txt.*(checksum|corrupt)"):
+        storage.get_tree(uri, tmp_path / "copy2")
+    storage.write_bytes(storage.join(uri, "a.txt"), b"alp")
+    with pytest.raises(StorageError, match=r"a\.txt"):
+        storage.get_tree(uri, tmp_path / "copy3")
+    assert not (tmp_path / "copy2").exists() and not (tmp_path / "copy3").exists()
+
+    # Without a manifest the tree is not published, whatever else is there.
+    half = storage.join(base, "half")
+    storage.write_bytes(storage.join(half, "a.txt"), b"alpha")
+    with pytest.raises(StorageError, match="no manifest.json"):
+        storage.cached_tree(half) if storage.is_remote(half) else storage.get_tree(half, tmp_path / "h")
+
+
+def _fill_cache(args):
+    uri, env, cache = args
+    os.environ.update(env)
+    os.environ["ANOMALYFLEET_CACHE"] = cache
+    from anomalyfleet import storage as st
+
+    path = st.cached_tree(uri)
+    return str(path), (path / "weights.bin").read_bytes() == b"w" * (3 * MiB)
+
+
+def test_cache_is_shared_and_safe_with_concurrent_fillers(s3_env, tmp_path, monkeypatch):
+    local = _bundle_like(tmp_path / "tree", {"weights.bin": b"w" * (3 * MiB), "meta.json": b"{}"})
+    uri = s3_env.uri(_unique("cached") + "/tree")
+    storage.put_tree(local, uri)
+    cache = str(tmp_path / "shared-cache")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.map(_fill_cache, [(uri, s3_env.env(), cache)] * 8)
+    paths = {p for p, _ in results}
+    assert len(paths) == 1 and all(ok for _, ok in results)
+    trees = Path(cache) / "trees"
+    assert [p.name for p in trees.iterdir() if not p.name.endswith(".lock")] == [Path(paths.pop()).name]
+
+    # Republishing different content under the same URI gives a new cache entry, never stale data.
+    local2 = _bundle_like(tmp_path / "tree2", {"weights.bin": b"v" * 10, "meta.json": b"{}"})
+    storage.put_tree(local2, uri)
+    monkeypatch.setenv("ANOMALYFLEET_CACHE", cache)
+    assert (storage.cached_tree(uri) / "weights.bin").read_bytes() == b"v" * 10
+
+
+def test_local_path_for_weights_is_cached_by_etag(s3_env, tmp_path):
+    uri = s3_env.uri(_unique("weights") + "/model.pt")
+    storage.write_bytes(uri, b"weights-1")
+    first = storage.local_path_for(uri)
+    assert first.read_bytes() == b"weights-1" and storage.local_path_for(uri) == first
+    storage.write_bytes(uri, b"weights-22")
+    assert storage.local_path_for(uri).read_bytes() == b"weights-22"
+    with pytest.raises(StorageError, match="checksum"):
+        storage.local_path_for(uri, sha256="0" * 64)
+
+
+# The process kills itself (SIGKILL, no cleanup of any kind) once 10 MiB have gone over the wire,
+# so the kill always lands in the middle of the transfer.
+KILL_MIDWAY = """
+import os, signal, sys
+from anomalyfleet import storage
+options = storage.S3Options.from_env().with_overrides(multipart_threshold=5 << 20, multipart_chunksize=5 << 20, max_concurrency=1)
+sent = [0]
+def progress(n):
+    sent[0] += n
+    if sent[0] >= 10 << 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+KILLED_UPLOAD = KILL_MIDWAY + "storage.write_bytes(sys.argv[1], os.urandom(40 << 20), options, progress=progress)\n"
+KILLED_DOWNLOAD = KILL_MIDWAY + "storage.download_file(sys.argv[1], sys.argv[2], options, progress=progress)\n"
+
+
+def test_killed_transfers_leave_no_object(s3_env, tmp_path):
+    uri = s3_env.uri(_unique("killed") + "/big.bin")
+    env = {**os.environ, **s3_env.env()}
+    result = subprocess.run([sys.executable, "-c", KILLED_UPLOAD, uri], env=env, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert not storage.exists(uri)
+    assert not list(storage.list_objects(uri.rsplit("/", 1)[0]))
+
+    # Locally the same: a killed download or copy leaves no target, at most a hidden temporary.
+    options = s3_env.options(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    storage.write_bytes(uri, os.urandom(40 * MiB), options)
+    target = tmp_path / "out" / "big.bin"
+    result = subprocess.run([sys.executable, "-c", KILLED_DOWNLOAD, uri, str(target)], env=env, timeout=120)
+    assert result.returncode == -signal.SIGKILL and not target.exists()
+    local_copy = tmp_path / "out" / "copy.bin"
+    result = subprocess.run([sys.executable, "-c", KILLED_DOWNLOAD, str(storage.download_file(uri, tmp_path / "src.bin")),
+                             str(local_copy)], env=env, timeout=120)
+    assert result.returncode == -signal.SIGKILL and not local_copy.exists()
+
+
+def test_failures_are_clear_and_bounded(s3_env, tmp_path):
+    uri = s3_env.uri(_unique("fail") + "/x.bin")
+    storage.write_bytes(uri, b"1")
+    wrong = s3_env.options(secret_key="not-the-secret")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"access denied.*SignatureDoesNotMatch") as info:
+        storage.read_bytes(uri, wrong)
+    assert uri in str(info.value)
+    with pytest.raises(StorageError, match="access denied.*InvalidAccessKeyId"):
+        storage.write_bytes(uri, b"2", s3_env.options(access_key="nobody", secret_key="x"))
+    assert storage.read_bytes(uri) == b"1"  # the refused write changed nothing
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket-here' does not exist"):
+        storage.read_bytes("s3://no-such-bucket-here/x", s3_env.options())
+    with pytest.raises(StorageError, match=r"not found: s3://"):
+        storage.read_bytes(uri + ".missing")
+    assert time.monotonic() - started < 20
+
+    from tests.s3server import free_port
+
+    dead = s3_env.options(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=3, connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+        storage.read_bytes(uri, dead)
+    assert time.monotonic() - started < 30
+    with pytest.raises(StorageError, match="unsupported storage scheme"):
+        storage.read_bytes("gs://bucket/key")
+
+
+def test_stopped_server_is_a_clear_error(tmp_path):
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server(tmp_path / "weed")
+    options = server.options(max_attempts=2, connect_timeout=1.0)
+    storage.write_bytes(server.uri("k"), b"v", options)
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {server.endpoint}"):
+        storage.read_bytes(server.uri("k"), options)
+    assert time.monotonic() - started < 30
+
+
+def test_registry_versions_latest_and_immutability(base, tmp_path):
+    registry = storage.BundleRegistry(storage.join(base, "models"))
+    one = _bundle_like(tmp_path / "one", {"detector.json": b'{"v": 1}', "prompts.pt": b"p1"})
+    two = _bundle_like(tmp_path / "two", {"detector.json": b'{"v": 2}', "prompts.pt": b"p2"})
+    assert registry.push(one, "line-7").version == "v0001"
+    assert registry.push(two, "line-7").version == "v0002"
+    assert registry.latest("line-7") == "v0002"
+    assert registry.push(one, "line-7", version="v0001").version == "v0001"  # same content: a no-op
+    with pytest.raises(StorageError, match="immutable"):
+        registry.push(two, "line-7", version="v0001")
+    registry.push(two, "other", version="canary", set_latest=False)
+    assert registry.names() == ["line-7", "other"]
+    assert [v.version for v in registry.versions("line-7")] == ["v0001", "v0002"]
+    assert registry.latest("other") is None
+    with pytest.raises(StorageError, match="no published version"):
+        registry.resolve("other")
+
+    # A version whose manifest is not there yet (publication in progress) does not exist for readers.
+    storage.write_bytes(storage.join(registry.version_uri("line-7", "v0003"), "prompts.pt"), b"partial")
+    assert [v.version for v in registry.versions("line-7")] == ["v0001", "v0002"]
+    with pytest.raises(StorageError, match="no version 'v0003'"):
+        registry.resolve("line-7", "v0003")
+
+    pulled = registry.pull("line-7", "v0001", tmp_path / "pulled")
+    assert (pulled / "prompts.pt").read_bytes() == b"p1"
+    assert (registry.cached("line-7") / "prompts.pt").read_bytes() == b"p2"
+    with pytest.raises(StorageError, match="invalid detector name"):
+        registry.push(one, "../escape")
+
+
+def test_bundle_save_load_and_cli_through_s3(s3_env, tmp_path, openai_clip_file, capsys, monkeypatch):
+    from anomalyfleet.backbones import BackboneSpec
+    from anomalyfleet.bundle import load_bundle, save_bundle
+    from anomalyfleet.cli import main
+    from anomalyfleet.detector import Detector
+
+    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file)),
+                               image_size=56, layers=(6,), dpam_layers=4, seed=3)
+    local = save_bundle(detector, tmp_path / "bundle")
+    remote = s3_env.uri(_unique("bundles") + "/b")
+    assert save_bundle(detector, remote) == remote
+    x = torch.rand(2, 3, 56, 56)
+    expected = load_bundle(local).predict(x)
+    got = load_bundle(remote).predict(x)
+    assert np.allclose(got.scores, expected.scores) and np.allclose(got.maps, expected.maps)
+
+    registry = s3_env.uri(_unique("registry"))
+    assert main(["bundle", "push", str(local), "--name", "line-a", "--registry", registry]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "v0001"
+    assert main(["bundle", "list", "--registry", registry, "--json"]) == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)] == ["v0001"]
+    assert main(["bundle", "pull", "line-a", "--registry", registry, "--out", str(tmp_path / "pulled")]) == 0
+    assert np.allclose(load_bundle(tmp_path / "pulled").predict(x).scores, expected.scores)
+
+    # The CLI turns storage failures into one line and a non-zero exit, and writes nothing.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    capsys.readouterr()
+    code = main(["bundle", "pull", "line-a", "--registry", registry, "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("anomalyfleet: error:") and "access denied" in err and "\n" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_datasets_and_score_outputs_on_s3(s3_env, tmp_path, openai_clip_file):
+    from anomalyfleet.backbones import BackboneSpec
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.cli import main
+    from anomalyfleet.data import parse_data_specs
+
+    data = write_folder_dataset(tmp_path / "parts", normals=2, anomalies=2, size=48)
+    prefix = s3_env.uri(_unique("datasets") + "/parts")
+    for path in sorted(p for p in data.rglob("*") if p.is_file()):
+        storage.upload_file(path, storage.join(prefix, path.relative_to(data).as_posix()))
+    local_samples = parse_data_specs([f"folder:{data}"])
+    remote_samples = parse_data_specs([f"folder:{prefix}"])
+    assert [(Path(s.image).name, s.label) for s in remote_samples] == [(Path(s.image).name, s.label) for s in local_samples]
+
+    from anomalyfleet.detector import Detector
+
+    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file)),
+                               image_size=56, layers=(6,), dpam_layers=4, seed=1)
+    bundle = save_bundle(detector, tmp_path / "bundle")
+    out = s3_env.uri(_unique("scores"))
+    assert main(["score", "--detector", str(bundle), "--images", storage.join(prefix, "anomaly"),
+                 "--out", out, "--quiet", "--device", "cpu"]) == 0
+    assert main(["score", "--detector", str(bundle), "--images", str(data / "anomaly"),
+                 "--out", str(tmp_path / "local-scores"), "--quiet", "--device", "cpu"]) == 0
+    remote_scores = [json.loads(l)["score"] for l in storage.read_text(storage.join(out, "scores.jsonl")).splitlines()]
+    local_scores = [json.loads(l)["score"] for l in (tmp_path / "local-scores" / "scores.jsonl").read_text().splitlines()]
+    assert np.allclose(remote_scores, local_scores, atol=1e-6)
+    assert storage.exists(storage.join(out, "manifest.json"))
+
+
+def test_backbone_weights_from_s3(s3_env, openai_clip_file):
+    from anomalyfleet.backbones import create_backbone, parse_backbone
+
+    uri = s3_env.uri(_unique("weights") + "/tiny-openai.pt")
+    storage.upload_file(openai_clip_file, uri)
+    remote = create_backbone(parse_backbone(f"openai:{uri}"), 56)
+    local = create_backbone(parse_backbone(f"openai:{openai_clip_file}"), 56)
+    assert remote.fingerprint() == local.fingerprint()
+    with pytest.raises(StorageError, match="not found"):
+        create_backbone(parse_backbone(f"openai:{uri}.missing"), 56)

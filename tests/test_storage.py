@@ -23,6 +23,7 @@ from anomalyfleet.manifest import write_manifest
 from tests.image_sets import write_folder_dataset
 
 MiB = 1024 * 1024
+pytestmark = pytest.mark.slow  # starts SeaweedFS servers and subprocesses
 
 
 def _unique(prefix: str) -> str:

@@ -133,6 +133,16 @@ def cmd_train(args) -> int:
 def cmd_score(args) -> int:
     from anomalyfleet.scoring import list_images, score_images
 
+    if args.ray:
+        from anomalyfleet.bulk_scoring import BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score
+
+        bundle = str(default_detector_path()) if args.detector in (None, DEFAULT_DETECTOR) else args.detector
+        config = BulkScoreConfig(inputs=resolve_inputs([f"images={args.images}"], None, bundle), output=args.out,
+                                 batch_size=args.batch_size, actors=args.actors, write_maps=not args.no_maps,
+                                 device=args.device).validate()
+        print(format_summary(run_bulk_score(config, progress=not args.quiet)))
+        return 0
+
     images = list_images(args.images)
     detector = _load_detector(args, args.detector)
     path = score_images(
@@ -225,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
     p.add_argument("--no-maps", action="store_true")
     p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--ray", action="store_true", help="score on Ray Data into Parquet parts (resumable; see bulk-score)")
+    p.add_argument("--actors", type=_positive_int, default=1, help="with --ray: scoring actors")
     _add_override_options(p)
     _add_runtime_options(p)
     p.set_defaults(func=cmd_score)
@@ -257,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalyfleet.cli_calibrate import add_calibrate_command
 
     add_calibrate_command(sub)
+
+    from anomalyfleet.bulk_scoring import add_bulk_arguments, cmd_bulk_score
+
+    p = sub.add_parser("bulk-score", help="score storage prefixes of many lines on Ray Data into Parquet (resumable)")
+    add_bulk_arguments(p)
+    p.set_defaults(func=cmd_bulk_score)
+
+    from anomalyfleet.synthesis.cli_args import add_synthesis_commands
+
+    add_synthesis_commands(sub)
 
     from anomalyfleet.cli_bundle import add_bundle_commands
 

@@ -204,8 +204,9 @@ def resolve_bundle_uri(bundle: str, registry_uri: str | None) -> str:
     assert path is not None
     if not path.is_absolute() and registry_uri is not None:
         base = local_path(registry_uri)
-        if base is not None:
-            path = base.parent / path
+        if base is None:  # a relative bundle beside a registry in object storage
+            return registry_uri.rsplit("/", 1)[0] + "/" + bundle.removeprefix("./")
+        path = base.parent / path
     return str(path.resolve()) if not path.is_absolute() else str(path)
 
 

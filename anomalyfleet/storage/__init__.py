@@ -20,7 +20,7 @@ from anomalyfleet.storage.core import (
     write_bytes,
     write_text,
 )
-from anomalyfleet.storage.options import S3Options
+from anomalyfleet.storage.options import S3Options, storage_env
 from anomalyfleet.storage.registry import BundleRegistry, VersionInfo
 from anomalyfleet.storage.trees import cached_prefix, cached_tree, get_tree, local_path_for, put_tree, read_remote_manifest
 from anomalyfleet.storage.types import ObjectInfo
@@ -53,6 +53,7 @@ __all__ = [
     "read_remote_manifest",
     "read_text",
     "stat",
+    "storage_env",
     "upload_file",
     "write_bytes",
     "write_text",

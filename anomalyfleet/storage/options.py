@@ -79,3 +79,10 @@ class S3Options:
             connect_timeout=number("CONNECT_TIMEOUT", float, cls.connect_timeout),
             read_timeout=number("READ_TIMEOUT", float, cls.read_timeout),
         ).validate()
+
+
+def storage_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables that configure storage, to hand to Ray workers (runtime_env env_vars), so
+    tasks and actors reach the same endpoint with the same credentials as the driver."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith((ENV_PREFIX, "AWS_"))}

@@ -1,0 +1,328 @@
+"""Bulk scoring on Ray Data: every image under storage prefixes, per production line, to Parquet.
+
+The images of each line are cut into fixed shards (sorted order, `shard_size` images each). A Ray
+Data pipeline hands shards to an actor pool whose actors load each line's detector once and score
+in batches; every finished shard is one Parquet part written atomically. Re-running the same job
+skips the parts that exist, so a killed job resumes where it stopped, and the summary per line is
+built from all parts at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from anomalyfleet import storage
+from anomalyfleet.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+COLUMNS = ("line", "image", "score", "threshold", "anomalous", "map_uri", "detector_version", "width", "height")
+
+
+@dataclass(frozen=True)
+class LineInput:
+    line: str
+    images: str  # storage prefix (or one directory) of this line's images
+    bundle: str
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class BulkScoreConfig:
+    inputs: tuple[LineInput, ...]
+    output: str
+    shard_size: int = 256
+    batch_size: int = 8
+    actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    write_maps: bool = True
+    device: str = "auto"
+
+    def validate(self) -> "BulkScoreConfig":
+        if not self.inputs:
+            raise ConfigError("nothing to score: give at least one line and its images")
+        names = [i.line for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ConfigError("a line is listed twice")
+        if self.shard_size < 1 or self.batch_size < 1 or self.actors < 1:
+            raise ConfigError("shard size, batch size and actors must be at least 1")
+        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
+            raise ConfigError("actor resources cannot be negative")
+        return self
+
+
+@dataclass
+class Shard:
+    line: str
+    index: int
+    bundle: str
+    threshold: float | None
+    images: list[str] = field(default_factory=list)
+
+    @property
+    def digest(self) -> str:
+        # The part name carries the shard's content, so a changed prefix never reuses a stale part.
+        payload = json.dumps([self.bundle, self.threshold, self.images]).encode()
+        return hashlib.sha256(payload).hexdigest()[:10]
+
+    def part_uri(self, output: str) -> str:
+        return storage.join(output, "parts", self.line, f"part-{self.index:05d}-{self.digest}.parquet")
+
+
+def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None) -> tuple[LineInput, ...]:
+    """`LINE=URI` pairs; each line's bundle and threshold from the line registry, or `detector`."""
+    lines = []
+    snapshot = None
+    if registry:
+        from anomalyfleet.serving.registry import LineRegistry
+
+        snapshot = LineRegistry(registry).load()
+    for pair in pairs:
+        line, sep, uri = pair.partition("=")
+        if not sep or not line or not uri:
+            raise ConfigError(f"expected LINE=URI, got {pair!r}")
+        if snapshot is not None:
+            if line not in snapshot.lines:
+                reason = snapshot.errors.get(line, "not in the registry")
+                raise ConfigError(f"unknown line {line!r}: {reason}")
+            state = snapshot.lines[line]
+            lines.append(LineInput(line, uri, state.bundle_uri, state.threshold))
+        elif detector:
+            from anomalyfleet.bundle import read_bundle_metadata
+
+            threshold = read_bundle_metadata(detector).get("thresholds", {}).get("image")
+            lines.append(LineInput(line, uri, detector, threshold))
+        else:
+            raise ConfigError("give --registry (lines -> bundles) or --detector")
+    return tuple(lines)
+
+
+def list_line_images(uri: str) -> list[str]:
+    if storage.is_remote(uri):
+        found = [o.uri for o in storage.list_objects(uri) if o.uri.lower().endswith(IMAGE_SUFFIXES)]
+    else:
+        root = storage.parse(uri).path
+        if root.is_file():
+            found = [str(root)]
+        elif root.is_dir():
+            found = [str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            raise DataError(f"no such image directory: {uri}")
+    if not found:
+        raise DataError(f"no images (png, jpg, bmp, tif) under {uri}")
+    return sorted(found)
+
+
+def plan_shards(config: BulkScoreConfig) -> list[Shard]:
+    shards = []
+    for item in config.inputs:
+        images = list_line_images(item.images)
+        for index, start in enumerate(range(0, len(images), config.shard_size)):
+            shards.append(Shard(item.line, index, item.bundle, item.threshold, images[start : start + config.shard_size]))
+    return shards
+
+
+def _read_image(uri: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = storage.read_bytes(uri)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+class ShardScorer:
+    """One actor: detectors loaded once per bundle, shards scored in batches, parts written atomically."""
+
+    def __init__(self, output: str, batch_size: int, write_maps: bool, device: str):
+        import torch
+
+        from anomalyfleet.device import select_device
+
+        self.output = output
+        self.batch_size = batch_size
+        self.write_maps = write_maps
+        self.device = select_device(device)
+        self.detectors = {}
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+
+    def _detector(self, bundle: str):
+        from anomalyfleet.bundle import load_bundle, read_bundle_metadata
+        from anomalyfleet.serving.registry import manifest_version
+
+        if bundle not in self.detectors:
+            meta = read_bundle_metadata(bundle)
+            self.detectors[bundle] = (load_bundle(bundle, device=self.device), manifest_version(meta["_local_dir"]))
+        return self.detectors[bundle]
+
+    def score_shard(self, shard: Shard) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+
+        from anomalyfleet.data.transforms import preprocess_image
+
+        detector, version = self._detector(shard.bundle)
+        rows = {name: [] for name in COLUMNS}
+        rows["error"] = []
+        text = None
+        for start in range(0, len(shard.images), self.batch_size):
+            uris = shard.images[start : start + self.batch_size]
+            images = [_read_image(u) for u in uris]
+            good = [i for i, im in enumerate(images) if im is not None]
+            scores, maps = {}, {}
+            if good:
+                batch = torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std) for i in good])
+                with torch.inference_mode():
+                    text = detector.text_features() if text is None else text
+                    prediction = detector.predict_features(detector.extract(batch.to(detector.device)), text)
+                for row, i in enumerate(good):
+                    scores[i] = float(prediction.scores[row])
+                    maps[i] = prediction.maps[row].astype(np.float32)
+            for i, uri in enumerate(uris):
+                ok = i in scores
+                map_uri = None
+                if ok and self.write_maps:
+                    map_uri = storage.join(self.output, "maps", shard.line, f"{shard.index:05d}-{start + i:05d}.npy")
+                    buffer = io.BytesIO()
+                    np.save(buffer, maps[i])
+                    storage.write_bytes(map_uri, buffer.getvalue())
+                rows["line"].append(shard.line)
+                rows["image"].append(uri)
+                rows["score"].append(scores.get(i, float("nan")))
+                rows["threshold"].append(shard.threshold)
+                rows["anomalous"].append(bool(ok and shard.threshold is not None and scores[i] >= shard.threshold))
+                rows["map_uri"].append(map_uri)
+                rows["detector_version"].append(version)
+                rows["width"].append(images[i].width if ok else None)
+                rows["height"].append(images[i].height if ok else None)
+                rows["error"].append(None if ok else "corrupt, empty or not an image")
+        table = pa.table({
+            **rows,
+            "score": pa.array(rows["score"], pa.float64()),
+            "threshold": pa.array(rows["threshold"], pa.float64()),
+        })
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes(shard.part_uri(self.output), buffer.getvalue())  # the shard's commit point
+        return {"line": shard.line, "images": len(shard.images)}
+
+    def __call__(self, batch: dict) -> dict:
+        done = [self.score_shard(Shard(**json.loads(item))) for item in batch["shard"]]
+        return {"line": np.array([d["line"] for d in done]), "images": np.array([d["images"] for d in done])}
+
+
+def summarize(output: str, shards: list[Shard]) -> dict:
+    import pyarrow.parquet as pq
+
+    per_line: dict[str, dict] = {}
+    for shard in shards:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(shard.part_uri(output))))
+        scores = np.asarray(table.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
+        stats = per_line.setdefault(shard.line, {"images": 0, "errors": 0, "anomalous": 0, "scores": []})
+        stats["images"] += table.num_rows
+        stats["errors"] += int(np.isnan(scores).sum())
+        stats["anomalous"] += int(np.asarray(table.column("anomalous").to_numpy(zero_copy_only=False)).sum())
+        stats["scores"].append(scores[~np.isnan(scores)])
+    summary = {}
+    for line, stats in sorted(per_line.items()):
+        scores = np.concatenate(stats.pop("scores")) if stats["images"] else np.zeros(0)
+        scored = len(scores)
+        summary[line] = {
+            **stats,
+            "anomaly_rate": stats["anomalous"] / scored if scored else None,
+            "mean_score": float(scores.mean()) if scored else None,
+            "p95_score": float(np.percentile(scores, 95)) if scored else None,
+        }
+    return summary
+
+
+def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
+    """Score every shard that has no part yet; returns (and writes) the per-line summary."""
+    import ray
+
+    config.validate()
+    shards = plan_shards(config)
+    todo = [s for s in shards if not storage.exists(s.part_uri(config.output))]
+    started = time.perf_counter()
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     log_to_driver=progress)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        dataset = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in todo], override_num_blocks=len(todo))
+        results = dataset.map_batches(
+            ShardScorer,
+            batch_size=1,
+            concurrency=config.actors,
+            num_cpus=config.num_cpus_per_actor,
+            num_gpus=config.num_gpus_per_actor,
+            fn_constructor_kwargs={"output": config.output, "batch_size": config.batch_size,
+                                   "write_maps": config.write_maps, "device": config.device},
+            runtime_env={"env_vars": storage.storage_env()},
+        )
+        for _ in results.iter_rows():
+            pass
+    summary = {
+        "lines": summarize(config.output, shards),
+        "shards": len(shards),
+        "shards_scored_now": len(todo),
+        "seconds": time.perf_counter() - started,
+        "inputs": [asdict(i) for i in config.inputs],
+    }
+    storage.write_bytes(storage.join(config.output, "summary.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'line':<16}{'images':>8}{'errors':>8}{'anomalous':>11}{'rate':>8}{'mean':>8}{'p95':>8}"]
+    for line, s in summary["lines"].items():
+        rate = "-" if s["anomaly_rate"] is None else f"{s['anomaly_rate']:.3f}"
+        mean = "-" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
+        p95 = "-" if s["p95_score"] is None else f"{s['p95_score']:.3f}"
+        lines.append(f"{line:<16}{s['images']:>8}{s['errors']:>8}{s['anomalous']:>11}{rate:>8}{mean:>8}{p95:>8}")
+    lines.append(f"{summary['shards']} shards, {summary['shards_scored_now']} scored now, {summary['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def add_bulk_arguments(parser) -> None:
+    parser.add_argument("--input", action="append", required=True, metavar="LINE=URI",
+                        help="a line and the storage prefix (or directory) of its images; repeatable")
+    parser.add_argument("--registry", default=None, help="line registry (YAML/JSON, path or s3://): bundles and thresholds")
+    parser.add_argument("--detector", default=None, help="one bundle for every line (instead of --registry)")
+    parser.add_argument("--out", required=True, help="output prefix: parts/*.parquet, maps/, summary.json")
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--actors", type=int, default=1, help="scoring actors (each loads the detectors once)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 0.25 packs four actors on a GPU")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--no-maps", action="store_true", help="scores only, no .npy maps")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def config_from_args(args) -> BulkScoreConfig:
+    inputs = resolve_inputs(args.input, args.registry, args.detector)
+    return BulkScoreConfig(
+        inputs=inputs, output=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+        actors=args.actors, num_gpus_per_actor=args.gpus_per_actor, num_cpus_per_actor=args.cpus_per_actor,
+        write_maps=not args.no_maps, device=args.device,
+    ).validate()
+
+
+def cmd_bulk_score(args) -> int:
+    summary = run_bulk_score(config_from_args(args), progress=not args.quiet)
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,31 @@
+"""Bulk scoring as a Ray job: images under storage prefixes, per line, to Parquet parts.
+
+    python -m jobs.bulk_score --registry s3://factory/registry.yaml \
+        --input line-7=s3://factory/images/2026-11-29/line-7 --out s3://factory/rescore/2026-11-29
+
+On a cluster: `ray job submit --working-dir . -- python -m jobs.bulk_score ...`. Re-running the same
+command skips finished shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from anomalyfleet.bulk_scoring import add_bulk_arguments, cmd_bulk_score
+from anomalyfleet.errors import AnomalyFleetError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bulk_score", description=__doc__.splitlines()[0])
+    add_bulk_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bulk_score(args)
+    except AnomalyFleetError as exc:
+        print(f"bulk_score: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Bulk scoring on Ray Data: equal to the CLI's scores, images and results on the real S3 server,
+and a killed job resumes without losing or repeating a shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomalyfleet import storage
+from anomalyfleet.backbones import BackboneSpec
+from anomalyfleet.bundle import save_bundle
+from anomalyfleet.cli import main
+from anomalyfleet.detector import Detector
+from tests.image_sets import write_folder_dataset
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bundle(clip_file: Path, path: Path, seed: int, threshold: float | None) -> Path:
+    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(clip_file)),
+                               image_size=56, layers=(6,), dpam_layers=4, seed=seed)
+    if threshold is not None:
+        detector.thresholds["image"] = threshold
+    return save_bundle(detector, path)
+
+
+def _cli_scores(bundle: Path, images: Path, out: Path) -> dict[str, float]:
+    assert main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(out),
+                 "--quiet", "--device", "cpu", "--no-maps", "--no-overlays"]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    return {Path(r["image"]).name: r["score"] for r in rows}
+
+
+def _parts(output: str):
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(o.uri)))
+              for o in storage.list_objects(storage.join(output, "parts")) if o.uri.endswith(".parquet")]
+    return [row for t in tables for row in t.to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def test_two_lines_from_s3_match_the_cli(ray_local, s3_env, tmp_path, openai_clip_file):
+    data_a = write_folder_dataset(tmp_path / "a", normals=3, anomalies=3, size=48, seed=1)
+    data_b = write_folder_dataset(tmp_path / "b", normals=2, anomalies=3, size=48, seed=2)
+    bundle_a = _bundle(openai_clip_file, tmp_path / "bundle-a", seed=1, threshold=None)
+    bundle_b = _bundle(openai_clip_file, tmp_path / "bundle-b", seed=2, threshold=0.5)
+    root = s3_env.uri(f"bulk-{time.time_ns()}")
+    for line, data in (("line-a", data_a), ("line-b", data_b)):
+        for path in sorted(data.rglob("*.png")):
+            if "mask" not in path.parts and "masks" not in path.parts and "ground_truth" not in path.parts:
+                storage.upload_file(path, storage.join(root, "images", line, path.relative_to(data).as_posix()))
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(f"lines:\n  line-a: {{bundle: {bundle_a}, threshold: 0.3}}\n  line-b: {{bundle: {bundle_b}}}\n")
+    out = storage.join(root, "results")
+    code = main(["bulk-score", "--registry", str(registry), "--input", f"line-a={storage.join(root, 'images', 'line-a')}",
+                 "--input", f"line-b={storage.join(root, 'images', 'line-b')}", "--out", out,
+                 "--shard-size", "4", "--actors", "2", "--cpus-per-actor", "1", "--quiet", "--device", "cpu"])
+    assert code == 0
+    rows = _parts(out)
+    for line, data, bundle, threshold in (("line-a", data_a, bundle_a, 0.3), ("line-b", data_b, bundle_b, 0.5)):
+        mine = {Path(r["image"]).name: r for r in rows if r["line"] == line}
+        local_images = tmp_path / f"{line}-images"
+        local_images.mkdir()
+        for o in storage.list_objects(storage.join(root, "images", line)):
+            storage.download_file(o.uri, local_images / Path(o.uri).name)
+        expected = _cli_scores(bundle, local_images, tmp_path / f"{line}-cli")
+        assert set(mine) == set(expected)
+        for name, score in expected.items():
+            assert abs(mine[name]["score"] - score) < 1e-5, name
+            assert mine[name]["anomalous"] == (score >= threshold) and mine[name]["threshold"] == threshold
+            saved = np.load(io.BytesIO(storage.read_bytes(mine[name]["map_uri"])))
+            assert saved.shape == (56, 56)
+    summary = json.loads(storage.read_bytes(storage.join(out, "summary.json")))
+    assert summary["lines"]["line-a"]["images"] == len([r for r in rows if r["line"] == "line-a"])
+    assert summary["shards"] == 4 and summary["shards_scored_now"] == 4
+
+    # The same command again scores nothing: every shard's part is there.
+    assert main(["bulk-score", "--registry", str(registry), "--input", f"line-a={storage.join(root, 'images', 'line-a')}",
+                 "--input", f"line-b={storage.join(root, 'images', 'line-b')}", "--out", out,
+                 "--shard-size", "4", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads(storage.read_bytes(storage.join(out, "summary.json")))["shards_scored_now"] == 0
+
+    # A corrupt upload is a row with an error, not a failed job; an unknown line is refused up front.
+    storage.write_bytes(storage.join(root, "images", "line-a", "zz-corrupt.png"), b"\x89PNG\r\n\x1a\nbroken")
+    assert main(["bulk-score", "--registry", str(registry), "--input", f"line-a={storage.join(root, 'images', 'line-a')}",
+                 "--out", storage.join(root, "results2"), "--quiet", "--device", "cpu"]) == 0
+    bad = [r for r in _parts(storage.join(root, "results2")) if r["image"].endswith("zz-corrupt.png")]
+    assert len(bad) == 1 and bad[0]["error"] and np.isnan(bad[0]["score"])
+    assert main(["bulk-score", "--registry", str(registry), "--input", "line-x=/nowhere", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_killed_job_resumes_without_gaps_or_repeats(tmp_path, openai_clip_file):
+    data = write_folder_dataset(tmp_path / "parts", normals=6, anomalies=6, size=48, seed=3)
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(data.rglob("*.png")):
+        if path.parent.name in ("normal", "anomaly"):
+            (images / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    bundle = _bundle(openai_clip_file, tmp_path / "bundle", seed=4, threshold=0.5)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.bulk_score", "--detector", str(bundle), "--input", f"line={images}",
+               "--out", str(out), "--shard-size", "1", "--quiet", "--device", "cpu", "--no-maps"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out / "parts" / "line"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+        assert process.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert 2 <= len(done_before) < 12
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert len(after) == 12 and all(after[name] == mtime for name, mtime in done_before.items())
+    rows = _parts(str(out))
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(p.name for p in images.iterdir())
+    expected = _cli_scores(bundle, images, tmp_path / "cli")
+    assert all(abs(r["score"] - expected[Path(r["image"]).name]) < 1e-5 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lines"]["line"]["images"] == 12 and summary["shards_scored_now"] == 12 - len(done_before)

@@ -1,0 +1,630 @@
+"""Synthetic defect libraries: a YAML recipe in, a directory of images, masks and a manifest out.
+
+Layout of a library (every path in a manifest row is relative to the library root, which is what
+the `library:` data reader expects):
+
+    recipe.json                the recipe and its fingerprint; a re-run must match it
+    shards/<type>-<NNNNN>/     one finished shard, renamed into place in one step
+        images/<type>-<NNNNNN>.png, masks/<type>-<NNNNNN>.png
+        manifest.jsonl         one row per sample (image, mask, label, defect type, source image,
+                               generator and settings, seed, region, sha256 of image and mask)
+        shard.json             generator versions and timing
+    manifest.jsonl             all shards' rows in plan order, written once every shard is done
+    card.json, card.md         recipe, counts per type, generator versions
+    contact-sheet.png          a grid of samples with their masks outlined
+
+A shard is planned from the recipe alone (type, indices, normal image, seed per sample), so every
+run of one recipe plans the same shards and a re-run only does those not yet in shards/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import anomalyfleet
+from anomalyfleet.errors import ConfigError, DataError
+from anomalyfleet.manifest import atomic_write_bytes, default_mode, file_sha256
+from anomalyfleet.synthesis.regions import RegionSpec
+
+SHARDS = "shards"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# --- recipe --------------------------------------------------------------------------------------
+
+
+class DefectRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    count: int = Field(ge=0)
+    generator: str = "perlin"  # perlin | cutpaste | scar | anogen
+    settings: dict[str, Any] = Field(default_factory=dict)
+    region: dict[str, Any] | None = None  # RegionSpec fields; None: the generator's default
+    # AnoGen: a learned embedding file, or support examples (a data spec with masks) to learn it from,
+    # and the diffusers pipeline (hub id, local directory or s3:// URI).
+    pipeline: str | None = None
+    embedding: str | None = None
+    support: str | None = None
+    learn: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ \t\n") or value.startswith("."):
+            raise ValueError(f"defect name {value!r} must be non-empty, without slashes or spaces")
+        return value
+
+    def region_spec(self) -> RegionSpec | None:
+        return RegionSpec.from_dict(self.region) if self.region is not None else None
+
+
+class RayOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    actors: int = Field(default=2, ge=0)  # 0: run in this process without Ray
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # per actor; None: 1.0 for AnoGen when the cluster has GPUs, else 0
+    address: str | None = None  # an existing cluster; None: connect or start a local one
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "defect-library"
+    normal: list[str]  # data specs (KIND:PATH?...) whose label-0 images are used, directories or globs
+    output: str
+    defects: list[DefectRecipe]
+    seed: int = 0
+    shard_size: int = Field(default=32, ge=1)
+    image_size: int | None = Field(default=None, ge=8)  # square resize of normal images; None keeps them
+    foreground: Literal["none", "auto"] = "none"  # "auto": estimate the object mask for inside_foreground
+    ray: RayOptions = Field(default_factory=RayOptions)
+
+    @field_validator("normal", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("defects")
+    @classmethod
+    def _unique(cls, value):
+        names = [d.name for d in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"defect names must be unique, got {names}")
+        if not value:
+            raise ValueError("a recipe needs at least one defect type")
+        return value
+
+    def content(self) -> dict:
+        """What decides the samples: everything but where they go and how the work is spread."""
+        return self.model_dump(mode="json", exclude={"output", "ray"})
+
+
+def load_recipe(path: str | Path, **overrides) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"recipe not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    # Relative paths in a recipe are relative to the recipe file, so a recipe can travel with its data.
+    base = path.resolve().parent
+    return parse_recipe(data, base)
+
+
+def parse_recipe(data: dict, base: Path | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid recipe: {exc}") from exc
+    for defect in recipe.defects:
+        defect.region_spec()  # region typos fail before any work starts
+    if base is not None:
+        recipe.normal = [_rebase(s, base) for s in recipe.normal]
+        recipe.output = _rebase(recipe.output, base)
+        for d in recipe.defects:
+            d.embedding = _rebase(d.embedding, base) if d.embedding else None
+            d.support = _rebase(d.support, base) if d.support else None
+            if d.pipeline and (d.pipeline.startswith((".", "/")) or (base / d.pipeline).exists()):
+                d.pipeline = _rebase(d.pipeline, base)
+    return recipe
+
+
+def _rebase(spec: str, base: Path) -> str:
+    if "://" in spec:
+        return spec
+    kind, sep, rest = spec.partition(":")
+    from anomalyfleet.data.readers import KNOWN_KINDS
+
+    if sep and kind in KNOWN_KINDS:
+        path, q, query = rest.partition("?")
+        return f"{kind}:{_rebase(path, base)}{q}{query}"
+    path = Path(spec).expanduser()
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+def resolve_normals(specs: list[str]) -> list[str]:
+    """Normal image paths, sorted and de-duplicated, from data specs, directories or globs."""
+    from anomalyfleet.data.readers import KNOWN_KINDS, parse_data_spec
+
+    found: list[str] = []
+    for spec in specs:
+        kind, sep, _ = spec.partition(":")
+        if sep and kind in KNOWN_KINDS:
+            found += [s.image for s in parse_data_spec(spec) if s.label == 0]
+            continue
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found += [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            import glob
+
+            found += [p for p in sorted(glob.glob(str(path), recursive=True)) if p.lower().endswith(IMAGE_SUFFIXES)]
+    found = sorted(set(found))
+    if not found:
+        raise DataError(f"no normal images found in {specs}")
+    return found
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed per sample from the recipe seed, type and index: stable across runs and machines."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def _type_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    name: str
+    defect: str
+    index: int
+    normal: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    shard_id: str
+    defect: str
+    items: tuple[WorkItem, ...]
+
+
+def plan_shards(recipe: Recipe, normals: list[str]) -> list[ShardPlan]:
+    shards = []
+    for defect in recipe.defects:
+        key = _type_key(defect.name)
+        # Each normal image is used once before any is used twice, in a seeded order per type.
+        order = np.random.default_rng(np.random.SeedSequence([recipe.seed, key, 1])).permutation(len(normals))
+        items = [WorkItem(f"{defect.name}-{i:06d}", defect.name, i, normals[order[i % len(normals)]],
+                          _derive_seed(recipe.seed, key, i)) for i in range(defect.count)]
+        for s, start in enumerate(range(0, len(items), recipe.shard_size)):
+            shards.append(ShardPlan(f"{defect.name}-{s:05d}", defect.name, tuple(items[start:start + recipe.shard_size])))
+    return shards
+
+
+def recipe_fingerprint(recipe: Recipe, normals: list[str]) -> str:
+    payload = json.dumps({"recipe": recipe.content(), "normals": normals}, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+# --- generators ----------------------------------------------------------------------------------
+
+
+def make_generator(defect: DefectRecipe, embedding: str | None = None, device: str = "auto"):
+    """The generator for one defect type (loaded once per worker and reused for all its shards)."""
+    if defect.generator == "anogen":
+        from anomalyfleet.synthesis.anogen import AnoGenGenerator
+
+        path = embedding or defect.embedding
+        if not defect.pipeline or not path:
+            raise ConfigError(f"defect {defect.name}: anogen needs `pipeline` and `embedding` (or `support` to learn it)")
+        return AnoGenGenerator.load(defect.pipeline, path, settings=defect.settings, device=device)
+    from anomalyfleet.synthesis.procedural import make_procedural
+
+    return make_procedural(defect.generator, defect.settings)
+
+
+def generator_versions(generator) -> dict:
+    versions = {"anomalyfleet": anomalyfleet.__version__, "numpy": np.__version__}
+    extra = getattr(generator, "versions", None)
+    if callable(extra):
+        versions.update(extra())
+    return versions
+
+
+def _load_rgb(path: str, size: int | None) -> np.ndarray:
+    from anomalyfleet.data.transforms import load_image
+
+    image = load_image(path)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    """Makes and writes shards. One per worker; it caches each defect type's generator."""
+
+    def __init__(self, recipe: Recipe, root: str | Path, embeddings: dict[str, str] | None = None,
+                 device: str = "auto"):
+        self.recipe = recipe
+        self.root = Path(root)
+        self.embeddings = embeddings or {}
+        self.device = device
+        self.defects = {d.name: d for d in recipe.defects}
+        self._generators: dict[str, Any] = {}
+
+    def generator(self, defect: str):
+        if defect not in self._generators:
+            self._generators[defect] = make_generator(self.defects[defect], self.embeddings.get(defect), self.device)
+        return self._generators[defect]
+
+    def write(self, shard: ShardPlan) -> dict:
+        final = self.root / SHARDS / shard.shard_id
+        if (final / "manifest.jsonl").is_file():
+            return {"shard": shard.shard_id, "images": len(shard.items), "skipped": True}
+        started = time.perf_counter()
+        defect = self.defects[shard.defect]
+        generator = self.generator(shard.defect)
+        region = defect.region_spec()
+        tmp = self.root / SHARDS / f".tmp-{shard.shard_id}-{uuid.uuid4().hex[:8]}"
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        rows = []
+        try:
+            for item in shard.items:
+                image = _load_rgb(item.normal, self.recipe.image_size)
+                foreground = None
+                if self.recipe.foreground == "auto" and region is not None and region.inside_foreground:
+                    from anomalyfleet.synthesis.regions import estimate_foreground
+
+                    foreground = estimate_foreground(image)
+                result = generator.generate(image, item.seed, region, foreground)
+                image_rel = f"images/{item.name}.png"
+                mask_rel = f"masks/{item.name}.png"
+                image_bytes = _png_bytes(result.image)
+                mask_bytes = _png_bytes(result.mask.astype(np.uint8) * 255)
+                (tmp / image_rel).write_bytes(image_bytes)
+                (tmp / mask_rel).write_bytes(mask_bytes)
+                prefix = f"{SHARDS}/{shard.shard_id}/"
+                rows.append({
+                    "image": prefix + image_rel, "mask": prefix + mask_rel, "label": 1,
+                    "defect_type": shard.defect, "index": item.index, "shard": shard.shard_id,
+                    "source_image": item.normal, "generator": generator.name, "settings": generator.settings(),
+                    "seed": item.seed, "region": result.region.to_dict(), "details": result.details,
+                    "size": [int(result.image.shape[0]), int(result.image.shape[1])],
+                    "sha256": {"image": hashlib.sha256(image_bytes).hexdigest(),
+                               "mask": hashlib.sha256(mask_bytes).hexdigest()},
+                })
+            info = {"shard": shard.shard_id, "defect_type": shard.defect, "images": len(rows),
+                    "generator": generator.name, "versions": generator_versions(generator),
+                    "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename}
+            (tmp / "shard.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+            # The manifest goes in last: a shard directory without one is never mistaken for finished.
+            (tmp / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            for d in (tmp, tmp / "images", tmp / "masks"):
+                os.chmod(d, default_mode(directory=True))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Another worker finished the same shard first (a retried task); its copy is equal.
+                if not (final / "manifest.jsonl").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {**info, "skipped": False}
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LibraryResult:
+    root: str
+    images: int
+    shards: int
+    shards_done_now: int
+    counts: dict[str, int]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def local_output(uri: str) -> Path:
+    """Libraries are written to a local (or mounted) directory; object storage comes through the
+    storage layer (issue 4), which decides how a shard becomes visible atomically there."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" in uri:
+        raise ConfigError(f"{uri}: library output to object storage needs the storage layer, not wired yet; "
+                          "write to a local directory and copy it")
+    return Path(uri).expanduser()
+
+
+def finished_shards(root: Path) -> set[str]:
+    directory = root / SHARDS
+    if not directory.is_dir():
+        return set()
+    return {p.name for p in directory.iterdir() if not p.name.startswith(".") and (p / "manifest.jsonl").is_file()}
+
+
+def _check_recipe(root: Path, recipe: Recipe, fingerprint: str) -> None:
+    path = root / "recipe.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
+                              "use a new output directory")
+        return
+    if finished_shards(root):
+        raise ConfigError(f"{root} holds shards but no recipe.json; refusing to mix libraries")
+    atomic_write_bytes(path, json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1,
+                                        sort_keys=True).encode())
+
+
+def _clean_partials(root: Path) -> None:
+    """Left-overs of killed workers: temporary shard directories, never read, safe to delete."""
+    directory = root / SHARDS
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _learn_missing_embeddings(recipe: Recipe, root: Path, progress: bool) -> dict[str, str]:
+    """AnoGen types given support examples but no embedding: learn it once, into the library, resumable."""
+    embeddings = {}
+    for defect in recipe.defects:
+        if defect.generator != "anogen" or defect.embedding:
+            continue
+        if not defect.support:
+            raise ConfigError(f"defect {defect.name}: anogen needs `embedding` or `support` examples")
+        from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
+
+        target = root / "embeddings" / f"{defect.name}.pt"
+        if not target.is_file():
+            config = LearnConfig.from_dict({"seed": recipe.seed, **defect.learn})
+            learn_embedding(defect.pipeline, defect.support, target, config=config,
+                            checkpoint_dir=root / "embeddings" / f".{defect.name}-checkpoints", progress=progress,
+                            defect_name=defect.name)
+        embeddings[defect.name] = str(target)
+    return embeddings
+
+
+def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | None = None) -> LibraryResult:
+    """Make (or finish) the library a recipe describes. Shards already present are skipped."""
+    started = time.perf_counter()
+    root = local_output(recipe.output)
+    root.mkdir(parents=True, exist_ok=True)
+    normals = resolve_normals(recipe.normal)
+    plan = plan_shards(recipe, normals)
+    _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
+    _clean_partials(root)
+    embeddings = _learn_missing_embeddings(recipe, root, progress)
+    done = finished_shards(root)
+    pending = [s for s in plan if s.shard_id not in done]
+    actors = recipe.ray.actors if actors is None else actors
+    if pending:
+        if actors == 0:
+            _run_local(recipe, root, pending, embeddings, progress)
+        else:
+            _run_ray(recipe, root, pending, embeddings, progress, actors)
+    missing = [s.shard_id for s in plan if s.shard_id not in finished_shards(root)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) unfinished: {', '.join(missing[:5])}")
+    counts = write_library_files(root, recipe, plan)
+    return LibraryResult(str(root), sum(counts.values()), len(plan), len(pending), counts,
+                         round(time.perf_counter() - started, 3))
+
+
+def _progress_bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="synthesis", unit="img", disable=not progress, smoothing=0.1)
+
+
+def _run_local(recipe, root, pending, embeddings, progress) -> None:
+    writer = ShardWriter(recipe, root, embeddings)
+    bar = _progress_bar(sum(len(s.items) for s in pending), progress)
+    for shard in pending:
+        writer.write(shard)
+        bar.update(len(shard.items))
+    bar.close()
+
+
+def _actor_resources(recipe: Recipe) -> dict:
+    import ray
+
+    gpus = recipe.ray.num_gpus
+    if gpus is None:
+        needs_gpu = any(d.generator == "anogen" for d in recipe.defects)
+        gpus = 1.0 if needs_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"num_cpus": recipe.ray.num_cpus, "num_gpus": gpus}
+
+
+def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retries: int = 3) -> None:
+    """Shards go to a pool of actors, two in flight per actor so none idles between shards. A shard
+    whose actor died is handed to a fresh actor; a shard is only ever visible once, finished."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=recipe.ray.address, include_dashboard=False, log_to_driver=False)
+    Worker = ray.remote(_ShardActor)
+    options = _actor_resources(recipe)
+    count = max(1, min(actors, len(pending)))
+    recipe_json = recipe.model_dump(mode="json")
+
+    def spawn():
+        return Worker.options(**options, max_concurrency=1).remote(recipe_json, str(root), embeddings)
+
+    pool = [spawn() for _ in range(count)]
+    queue = list(pending)
+    in_flight: dict[Any, tuple[int, ShardPlan, Any]] = {}
+    retries: dict[str, int] = {}
+    bar = _progress_bar(sum(len(s.items) for s in pending), progress)
+
+    def submit(slot: int) -> None:
+        if queue:
+            shard = queue.pop(0)
+            in_flight[pool[slot].write.remote(shard)] = (slot, shard, pool[slot])
+
+    for slot in range(count):
+        submit(slot)
+        submit(slot)
+    try:
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            slot, shard, actor = in_flight.pop(ref)
+            try:
+                ray.get(ref)
+                bar.update(len(shard.items))
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                retries[shard.shard_id] = retries.get(shard.shard_id, 0) + 1
+                if retries[shard.shard_id] > max_retries:
+                    raise RuntimeError(f"shard {shard.shard_id} failed {max_retries} times") from exc
+                bar.write(f"worker lost on shard {shard.shard_id}; retrying on a new worker")
+                queue.insert(0, shard)
+                # Replace the actor once, not once per shard it had in flight.
+                if pool[slot] is actor:
+                    ray.kill(actor)
+                    pool[slot] = spawn()
+            submit(slot)
+    finally:
+        bar.close()
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        for actor in pool:
+            ray.kill(actor)
+
+
+class _ShardActor:
+    """Ray actor body: loads generators once and writes shards until the pool is torn down."""
+
+    def __init__(self, recipe_json: dict, root: str, embeddings: dict[str, str]):
+        import torch
+
+        torch.set_num_threads(1)  # one thread per actor: actors, not threads, share out the cores
+        self.writer = ShardWriter(Recipe.model_validate(recipe_json), root, embeddings)
+
+    def write(self, shard: ShardPlan) -> dict:
+        return self.writer.write(shard)
+
+    def ping(self) -> bool:
+        return True
+
+
+# --- the finished library ------------------------------------------------------------------------
+
+
+def read_rows(root: Path, shard_ids: list[str]) -> list[dict]:
+    rows = []
+    for shard_id in shard_ids:
+        with open(root / SHARDS / shard_id / "manifest.jsonl") as handle:
+            rows += [json.loads(line) for line in handle if line.strip()]
+    return rows
+
+
+def write_library_files(root: Path, recipe: Recipe, plan: list[ShardPlan]) -> dict[str, int]:
+    """manifest.jsonl, the card and the contact sheet, from the finished shards."""
+    ids = [s.shard_id for s in plan]
+    rows = read_rows(root, ids)
+    atomic_write_bytes(root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    counts = {d.name: 0 for d in recipe.defects}
+    for row in rows:
+        counts[row["defect_type"]] += 1
+    versions: dict[str, dict] = {}
+    for shard_id in ids:
+        info = json.loads((root / SHARDS / shard_id / "shard.json").read_text())
+        versions.setdefault(info["generator"], info["versions"])
+    card = {
+        "name": recipe.name, "images": len(rows), "counts": counts, "generators": versions,
+        "python": sys.version.split()[0], "recipe": recipe.content(), "output": recipe.output,
+        "manifest_sha256": file_sha256(root / "manifest.jsonl"), "contact_sheet": "contact-sheet.png",
+    }
+    atomic_write_bytes(root / "card.json", json.dumps(card, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(root / "card.md", _card_markdown(card, recipe).encode())
+    atomic_write_bytes(root / "contact-sheet.png", _png_bytes(contact_sheet(root, rows)))
+    return counts
+
+
+def _card_markdown(card: dict, recipe: Recipe) -> str:
+    lines = [f"# Defect library: {card['name']}", "",
+             f"{card['images']} synthetic defect images with pixel masks, made by anomalyfleet "
+             f"{anomalyfleet.__version__} from the recipe below. Use it as `library:<this directory>`.", "",
+             "| defect type | generator | count | region |", "| --- | --- | --- | --- |"]
+    for d in recipe.defects:
+        region = d.region_spec() or "generator default"
+        if isinstance(region, RegionSpec):
+            region = f"{region.shape}, size {list(region.size)}, aspect {list(region.aspect)}, rotation {list(region.rotation)}"
+        lines.append(f"| {d.name} | {d.generator} | {card['counts'][d.name]} | {region} |")
+    lines += ["", "## Generator versions", ""]
+    for name, versions in card["generators"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(card["recipe"], sort_keys=False).rstrip(), "```", "",
+              "![contact sheet](contact-sheet.png)", ""]
+    return "\n".join(lines)
+
+
+def contact_sheet(root: Path, rows: list[dict], per_type: int = 6, tile: int = 128) -> np.ndarray:
+    """Up to `per_type` samples of each type side by side, the mask outline drawn in red, one row per type."""
+    from scipy import ndimage
+
+    by_type: dict[str, list[dict]] = {}
+    for row in rows:
+        by_type.setdefault(row["defect_type"], []).append(row)
+    label_h = 14
+    sheet = np.full((max(1, len(by_type)) * (tile + label_h), per_type * tile, 3), 255, np.uint8)
+    from PIL import ImageDraw
+
+    canvas = Image.fromarray(sheet)
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, items) in enumerate(by_type.items()):
+        y = r * (tile + label_h)
+        draw.text((2, y + 1), f"{name} ({len(items)})", fill=(0, 0, 0))
+        # Spread the picks over the type so the sheet shows its variety, not its first shard.
+        picks = np.linspace(0, len(items) - 1, min(per_type, len(items))).round().astype(int)
+        for c, i in enumerate(picks):
+            with Image.open(root / items[i]["image"]) as handle:
+                image = np.asarray(handle.convert("RGB").resize((tile, tile), Image.BILINEAR)).copy()
+            with Image.open(root / items[i]["mask"]) as handle:
+                mask = np.asarray(handle.convert("L").resize((tile, tile), Image.NEAREST)) > 127
+            edge = mask & ~ndimage.binary_erosion(mask)
+            image[edge] = (255, 0, 0)
+            canvas.paste(Image.fromarray(image), (c * tile, y + label_h))
+    return np.asarray(canvas)

@@ -1,0 +1,27 @@
+"""Make (or resume) a synthetic defect library: `python -m jobs.synthesize_library RECIPE.yaml`.
+
+Same as `anomalyfleet synthesize RECIPE.yaml`; a killed run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from anomalyfleet.errors import AnomalyFleetError
+from anomalyfleet.synthesis.cli_args import add_synthesize_arguments, cmd_synthesize
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.synthesize_library", description=__doc__.splitlines()[0])
+    add_synthesize_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_synthesize(args)
+    except AnomalyFleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

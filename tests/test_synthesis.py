@@ -1,0 +1,242 @@
+"""Synthetic defects without diffusion: regions, procedural generators, the library format and the
+`library:` reader, resume after a partial run. Runs in-process (no Ray), in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from anomalyfleet.data import parse_data_spec
+from anomalyfleet.data.transforms import load_mask
+from anomalyfleet.errors import ConfigError
+from anomalyfleet.synthesis.library import finished_shards, load_recipe, parse_recipe, plan_shards, resolve_normals, synthesize_library
+from anomalyfleet.synthesis.procedural import make_procedural, perlin_noise
+from anomalyfleet.synthesis.regions import RegionSpec, estimate_foreground, sample_region
+from tests.image_sets import write_folder_dataset
+
+
+def texture(size=(48, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    base = 120 + 40 * np.sin(xx / 4.0) + rng.normal(0, 10, size)
+    return np.repeat(base[..., None], 3, axis=2).clip(0, 255).astype(np.uint8)
+
+
+# --- regions -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["box", "ellipse", "free"])
+def test_region_ranges_and_seed(shape):
+    spec = RegionSpec(shape=shape, size=(0.2, 0.3), aspect=(0.5, 2.0), rotation=(0, 90))
+    for seed in range(20):
+        a = sample_region(np.random.default_rng(seed), spec, 60, 80)
+        b = sample_region(np.random.default_rng(seed), spec, 60, 80)
+        assert np.array_equal(a.mask, b.mask) and a.to_dict() == b.to_dict()
+        assert a.mask.shape == (60, 80) and a.mask.any()
+        side = np.sqrt(a.width * a.height) / 60
+        assert 0.2 - 1e-6 <= side <= 0.3 + 1e-6 or side < 0.2  # only ever shrunk, to fit the image
+        assert 0 <= a.angle <= 90
+        x0, y0, x1, y1 = a.bbox
+        assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 60
+        # The rasterised area follows the drawn size (a box exactly, an ellipse by pi/4, free form roughly).
+        expected = a.width * a.height * {"box": 1.0, "ellipse": np.pi / 4, "free": 0.64 * np.pi / 4}[shape]
+        assert 0.5 * expected <= a.mask.sum() <= 1.6 * expected + 4
+
+
+def test_region_rotation_and_aspect():
+    spec = RegionSpec(shape="box", size=(0.3, 0.3), aspect=(6.0, 6.0), rotation=(90, 90))
+    region = sample_region(np.random.default_rng(0), spec, 100, 100)
+    x0, y0, x1, y1 = region.bbox
+    assert (y1 - y0) > 4 * (x1 - x0)  # wide box turned upright
+
+
+def test_region_inside_foreground():
+    fg = np.zeros((64, 64), bool)
+    fg[16:48, 20:44] = True
+    spec = RegionSpec(shape="ellipse", size=(0.1, 0.2), inside_foreground=True)
+    for seed in range(10):
+        region = sample_region(np.random.default_rng(seed), spec, 64, 64, fg)
+        assert region.mask.any() and not (region.mask & ~fg).any()
+    image = np.full((64, 64, 3), 20, np.uint8)
+    image[fg] = 200
+    assert (estimate_foreground(image) == fg).mean() > 0.97
+
+
+def test_region_spec_errors():
+    with pytest.raises(ConfigError, match="shape"):
+        RegionSpec(shape="star")
+    with pytest.raises(ConfigError, match="empty"):
+        RegionSpec.from_dict({"size": [0.5, 0.1]})
+    assert RegionSpec.from_dict({"rotation": 30}).rotation == (30.0, 30.0)
+
+
+# --- procedural ----------------------------------------------------------------------------------
+
+
+def test_perlin_noise():
+    a = perlin_noise(np.random.default_rng(1), 40, 56, 4, 8)
+    b = perlin_noise(np.random.default_rng(1), 40, 56, 4, 8)
+    assert a.shape == (40, 56) and np.array_equal(a, b)
+    assert np.abs(a).max() <= 1.0 + 1e-6 and a.std() > 0.05
+    assert np.abs(np.diff(a, axis=1)).max() < 0.5  # smooth, not white noise
+
+
+@pytest.mark.parametrize("name,settings", [("perlin", {}), ("perlin", {"texture": "noise"}), ("cutpaste", {}), ("scar", {})])
+def test_procedural_generators(name, settings):
+    image = texture()
+    gen = make_procedural(name, settings)
+    first = gen.generate(image, 7)
+    again = gen.generate(image, 7)
+    other = gen.generate(image, 8)
+    assert np.array_equal(first.image, again.image) and np.array_equal(first.mask, again.mask)
+    assert not np.array_equal(first.image, other.image)
+    assert first.image.dtype == np.uint8 and first.image.shape == image.shape
+    assert first.mask.any() and not (first.mask & ~first.region.mask).any()
+    changed = (first.image != image).any(-1)
+    assert not (changed & ~first.mask).any(), "pixels outside the mask changed"
+    assert changed[first.mask].mean() > 0.3, "the mask claims a defect that is not there"
+    json.dumps(first.details), json.dumps(gen.settings())
+
+
+def test_procedural_texture_directory_and_errors(tmp_path):
+    (tmp_path / "tex").mkdir()
+    Image.fromarray(np.full((20, 30, 3), 250, np.uint8)).save(tmp_path / "tex" / "white.png")
+    out = make_procedural("perlin", {"texture": str(tmp_path / "tex"), "beta": [0, 0]}).generate(texture(), 1)
+    assert out.details["texture"] == "white.png"
+    with pytest.raises(ConfigError, match="unknown procedural"):
+        make_procedural("sparkle")
+    with pytest.raises(ConfigError, match="bad settings"):
+        make_procedural("perlin", {"colour": 1})
+
+
+# --- library -------------------------------------------------------------------------------------
+
+
+def recipe_dict(data, out, **extra):
+    return {
+        "name": "unit", "normal": f"folder:{data}", "output": str(out), "seed": 3, "shard_size": 3,
+        "defects": [
+            {"name": "stain", "generator": "perlin", "count": 7, "region": {"shape": "free", "size": [0.2, 0.4]}},
+            {"name": "cut", "generator": "cutpaste", "count": 4},
+            {"name": "scar", "generator": "scar", "count": 2},
+        ],
+        "ray": {"actors": 0}, **extra,
+    }
+
+
+@pytest.fixture
+def normals(tmp_path):
+    return write_folder_dataset(tmp_path / "normals", normals=5, anomalies=2, size=48)
+
+
+def test_library_format_and_reader(tmp_path, normals):
+    out = tmp_path / "lib"
+    result = synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    assert result.counts == {"stain": 7, "cut": 4, "scar": 2} and result.images == 13 and result.shards == 6
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 13 and len({r["image"] for r in rows}) == 13
+    sources = resolve_normals([f"folder:{normals}"])
+    assert len(sources) == 5  # the folder's anomalies are not normal images
+    for row in rows:
+        assert row["source_image"] in sources and row["label"] == 1
+        assert hashlib.sha256((out / row["image"]).read_bytes()).hexdigest() == row["sha256"]["image"]
+        assert hashlib.sha256((out / row["mask"]).read_bytes()).hexdigest() == row["sha256"]["mask"]
+        assert {"generator", "settings", "seed", "region", "defect_type", "details"} <= set(row)
+        assert load_mask(out / row["mask"]).sum() > 0
+    # Each normal image is used once before any is used twice.
+    stain_sources = [r["source_image"] for r in rows if r["defect_type"] == "stain"]
+    assert len(set(stain_sources[:5])) == 5
+    card = json.loads((out / "card.json").read_text())
+    assert card["counts"] == result.counts and set(card["generators"]) == {"perlin", "cutpaste", "scar"}
+    assert "numpy" in card["generators"]["perlin"] and "| stain | perlin | 7 |" in (out / "card.md").read_text()
+    with Image.open(out / "contact-sheet.png") as sheet:
+        assert sheet.width >= 128 and sheet.height >= 3 * 128
+
+    samples = parse_data_spec(f"library:{out}")
+    assert len(samples) == 13 and all(s.label == 1 and s.has_mask for s in samples)
+    assert len(parse_data_spec(f"library:{out}?defects=cut,scar&category=tiles")) == 6
+    assert {s.category for s in parse_data_spec(f"library:{out}?category=tiles")} == {"tiles"}
+
+
+def test_library_resume_skips_finished_and_redoes_missing(tmp_path, normals):
+    out = tmp_path / "lib"
+    recipe = parse_recipe(recipe_dict(normals, out))
+    synthesize_library(recipe, progress=False)
+    manifest = (out / "manifest.jsonl").read_bytes()
+    kept = out / "shards" / "stain-00000"
+    stamp = (kept / "manifest.jsonl").stat().st_mtime_ns
+    # A killed run leaves a temporary shard and lacks others; the re-run cleans up and fills in.
+    shutil.rmtree(out / "shards" / "cut-00001")
+    shutil.rmtree(out / "shards" / "stain-00002")
+    (out / "shards" / ".tmp-stain-00002-deadbeef" / "images").mkdir(parents=True)
+    again = synthesize_library(recipe, progress=False)
+    assert again.shards_done_now == 2 and again.images == 13
+    assert (out / "manifest.jsonl").read_bytes() == manifest, "a redone shard must equal the original"
+    assert (kept / "manifest.jsonl").stat().st_mtime_ns == stamp
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    assert synthesize_library(recipe, progress=False).shards_done_now == 0
+
+
+def test_library_refuses_a_different_recipe(tmp_path, normals):
+    out = tmp_path / "lib"
+    synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    with pytest.raises(ConfigError, match="different recipe"):
+        synthesize_library(parse_recipe(recipe_dict(normals, out, seed=4)), progress=False)
+    # Output and Ray settings do not change the samples, so they may differ between runs.
+    assert synthesize_library(parse_recipe(recipe_dict(normals, out, ray={"actors": 0, "num_cpus": 2})),
+                              progress=False).shards_done_now == 0
+
+
+def test_plan_is_deterministic_and_shards_are_contiguous(normals, tmp_path):
+    recipe = parse_recipe(recipe_dict(normals, tmp_path / "x"))
+    sources = resolve_normals(recipe.normal)
+    a, b = plan_shards(recipe, sources), plan_shards(recipe, sources)
+    assert a == b
+    assert [s.shard_id for s in a] == ["stain-00000", "stain-00001", "stain-00002", "cut-00000", "cut-00001", "scar-00000"]
+    names = [i.name for s in a for i in s.items]
+    assert len(names) == len(set(names)) == 13
+    assert len({i.seed for s in a for i in s.items}) == 13
+
+
+def test_recipe_yaml_and_job_entry_point(tmp_path, normals, capsys):
+    from jobs.synthesize_library import main
+
+    recipe_path = tmp_path / "recipes" / "r.yaml"
+    recipe_path.parent.mkdir()
+    data = recipe_dict("../normals", "../out", image_size=32)
+    recipe_path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(recipe_path)
+    assert recipe.output == str(tmp_path / "out") and recipe.normal == [f"folder:{tmp_path / 'normals'}"]
+    assert main([str(recipe_path), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 13
+    assert finished_shards(tmp_path / "out") and Image.open(tmp_path / "out" / "shards" / "cut-00000" / "images" / "cut-000000.png").size == (32, 32)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**data, "defect": []}))
+    assert main([str(bad)]) == 2
+    with pytest.raises(ConfigError, match="invalid recipe"):
+        parse_recipe({**recipe_dict(normals, tmp_path), "defects": [{"name": "a/b", "count": 1}]})
+    with pytest.raises(ConfigError, match="unknown procedural"):
+        synthesize_library(parse_recipe({**recipe_dict(normals, tmp_path / "o2"),
+                                         "defects": [{"name": "a", "generator": "glitter", "count": 1}]}), progress=False)
+
+
+def test_synthesis_cli_commands(tmp_path, normals):
+    import argparse
+
+    from anomalyfleet.synthesis.cli_args import add_synthesis_commands
+
+    parser = argparse.ArgumentParser()
+    add_synthesis_commands(parser.add_subparsers(dest="command"))
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_dict(normals, tmp_path / "lib")))
+    args = parser.parse_args(["synthesize", str(recipe_path), "--quiet", "--actors", "0"])
+    assert args.func(args) == 0 and (tmp_path / "lib" / "card.json").is_file()
+    args = parser.parse_args(["synth", "learn", "--steps", "5"])
+    with pytest.raises(ConfigError, match="needs --pipeline"):
+        args.func(args)

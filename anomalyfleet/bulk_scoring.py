@@ -45,6 +45,7 @@ class BulkScoreConfig:
     num_cpus_per_actor: float = 1.0
     write_maps: bool = True
     device: str = "auto"
+    job_name: str = "bulk-score"  # the `job` label of the progress metrics
 
     def validate(self) -> "BulkScoreConfig":
         if not self.inputs:
@@ -273,8 +274,17 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
                                    "write_maps": config.write_maps, "device": config.device},
             runtime_env={"env_vars": storage.storage_env()},
         )
-        for _ in results.iter_rows():
-            pass
+        from anomalyfleet.job_metrics import JobMetrics
+
+        # Progress for the Jobs dashboard and the stalled-job alert: one advance per finished shard.
+        total_images = sum(len(s.images) for s in shards)
+        metrics = JobMetrics(config.job_name, kind="scoring", total=total_images)
+        done = total_images - sum(len(s.images) for s in todo)
+        metrics.advance(done=done)
+        for row in results.iter_rows():
+            done += int(row["images"])
+            metrics.advance(done=done, images=int(row["images"]))
+        metrics.finish()
     summary = {
         "lines": summarize(config.output, shards),
         "shards": len(shards),
@@ -310,6 +320,7 @@ def add_bulk_arguments(parser) -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--no-maps", action="store_true", help="scores only, no .npy maps")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--job-name", default="bulk-score", help="label of the job's progress metrics")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -318,7 +329,7 @@ def config_from_args(args) -> BulkScoreConfig:
     return BulkScoreConfig(
         inputs=inputs, output=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
         actors=args.actors, num_gpus_per_actor=args.gpus_per_actor, num_cpus_per_actor=args.cpus_per_actor,
-        write_maps=not args.no_maps, device=args.device,
+        write_maps=not args.no_maps, device=args.device, job_name=args.job_name,
     ).validate()
 
 

@@ -244,6 +244,7 @@ class Gateway:
         self.snapshot: RegistrySnapshot = self.registry.load()
         self.auth = self._authenticator(self.snapshot)
         self.metrics = GatewayMetrics()
+        self.metrics.thresholds(self.snapshot.lines)
         self._handles: dict[str, DeploymentHandle] = {}
         self._last_check = time.monotonic()
         self._refreshing: asyncio.Task | None = None
@@ -314,6 +315,7 @@ class Gateway:
             self.metrics.reload("_registry", ok=False)
             return
         self.snapshot, self.auth, self._stale = new, auth, stale
+        self.metrics.thresholds(new.lines)
 
     # --- request plumbing -------------------------------------------------------------------------
     def _principal(self, request: Request) -> Principal:

@@ -11,6 +11,7 @@ and Serve adds `deployment`, `replica` and `application` labels. Names as scrape
     ray_anomalyfleet_model_latency_ms_bucket{line, le}  preprocessing + forward, in the replica
     ray_anomalyfleet_batch_size_bucket{line, le}        requests of the line in one model batch
     ray_anomalyfleet_reloads_total{line, result}
+    ray_anomalyfleet_line_threshold{line}               the decision threshold in force
 
 Label values come from the registry, never from the URL: an unknown line is recorded as
 `_unknown`, so a client cannot grow the series without bound.
@@ -26,8 +27,10 @@ BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
 class GatewayMetrics:
     def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Histogram
+        from ray.serve.metrics import Counter, Gauge, Histogram
 
+        self.threshold = Gauge("anomalyfleet_line_threshold", description="Decision threshold in force, by line.",
+                               tag_keys=("line",))
         self.requests = Counter("anomalyfleet_requests", description="Scoring requests by line, endpoint and HTTP status.",
                                 tag_keys=("line", "endpoint", "code"))
         self.errors = Counter("anomalyfleet_errors", description="Refused or failed requests by line and kind.",
@@ -53,6 +56,10 @@ class GatewayMetrics:
         self.scores.observe(score, tags={"line": line})
         if anomalous:
             self.anomalies.inc(1, tags={"line": line})
+
+    def thresholds(self, lines: dict) -> None:
+        for name, state in lines.items():
+            self.threshold.set(float(state.threshold), tags={"line": name})
 
     def reload(self, line: str, ok: bool) -> None:
         self.reloads.inc(1, tags={"line": line, "result": "ok" if ok else "failed"})

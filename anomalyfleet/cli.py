@@ -9,29 +9,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from anomalyfleet.cli_types import layer_list as _layers
+from anomalyfleet.cli_types import positive_int as _positive_int
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
 
 DEFAULT_DETECTOR = "default"
-
-
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers, got {text!r}") from exc
-    if not values:
-        raise argparse.ArgumentTypeError("at least one layer is needed")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def default_detector_path() -> Path:

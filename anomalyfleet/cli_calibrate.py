@@ -7,35 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from anomalyfleet.cli_types import in_range, positive_int
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"a false-alarm rate must be in [0, 1), got {value}")
-    return value
-
-
-def _recall(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a target recall must be in (0, 1], got {value}")
-    return value
-
-
-def _batch(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_rate = in_range(0.0, 1.0, "a false-alarm rate", high_open=True)
+_recall = in_range(0.0, 1.0, "a target recall", low_open=True)
+_batch = positive_int
 
 
 def report_paths(out: str | Path, report: str | None) -> tuple[Path, Path]:

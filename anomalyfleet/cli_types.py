@@ -1,0 +1,45 @@
+"""Argument types shared by every command line entry point (argparse `type=` callables)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("at least one layer is needed")
+    return values
+
+
+def in_range(low: float, high: float, what: str, low_open: bool = False, high_open: bool = False):
+    """A float type accepting [low, high], with either end open."""
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        ok_low = value > low if low_open else value >= low
+        ok_high = value < high if high_open else value <= high
+        if not (ok_low and ok_high):
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{what} must be in {span}, got {value}")
+        return value
+
+    return parse

@@ -47,12 +47,13 @@ def _split_list(value: str | None) -> list[str] | None:
 class _Options:
     """Spec options, checked against what the reader knows so typos are errors, not silence."""
 
-    def __init__(self, kind: str, raw: dict[str, str], known: set[str]):
+    def __init__(self, kind: str, raw: dict[str, str], known: set[str], name: str | None = None):
         unknown = sorted(set(raw) - known)
         if unknown:
             raise DataError(f"unknown option(s) {', '.join(unknown)} for {kind}: (known: {', '.join(sorted(known)) or 'none'})")
         self.kind = kind
         self.raw = raw
+        self.name = name  # the dataset's own name when its local root does not carry it (a cache mirror)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.raw.get(key, default)
@@ -178,7 +179,7 @@ def read_magnetic_tile(root: Path, options: _Options) -> list[Sample]:
 
 
 def read_folder(root: Path, options: _Options) -> list[Sample]:
-    category = options.get("category") or root.name
+    category = options.get("category") or options.name or root.name
     normal_dir, anomaly_dir, mask_dir = root / "normal", root / "anomaly", root / "masks"
     if not normal_dir.is_dir() and not anomaly_dir.is_dir():
         raise DataError(f"{root}: expected normal/ and/or anomaly/ image folders (optional masks/<stem>.png)")
@@ -199,7 +200,7 @@ def read_library(root: Path, options: _Options) -> list[Sample]:
     manifest = root / "manifest.jsonl"
     if not manifest.is_file():
         raise DataError(f"{root}: not a defect library (no manifest.jsonl)")
-    category = options.get("category") or root.name
+    category = options.get("category") or options.name or root.name
     wanted = _split_list(options.get("defects"))
     samples = []
     with open(manifest) as handle:
@@ -236,7 +237,9 @@ def parse_data_spec(spec: str) -> list[Sample]:
         raise DataError(f"unknown data kind {kind!r} in {spec!r} (kinds: {', '.join(KNOWN_KINDS)})")
     path, _, query = rest.partition("?")
     reader, known = READERS[kind]
-    options = _Options(kind, dict(parse_qsl(query, keep_blank_values=True)), known)
+    remote = "://" in path and not path.startswith("file://")
+    options = _Options(kind, dict(parse_qsl(query, keep_blank_values=True)), known,
+                       name=path.rstrip("/").rsplit("/", 1)[-1] if remote else None)
     samples = reader(_existing_dir(path), options)
     if not samples:
         raise DataError(f"{spec}: no images selected")

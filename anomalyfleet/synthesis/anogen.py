@@ -156,7 +156,8 @@ def save_embedding(path: str | Path, placeholder: str, vector: torch.Tensor, met
 
 
 def load_embedding(path: str | Path) -> tuple[str, torch.Tensor, dict]:
-    path = Path(resolve_pipeline_source(path))
+    source = str(path)
+    path = Path(resolve_pipeline_source(source))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -165,7 +166,13 @@ def load_embedding(path: str | Path) -> tuple[str, torch.Tensor, dict]:
         raise ConfigError(f"{path}: expected one {{token: vector}} entry")
     (placeholder, vector), = state.items()
     sidecar = path.with_name(path.name + ".json")
-    metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if "://" in source and not source.startswith("file://"):
+        from anomalyfleet import storage
+
+        remote = source + ".json"
+        metadata = json.loads(storage.read_bytes(remote)) if storage.exists(remote) else {}
+    else:
+        metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     return placeholder, vector.reshape(-1), metadata
 
 
@@ -535,16 +542,21 @@ class AnoGenGenerator:
 def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = None, progress: bool = True) -> dict[str, str]:
     """Learn the embeddings a recipe's AnoGen types need (those with `support`), where the library
     job would put them; used by `anomalyfleet synth learn --recipe`."""
-    from anomalyfleet.synthesis.library import load_recipe, local_output
+    from anomalyfleet import storage
+    from anomalyfleet.synthesis.library import learn_library_embedding, load_recipe, output_root
 
     recipe = load_recipe(recipe_path)
-    root = local_output(recipe.output)
+    root = output_root(recipe.output)
     wanted = set(defects or [])
     out = {}
     for d in recipe.defects:
         if d.generator != "anogen" or not d.support or (wanted and d.name not in wanted):
             continue
-        target = Path(d.embedding) if d.embedding else root / "embeddings" / f"{d.name}.pt"
+        if storage.is_remote(root) and not d.embedding:
+            # Into the library in object storage, where the library job looks for it.
+            out[d.name] = learn_library_embedding(recipe, root, d, progress)
+            continue
+        target = Path(d.embedding) if d.embedding else Path(root) / "embeddings" / f"{d.name}.pt"
         config = LearnConfig.from_dict({"seed": recipe.seed, **d.learn})
         learn_embedding(d.pipeline, d.support, target, config, checkpoint_dir=target.parent / f".{d.name}-checkpoints",
                         progress=progress, defect_name=d.name)

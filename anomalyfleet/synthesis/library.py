@@ -4,17 +4,24 @@ Layout of a library (every path in a manifest row is relative to the library roo
 the `library:` data reader expects):
 
     recipe.json                the recipe and its fingerprint; a re-run must match it
-    shards/<type>-<NNNNN>/     one finished shard, renamed into place in one step
+    shards/<type>-<NNNNN>/     one finished shard
         images/<type>-<NNNNNN>.png, masks/<type>-<NNNNNN>.png
         manifest.jsonl         one row per sample (image, mask, label, defect type, source image,
                                generator and settings, seed, region, sha256 of image and mask)
         shard.json             generator versions and timing
+        manifest.json          size and SHA-256 of every file of the shard (storage.put_tree format)
     manifest.jsonl             all shards' rows in plan order, written once every shard is done
     card.json, card.md         recipe, counts per type, generator versions
     contact-sheet.png          a grid of samples with their masks outlined
 
+The output is a local directory or an s3:// prefix. Locally a shard is built in shards/.tmp-* and
+renamed into place in one step, so a shard directory with manifest.jsonl is finished. In object
+storage a shard is built in a local temporary directory and uploaded with storage.put_tree, its
+manifest.json last, so a shard is finished once shards/<id>/manifest.json exists; objects of a
+shard whose upload was cut off are overwritten by the re-run (keys are fixed by the plan).
+
 A shard is planned from the recipe alone (type, indices, normal image, seed per sample), so every
-run of one recipe plans the same shards and a re-run only does those not yet in shards/.
+run of one recipe plans the same shards and a re-run only does those not yet finished.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -38,8 +46,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import anomalyfleet
+from anomalyfleet import storage
 from anomalyfleet.errors import ConfigError, DataError
-from anomalyfleet.manifest import atomic_write_bytes, default_mode, file_sha256
+from anomalyfleet.manifest import MANIFEST_NAME, default_mode, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
 SHARDS = "shards"
@@ -280,7 +289,8 @@ class ShardWriter:
     def __init__(self, recipe: Recipe, root: str | Path, embeddings: dict[str, str] | None = None,
                  device: str = "auto"):
         self.recipe = recipe
-        self.root = Path(root)
+        self.root = output_root(str(root))
+        self.remote = storage.is_remote(self.root)
         self.embeddings = embeddings or {}
         self.device = device
         self.defects = {d.name: d for d in recipe.defects}
@@ -292,48 +302,15 @@ class ShardWriter:
         return self._generators[defect]
 
     def write(self, shard: ShardPlan) -> dict:
-        final = self.root / SHARDS / shard.shard_id
-        if (final / "manifest.jsonl").is_file():
+        if shard_finished(self.root, shard.shard_id):
             return {"shard": shard.shard_id, "images": len(shard.items), "skipped": True}
-        started = time.perf_counter()
-        defect = self.defects[shard.defect]
-        generator = self.generator(shard.defect)
-        region = defect.region_spec()
-        tmp = self.root / SHARDS / f".tmp-{shard.shard_id}-{uuid.uuid4().hex[:8]}"
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
-        rows = []
+        if self.remote:
+            return self._write_remote(shard)
+        root = Path(self.root)
+        final = root / SHARDS / shard.shard_id
+        tmp = root / SHARDS / f".tmp-{shard.shard_id}-{uuid.uuid4().hex[:8]}"
         try:
-            for item in shard.items:
-                image = _load_rgb(item.normal, self.recipe.image_size)
-                foreground = None
-                if self.recipe.foreground == "auto" and region is not None and region.inside_foreground:
-                    from anomalyfleet.synthesis.regions import estimate_foreground
-
-                    foreground = estimate_foreground(image)
-                result = generator.generate(image, item.seed, region, foreground)
-                image_rel = f"images/{item.name}.png"
-                mask_rel = f"masks/{item.name}.png"
-                image_bytes = _png_bytes(result.image)
-                mask_bytes = _png_bytes(result.mask.astype(np.uint8) * 255)
-                (tmp / image_rel).write_bytes(image_bytes)
-                (tmp / mask_rel).write_bytes(mask_bytes)
-                prefix = f"{SHARDS}/{shard.shard_id}/"
-                rows.append({
-                    "image": prefix + image_rel, "mask": prefix + mask_rel, "label": 1,
-                    "defect_type": shard.defect, "index": item.index, "shard": shard.shard_id,
-                    "source_image": item.normal, "generator": generator.name, "settings": generator.settings(),
-                    "seed": item.seed, "region": result.region.to_dict(), "details": result.details,
-                    "size": [int(result.image.shape[0]), int(result.image.shape[1])],
-                    "sha256": {"image": hashlib.sha256(image_bytes).hexdigest(),
-                               "mask": hashlib.sha256(mask_bytes).hexdigest()},
-                })
-            info = {"shard": shard.shard_id, "defect_type": shard.defect, "images": len(rows),
-                    "generator": generator.name, "versions": generator_versions(generator),
-                    "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename}
-            (tmp / "shard.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-            # The manifest goes in last: a shard directory without one is never mistaken for finished.
-            (tmp / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            info = self._build(shard, tmp)
             for d in (tmp, tmp / "images", tmp / "masks"):
                 os.chmod(d, default_mode(directory=True))
             try:
@@ -347,6 +324,59 @@ class ShardWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return {**info, "skipped": False}
+
+    def _write_remote(self, shard: ShardPlan) -> dict:
+        """Build the shard in a local temporary directory, then upload it, its manifest.json last."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"anomalyfleet-shard-{shard.shard_id}-"))
+        try:
+            info = self._build(shard, tmp / "shard")
+            storage.put_tree(tmp / "shard", storage.join(self.root, SHARDS, shard.shard_id))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {**info, "skipped": False}
+
+    def _build(self, shard: ShardPlan, tmp: Path) -> dict:
+        """Make the shard's files in `tmp` (which must not exist yet); returns shard.json's content."""
+        started = time.perf_counter()
+        defect = self.defects[shard.defect]
+        generator = self.generator(shard.defect)
+        region = defect.region_spec()
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        rows = []
+        for item in shard.items:
+            image = _load_rgb(item.normal, self.recipe.image_size)
+            foreground = None
+            if self.recipe.foreground == "auto" and region is not None and region.inside_foreground:
+                from anomalyfleet.synthesis.regions import estimate_foreground
+
+                foreground = estimate_foreground(image)
+            result = generator.generate(image, item.seed, region, foreground)
+            image_rel = f"images/{item.name}.png"
+            mask_rel = f"masks/{item.name}.png"
+            image_bytes = _png_bytes(result.image)
+            mask_bytes = _png_bytes(result.mask.astype(np.uint8) * 255)
+            (tmp / image_rel).write_bytes(image_bytes)
+            (tmp / mask_rel).write_bytes(mask_bytes)
+            prefix = f"{SHARDS}/{shard.shard_id}/"
+            rows.append({
+                "image": prefix + image_rel, "mask": prefix + mask_rel, "label": 1,
+                "defect_type": shard.defect, "index": item.index, "shard": shard.shard_id,
+                "source_image": item.normal, "generator": generator.name, "settings": generator.settings(),
+                "seed": item.seed, "region": result.region.to_dict(), "details": result.details,
+                "size": [int(result.image.shape[0]), int(result.image.shape[1])],
+                "sha256": {"image": hashlib.sha256(image_bytes).hexdigest(),
+                           "mask": hashlib.sha256(mask_bytes).hexdigest()},
+            })
+        info = {"shard": shard.shard_id, "defect_type": shard.defect, "images": len(rows),
+                "generator": generator.name, "versions": generator_versions(generator),
+                "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename}
+        (tmp / "shard.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        (tmp / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        # Sizes and checksums of every file: put_tree uploads it last (the finished mark in
+        # object storage) and a downloaded shard can be verified against it.
+        write_manifest(tmp)
+        return info
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -365,48 +395,106 @@ class LibraryResult:
         return asdict(self)
 
 
+def output_root(uri: str) -> str:
+    """The library root as storage sees it: an absolute local path, or an s3:// prefix (no trailing /)."""
+    if storage.is_remote(uri):
+        return uri.rstrip("/")
+    return str(storage.parse(uri).path)
+
+
 def local_output(uri: str) -> Path:
-    """Libraries are written to a local (or mounted) directory; object storage comes through the
-    storage layer (issue 4), which decides how a shard becomes visible atomically there."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" in uri:
-        raise ConfigError(f"{uri}: library output to object storage needs the storage layer, not wired yet; "
-                          "write to a local directory and copy it")
-    return Path(uri).expanduser()
+    """A local library root; object-storage outputs go through `output_root` and the storage layer."""
+    if storage.is_remote(uri):
+        raise ConfigError(f"{uri}: a local directory is needed here (object-storage libraries are written "
+                          "by synthesize_library through the storage layer)")
+    return Path(output_root(uri))
 
 
-def finished_shards(root: Path) -> set[str]:
-    directory = root / SHARDS
+def shard_finished(root: str | Path, shard_id: str) -> bool:
+    root = str(root)
+    if storage.is_remote(root):
+        return storage.exists(storage.join(root, SHARDS, shard_id, MANIFEST_NAME))
+    return (Path(root) / SHARDS / shard_id / "manifest.jsonl").is_file()
+
+
+def finished_shards(root: str | Path) -> set[str]:
+    root = str(root)
+    if storage.is_remote(root):
+        # One listing, not a request per shard: a shard is finished once its manifest.json is there.
+        base = storage.join(root, SHARDS) + "/"
+        done = set()
+        for info in storage.list_objects(storage.join(root, SHARDS)):
+            shard_id, _, rest = info.uri[len(base):].partition("/")
+            if rest == MANIFEST_NAME and not shard_id.startswith("."):
+                done.add(shard_id)
+        return done
+    directory = Path(root) / SHARDS
     if not directory.is_dir():
         return set()
     return {p.name for p in directory.iterdir() if not p.name.startswith(".") and (p / "manifest.jsonl").is_file()}
 
 
-def _check_recipe(root: Path, recipe: Recipe, fingerprint: str) -> None:
-    path = root / "recipe.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
+def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
+    """recipe.json goes in before any shard, so a killed run can be resumed and a different recipe
+    is refused instead of mixed in."""
+    path = storage.join(root, "recipe.json")
+    if storage.exists(path):
+        previous = json.loads(storage.read_bytes(path))
         if previous.get("fingerprint") != fingerprint:
             raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
                               "use a new output directory")
         return
     if finished_shards(root):
         raise ConfigError(f"{root} holds shards but no recipe.json; refusing to mix libraries")
-    atomic_write_bytes(path, json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1,
-                                        sort_keys=True).encode())
+    storage.write_bytes(path, json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1,
+                                         sort_keys=True).encode())
 
 
-def _clean_partials(root: Path) -> None:
-    """Left-overs of killed workers: temporary shard directories, never read, safe to delete."""
-    directory = root / SHARDS
+def _clean_partials(root: str) -> None:
+    """Left-overs of killed workers: temporary shard directories, never read, safe to delete. (In
+    object storage there are none: an unfinished shard's objects are overwritten when it is redone.)"""
+    if storage.is_remote(root):
+        return
+    directory = Path(root) / SHARDS
     if directory.is_dir():
         for p in directory.iterdir():
             if p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _learn_missing_embeddings(recipe: Recipe, root: Path, progress: bool) -> dict[str, str]:
+def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, progress: bool) -> str:
+    """Learn one AnoGen type's embedding into <root>/embeddings/<name>.pt, resumable; returns where it is.
+
+    For an object-storage root it is learned in the node's cache (checkpoints included, so a killed
+    run resumes there) and uploaded, the sidecar first and the .pt, which marks it done, last.
+    """
+    from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
+
+    config = LearnConfig.from_dict({"seed": recipe.seed, **defect.learn})
+    name = f"{defect.name}.pt"
+    if not storage.is_remote(root):
+        target = Path(root) / "embeddings" / name
+        if not target.is_file():
+            learn_embedding(defect.pipeline, defect.support, target, config=config,
+                            checkpoint_dir=target.parent / f".{defect.name}-checkpoints", progress=progress,
+                            defect_name=defect.name)
+        return str(target)
+    uri = storage.join(root, "embeddings", name)
+    if storage.exists(uri):
+        return uri
+    work = storage.cache_dir("synthesis") / hashlib.sha256(root.encode()).hexdigest()[:16] / "embeddings"
+    local = work / name
+    if not local.is_file():
+        learn_embedding(defect.pipeline, defect.support, local, config=config,
+                        checkpoint_dir=work / f".{defect.name}-checkpoints", progress=progress, defect_name=defect.name)
+    sidecar = local.with_name(name + ".json")
+    if sidecar.is_file():
+        storage.upload_file(sidecar, uri + ".json")
+    storage.upload_file(local, uri)
+    return uri
+
+
+def _learn_missing_embeddings(recipe: Recipe, root: str, progress: bool) -> dict[str, str]:
     """AnoGen types given support examples but no embedding: learn it once, into the library, resumable."""
     embeddings = {}
     for defect in recipe.defects:
@@ -414,23 +502,18 @@ def _learn_missing_embeddings(recipe: Recipe, root: Path, progress: bool) -> dic
             continue
         if not defect.support:
             raise ConfigError(f"defect {defect.name}: anogen needs `embedding` or `support` examples")
-        from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
-
-        target = root / "embeddings" / f"{defect.name}.pt"
-        if not target.is_file():
-            config = LearnConfig.from_dict({"seed": recipe.seed, **defect.learn})
-            learn_embedding(defect.pipeline, defect.support, target, config=config,
-                            checkpoint_dir=root / "embeddings" / f".{defect.name}-checkpoints", progress=progress,
-                            defect_name=defect.name)
-        embeddings[defect.name] = str(target)
+        embeddings[defect.name] = learn_library_embedding(recipe, root, defect, progress)
     return embeddings
 
 
 def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | None = None) -> LibraryResult:
-    """Make (or finish) the library a recipe describes. Shards already present are skipped."""
+    """Make (or finish) the library a recipe describes. Shards already present are skipped.
+
+    The output is a local directory or an s3:// prefix (through the storage layer)."""
     started = time.perf_counter()
-    root = local_output(recipe.output)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_root(recipe.output)
+    if not storage.is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
     normals = resolve_normals(recipe.normal)
     plan = plan_shards(recipe, normals)
     _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
@@ -448,7 +531,7 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) unfinished: {', '.join(missing[:5])}")
     counts = write_library_files(root, recipe, plan)
-    return LibraryResult(str(root), sum(counts.values()), len(plan), len(pending), counts,
+    return LibraryResult(root, sum(counts.values()), len(plan), len(pending), counts,
                          round(time.perf_counter() - started, 3))
 
 
@@ -486,6 +569,10 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retri
         ray.init(address=recipe.ray.address, include_dashboard=False, log_to_driver=False)
     Worker = ray.remote(_ShardActor)
     options = _actor_resources(recipe)
+    env = storage.storage_env()
+    if env:
+        # Actors reach the same object store (output, s3:// pipelines) as this process.
+        options["runtime_env"] = {"env_vars": env}
     count = max(1, min(actors, len(pending)))
     recipe_json = recipe.model_dump(mode="json")
 
@@ -552,34 +639,44 @@ class _ShardActor:
 # --- the finished library ------------------------------------------------------------------------
 
 
-def read_rows(root: Path, shard_ids: list[str]) -> list[dict]:
+def _read_many(uris: list[str]) -> list[bytes]:
+    """Objects in order; fetched in parallel (one request each in object storage)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(storage.read_bytes, uris))
+
+
+def read_rows(root: str | Path, shard_ids: list[str]) -> list[dict]:
     rows = []
-    for shard_id in shard_ids:
-        with open(root / SHARDS / shard_id / "manifest.jsonl") as handle:
-            rows += [json.loads(line) for line in handle if line.strip()]
+    for raw in _read_many([storage.join(str(root), SHARDS, i, "manifest.jsonl") for i in shard_ids]):
+        rows += [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
     return rows
 
 
-def write_library_files(root: Path, recipe: Recipe, plan: list[ShardPlan]) -> dict[str, int]:
-    """manifest.jsonl, the card and the contact sheet, from the finished shards."""
+def write_library_files(root: str | Path, recipe: Recipe, plan: list[ShardPlan]) -> dict[str, int]:
+    """manifest.jsonl, the card and the contact sheet, from the finished shards. The manifest, which
+    makes the root readable as `library:`, goes last."""
+    root = str(root)
     ids = [s.shard_id for s in plan]
     rows = read_rows(root, ids)
-    atomic_write_bytes(root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
     counts = {d.name: 0 for d in recipe.defects}
     for row in rows:
         counts[row["defect_type"]] += 1
     versions: dict[str, dict] = {}
-    for shard_id in ids:
-        info = json.loads((root / SHARDS / shard_id / "shard.json").read_text())
+    for raw in _read_many([storage.join(root, SHARDS, i, "shard.json") for i in ids]):
+        info = json.loads(raw)
         versions.setdefault(info["generator"], info["versions"])
     card = {
         "name": recipe.name, "images": len(rows), "counts": counts, "generators": versions,
         "python": sys.version.split()[0], "recipe": recipe.content(), "output": recipe.output,
-        "manifest_sha256": file_sha256(root / "manifest.jsonl"), "contact_sheet": "contact-sheet.png",
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "contact_sheet": "contact-sheet.png",
     }
-    atomic_write_bytes(root / "card.json", json.dumps(card, indent=1, sort_keys=True).encode())
-    atomic_write_bytes(root / "card.md", _card_markdown(card, recipe).encode())
-    atomic_write_bytes(root / "contact-sheet.png", _png_bytes(contact_sheet(root, rows)))
+    storage.write_bytes(storage.join(root, "card.json"), json.dumps(card, indent=1, sort_keys=True).encode())
+    storage.write_bytes(storage.join(root, "card.md"), _card_markdown(card, recipe).encode())
+    storage.write_bytes(storage.join(root, "contact-sheet.png"), _png_bytes(contact_sheet(root, rows)))
+    storage.write_bytes(storage.join(root, "manifest.jsonl"), manifest)
     return counts
 
 
@@ -601,7 +698,7 @@ def _card_markdown(card: dict, recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def contact_sheet(root: Path, rows: list[dict], per_type: int = 6, tile: int = 128) -> np.ndarray:
+def contact_sheet(root: str | Path, rows: list[dict], per_type: int = 6, tile: int = 128) -> np.ndarray:
     """Up to `per_type` samples of each type side by side, the mask outline drawn in red, one row per type."""
     from scipy import ndimage
 
@@ -620,9 +717,10 @@ def contact_sheet(root: Path, rows: list[dict], per_type: int = 6, tile: int = 1
         # Spread the picks over the type so the sheet shows its variety, not its first shard.
         picks = np.linspace(0, len(items) - 1, min(per_type, len(items))).round().astype(int)
         for c, i in enumerate(picks):
-            with Image.open(root / items[i]["image"]) as handle:
+            image_raw, mask_raw = _read_many([storage.join(str(root), items[i][k]) for k in ("image", "mask")])
+            with Image.open(io.BytesIO(image_raw)) as handle:
                 image = np.asarray(handle.convert("RGB").resize((tile, tile), Image.BILINEAR)).copy()
-            with Image.open(root / items[i]["mask"]) as handle:
+            with Image.open(io.BytesIO(mask_raw)) as handle:
                 mask = np.asarray(handle.convert("L").resize((tile, tile), Image.NEAREST)) > 127
             edge = mask & ~ndimage.binary_erosion(mask)
             image[edge] = (255, 0, 0)

@@ -81,6 +81,10 @@ def cmd_train(args) -> int:
     from anomalyfleet.prompts import PromptConfig
     from anomalyfleet.training import TrainConfig, train_prompts
 
+    if args.workers:
+        from anomalyfleet.distributed.cli_args import run_from_args
+
+        return run_from_args(args)  # Ray Train, data-parallel over the workers
     samples = parse_data_specs(args.data)
     spec = parse_backbone(args.backbone)
     config = TrainConfig(
@@ -208,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-deep-prompts", action="store_true", help="skip the reference's float16 rounding of deep prompts")
     _add_override_options(p)
     _add_runtime_options(p)
+    from anomalyfleet.distributed.cli_args import add_distributed_train_arguments
+
+    add_distributed_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="score images: JSONL of scores, .npy maps and overlay PNGs")

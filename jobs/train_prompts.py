@@ -1,0 +1,38 @@
+"""Distributed AnomalyCLIP prompt learning as a Ray job.
+
+    python -m jobs.train_prompts --data folder:/data/widgets --backbone ViT-L-14-336 \
+        --workers 2 --gpus-per-worker 1 --output /bundles/widgets
+
+On a cluster: `ray job submit --working-dir . -- python -m jobs.train_prompts ...`. Re-running the
+same command after a failure resumes from the last epoch checkpoint under --storage-path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from anomalyfleet.distributed.cli_args import add_distributed_train_arguments, run_from_args
+from anomalyfleet.errors import AnomalyFleetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train_prompts", description=__doc__.splitlines()[0])
+    add_distributed_train_arguments(parser, standalone=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except AnomalyFleetError as exc:
+        print(f"train_prompts: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_prompts: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,6 @@ import numpy as np
 from anomalyfleet import storage
 from anomalyfleet.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 COLUMNS = ("line", "image", "score", "threshold", "anomalous", "map_uri", "detector_version", "width", "height")
 
 
@@ -107,19 +106,15 @@ def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None)
 
 
 def list_line_images(uri: str) -> list[str]:
-    if storage.is_remote(uri):
-        found = [o.uri for o in storage.list_objects(uri) if o.uri.lower().endswith(IMAGE_SUFFIXES)]
-    else:
-        root = storage.parse(uri).path
-        if root.is_file():
-            found = [str(root)]
-        elif root.is_dir():
-            found = [str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            raise DataError(f"no such image directory: {uri}")
+    """Image URIs under a prefix (listed, not fetched: actors read each image themselves)."""
+    from anomalyfleet.scoring import IMAGE_SUFFIXES, list_images
+
+    if not storage.is_remote(uri):
+        return [str(p) for p in list_images(uri)]
+    found = sorted(o.uri for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in IMAGE_SUFFIXES)
     if not found:
         raise DataError(f"no images (png, jpg, bmp, tif) under {uri}")
-    return sorted(found)
+    return found
 
 
 def plan_shards(config: BulkScoreConfig) -> list[Shard]:
@@ -132,14 +127,12 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
 
 
 def _read_image(uri: str):
-    from PIL import Image, UnidentifiedImageError
+    """The decoded RGB image, or None when it is corrupt, empty or not an image (a row error)."""
+    from anomalyfleet.data.transforms import load_image
 
     try:
-        data = storage.read_bytes(uri)
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return load_image(io.BytesIO(storage.read_bytes(uri)))
+    except DataError:
         return None
 
 
@@ -147,8 +140,6 @@ class ShardScorer:
     """One actor: detectors loaded once per bundle, shards scored in batches, parts written atomically."""
 
     def __init__(self, output: str, batch_size: int, write_maps: bool, device: str):
-        import torch
-
         from anomalyfleet.device import select_device
 
         self.output = output
@@ -156,15 +147,15 @@ class ShardScorer:
         self.write_maps = write_maps
         self.device = select_device(device)
         self.detectors = {}
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
 
     def _detector(self, bundle: str):
-        from anomalyfleet.bundle import load_bundle, read_bundle_metadata
+        from anomalyfleet.bundle import load_bundle
         from anomalyfleet.serving.registry import manifest_version
 
         if bundle not in self.detectors:
-            meta = read_bundle_metadata(bundle)
-            self.detectors[bundle] = (load_bundle(bundle, device=self.device), manifest_version(meta["_local_dir"]))
+            # load_bundle verifies the manifest; the version is the digest of that same manifest.
+            detector = load_bundle(bundle, device=self.device)
+            self.detectors[bundle] = (detector, manifest_version(storage.cached_tree(bundle)))
         return self.detectors[bundle]
 
     def score_shard(self, shard: Shard) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from anomalyfleet import __version__
+from anomalyfleet import __version__, storage
 from anomalyfleet.backbones import BackboneSpec, VisionBackbone, create_backbone
 from anomalyfleet.detector import Detector, DetectorSettings, make_prompts, prompt_kind
 from anomalyfleet.errors import BundleError
@@ -68,14 +68,12 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
     An s3:// target is written locally first and uploaded with its manifest last; for versioned,
     immutable publication use `anomalyfleet.storage.BundleRegistry`.
     """
-    if "://" in str(path) and not str(path).startswith("file://"):
-        from anomalyfleet import storage
-
+    if storage.is_remote(path):
         with tempfile.TemporaryDirectory(prefix="anomalyfleet-bundle-") as tmp:
             local = save_bundle(detector, Path(tmp) / "bundle", training)
             storage.put_tree(local, str(path))
         return str(path)
-    path = Path(str(path)[len("file://"):] if str(path).startswith("file://") else path)
+    path = storage.parse(path).path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(staging, default_mode(directory=True))
@@ -99,11 +97,9 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
 
 
 def _local_bundle_dir(path: str) -> Path:
-    if "://" in path and not path.startswith("file://"):
-        from anomalyfleet import storage
-
-        return Path(storage.cached_tree(path))
-    local = Path(path[len("file://") :] if path.startswith("file://") else path)
+    if storage.is_remote(path):
+        return storage.cached_tree(path)
+    local = storage.parse(path).path
     if not local.exists():
         raise BundleError(f"detector bundle not found: {path}")
     if not local.is_dir():
@@ -196,11 +192,7 @@ def import_reference_checkpoint(
     The checkpoint's token buffers are used as they are, exactly as the reference's test script
     loads them, so scores match the reference even if they were made with another tokenizer build.
     """
-    if "://" in str(checkpoint) and not str(checkpoint).startswith("file://"):
-        from anomalyfleet import storage
-
-        checkpoint = storage.local_path_for(str(checkpoint))
-    checkpoint = Path(str(checkpoint).removeprefix("file://"))
+    checkpoint = storage.local_path_for(str(checkpoint)) if storage.is_remote(checkpoint) else storage.parse(checkpoint).path
     if not checkpoint.is_file():
         raise BundleError(f"checkpoint not found: {checkpoint}")
     try:
@@ -233,8 +225,6 @@ def import_reference_checkpoint(
 def export_reference_checkpoint(detector: Detector, path: str | Path) -> Path:
     if not isinstance(detector.prompts, AnomalyCLIPPromptLearner):
         raise BundleError("only text prompts (CLIP backbones) can be exported to the reference format")
-    from anomalyfleet import storage
-
     state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"prompt_learner": state}, buffer)

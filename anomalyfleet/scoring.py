@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,11 +15,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from anomalyfleet import storage
 from anomalyfleet.data import AnomalyDataset, Sample
 from anomalyfleet.data.transforms import load_image
 from anomalyfleet.detector import Detector, Prediction
 from anomalyfleet.errors import DataError
-from anomalyfleet.manifest import atomic_write_bytes
+from anomalyfleet.manifest import atomic_write_bytes, write_manifest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -28,11 +30,9 @@ def list_images(path: str | Path) -> list[Path]:
 
     An s3:// object or prefix is fetched into the node's read-through cache first.
     """
-    if "://" in str(path) and not str(path).startswith("file://"):
-        from anomalyfleet import storage
-
+    if storage.is_remote(path):
         path = storage.local_path_for(str(path)) if storage.exists(str(path)) else storage.cached_prefix(str(path))
-    path = Path(str(path).removeprefix("file://"))
+    path = storage.parse(path).path
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -116,18 +116,13 @@ def score_images(
     that points to maps that are not there. An s3:// `out_dir` gets the same files, uploaded with
     a manifest last once all are written.
     """
-    if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
-        import tempfile
-
-        from anomalyfleet import storage
-        from anomalyfleet.manifest import write_manifest
-
+    if storage.is_remote(out_dir):
         with tempfile.TemporaryDirectory(prefix="anomalyfleet-scores-") as tmp:
             local = score_images(detector, images, tmp, batch_size, write_maps, write_overlays, progress)
             write_manifest(local.parent)
             storage.put_tree(local.parent, str(out_dir))
         return storage.join(str(out_dir), "scores.jsonl")
-    out_dir = Path(str(out_dir).removeprefix("file://"))
+    out_dir = storage.parse(out_dir).path
     samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
     names = _unique_names(images)
     threshold = detector.thresholds.get("image")

@@ -117,11 +117,9 @@ def default_settings(spec: BackboneSpec, num_layers: int, patch_size: int = 14) 
 
 def _resolve_local(path: str) -> str:
     """Weights may live in object storage; fetch them to the local cache first."""
-    if "://" in path and not path.startswith("file://"):
-        from anomalyfleet import storage
+    from anomalyfleet import storage
 
-        return str(storage.local_path_for(path))
-    return path[len("file://") :] if path.startswith("file://") else path
+    return str(storage.local_path_for(path)) if storage.is_remote(path) else path.removeprefix("file://")
 
 
 def create_backbone(spec: BackboneSpec, image_size: int | None = None) -> VisionBackbone:

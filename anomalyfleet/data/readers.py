@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from anomalyfleet import storage
 from anomalyfleet.data.samples import Sample
 from anomalyfleet.errors import DataError
 
@@ -27,12 +28,10 @@ def _images_in(directory: Path) -> list[Path]:
 
 
 def _existing_dir(path: str) -> Path:
-    if "://" in path and not path.startswith("file://"):
+    if storage.is_remote(path):
         # A dataset in object storage is mirrored once per node into the read-through cache.
-        from anomalyfleet import storage
-
         return storage.cached_prefix(path)
-    root = Path(path.removeprefix("file://")).expanduser()
+    root = storage.parse(path).path
     if not root.exists():
         raise DataError(f"data path not found: {path}")
     if not root.is_dir():
@@ -237,9 +236,8 @@ def parse_data_spec(spec: str) -> list[Sample]:
         raise DataError(f"unknown data kind {kind!r} in {spec!r} (kinds: {', '.join(KNOWN_KINDS)})")
     path, _, query = rest.partition("?")
     reader, known = READERS[kind]
-    remote = "://" in path and not path.startswith("file://")
     options = _Options(kind, dict(parse_qsl(query, keep_blank_values=True)), known,
-                       name=path.rstrip("/").rsplit("/", 1)[-1] if remote else None)
+                       name=storage.basename(path) if storage.is_remote(path) else None)
     samples = reader(_existing_dir(path), options)
     if not samples:
         raise DataError(f"{spec}: no images selected")

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from anomalyfleet import storage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
 from anomalyfleet.serving.auth import TokenGrant
 
@@ -154,31 +155,20 @@ class RegistrySnapshot:
 
 def local_path(uri: str) -> Path | None:
     """The local path behind a plain path or file:// URI; None for remote schemes."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if "://" in uri:
-        return None
-    return Path(uri).expanduser()
+    return None if storage.is_remote(uri) else storage.parse(uri).path
 
 
 def read_uri_bytes(uri: str) -> bytes:
-    """Storage hook for registries: local here, anything else through `anomalyfleet.storage`."""
+    """A registry's bytes; a missing or unreadable local file is a configuration error."""
     path = local_path(uri)
-    if path is not None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError as exc:
-            raise ConfigError(f"line registry not found: {uri}") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot read line registry {uri}: {exc.strerror or exc}") from exc
+    if path is None:
+        return storage.read_bytes(uri)
     try:
-        from anomalyfleet import storage
-    except ImportError as exc:
-        raise ConfigError(f"{uri}: non-local registries need anomalyfleet.storage, which is not installed") from exc
-    reader = getattr(storage, "read_bytes", None)
-    if reader is None:
-        raise ConfigError(f"{uri}: anomalyfleet.storage has no read_bytes(uri)")
-    return reader(uri)
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"line registry not found: {uri}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read line registry {uri}: {exc.strerror or exc}") from exc
 
 
 def _stat_signature(path: Path) -> tuple | None:
@@ -198,7 +188,7 @@ def source_signature(uri: str | None) -> tuple | None:
 
 
 def resolve_bundle_uri(bundle: str, registry_uri: str | None) -> str:
-    if "://" in bundle and not bundle.startswith("file://"):
+    if storage.is_remote(bundle):
         return bundle
     path = local_path(bundle)
     assert path is not None

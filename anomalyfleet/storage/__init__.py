@@ -23,7 +23,7 @@ from anomalyfleet.storage.core import (
 from anomalyfleet.storage.options import S3Options, storage_env
 from anomalyfleet.storage.registry import BundleRegistry, VersionInfo
 from anomalyfleet.storage.trees import cached_prefix, cached_tree, get_tree, local_path_for, put_tree, read_remote_manifest
-from anomalyfleet.storage.types import ObjectInfo
+from anomalyfleet.storage.types import ObjectInfo, ObjectNotFound
 from anomalyfleet.storage.uri import Location, basename, is_remote, join, parse
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "cached_prefix",
     "Location",
     "ObjectInfo",
+    "ObjectNotFound",
     "S3Options",
     "basename",
     "cache_dir",

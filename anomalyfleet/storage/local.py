@@ -10,15 +10,15 @@ from typing import BinaryIO, Iterator
 
 from anomalyfleet.errors import StorageError
 from anomalyfleet.manifest import atomic_write_bytes, default_mode
-from anomalyfleet.storage.types import ObjectInfo
+from anomalyfleet.storage.types import ObjectInfo, ObjectNotFound
 from anomalyfleet.storage.uri import Location
 
 
 CHUNK = 8 * 1024 * 1024
 
 
-def _missing(loc: Location) -> StorageError:
-    return StorageError(f"not found: {loc}")
+def _missing(loc: Location) -> ObjectNotFound:
+    return ObjectNotFound(f"not found: {loc}")
 
 
 def _os_error(loc: Location, exc: OSError, action: str) -> StorageError:
@@ -79,7 +79,7 @@ class LocalBackend:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except FileNotFoundError:
-            raise StorageError(f"not found: {source}") from None
+            raise ObjectNotFound(f"not found: {source}") from None
         except OSError as exc:
             raise StorageError(f"cannot copy to {label}: {exc.strerror or exc}") from None
 

@@ -17,6 +17,7 @@ from anomalyfleet.errors import StorageError
 from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, verify_manifest
 from anomalyfleet.storage import core
 from anomalyfleet.storage.options import S3Options
+from anomalyfleet.storage.types import ObjectNotFound
 from anomalyfleet.storage.trees import cached_tree, get_tree, put_tree, read_remote_manifest
 from anomalyfleet.storage.uri import is_remote, join
 
@@ -84,10 +85,12 @@ class BundleRegistry:
 
     def latest(self, name: str) -> str | None:
         pointer = join(self._name_uri(name), LATEST)
-        if not core.exists(pointer, self.options):
+        try:
+            raw = core.read_bytes(pointer, self.options)
+        except ObjectNotFound:
             return None
         try:
-            return json.loads(core.read_bytes(pointer, self.options))["version"]
+            return json.loads(raw)["version"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise StorageError(f"{pointer}: corrupt latest pointer") from None
 

@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 from anomalyfleet.errors import StorageError
 from anomalyfleet.manifest import default_mode
 from anomalyfleet.storage.options import S3Options
-from anomalyfleet.storage.types import ObjectInfo
+from anomalyfleet.storage.types import ObjectInfo, ObjectNotFound
 from anomalyfleet.storage.uri import Location
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -81,7 +81,7 @@ def _translate(exc: BaseException, uri: str, options: S3Options) -> StorageError
         code = str(error.get("Code", ""))
         message = error.get("Message") or code
         if code in _NOT_FOUND:
-            return StorageError(f"not found: {uri}")
+            return ObjectNotFound(f"not found: {uri}")
         if code == "NoSuchBucket":
             bucket = uri[len("s3://"):].split("/", 1)[0]
             return StorageError(f"{uri}: bucket {bucket!r} does not exist")
@@ -153,7 +153,7 @@ class S3Backend:
 
     def upload_file(self, source: Path, loc: Location, progress=None) -> None:
         if not Path(source).is_file():
-            raise StorageError(f"not found: {source}")
+            raise ObjectNotFound(f"not found: {source}")
         with self._errors(loc):
             self.client.upload_file(str(source), loc.bucket, loc.key, Config=self._transfer_config(), Callback=progress)
 
@@ -172,20 +172,12 @@ class S3Backend:
             raise
 
     def exists(self, loc: Location) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self.client.head_object(Bucket=loc.bucket, Key=loc.key)
+            with self._errors(loc):
+                self.client.head_object(Bucket=loc.bucket, Key=loc.key)
             return True
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND:
-                return False
-            raise _translate(exc, str(loc), self.options) from None
-        except Exception as exc:
-            translated = _translate(exc, str(loc), self.options)
-            if translated is None:
-                raise
-            raise translated from None
+        except ObjectNotFound:
+            return False
 
     def stat(self, loc: Location) -> ObjectInfo:
         with self._errors(loc):
@@ -207,16 +199,3 @@ class S3Backend:
     def copy(self, src: Location, dst: Location) -> None:
         with self._errors(dst):
             self.client.copy({"Bucket": src.bucket, "Key": src.key}, dst.bucket, dst.key, Config=self._transfer_config())
-
-    def ensure_bucket(self, bucket: str) -> None:
-        loc = Location("s3", bucket, "")
-        with self._errors(loc):
-            try:
-                self.client.head_bucket(Bucket=bucket)
-            except Exception as exc:
-                from botocore.exceptions import ClientError
-
-                if isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
-                    self.client.create_bucket(Bucket=bucket)
-                else:
-                    raise

@@ -13,12 +13,14 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from anomalyfleet.errors import StorageError
 from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, default_mode, file_sha256, verify_manifest
 from anomalyfleet.storage import core
 from anomalyfleet.storage.cache import cache_dir, locked
 from anomalyfleet.storage.options import S3Options
+from anomalyfleet.storage.types import ObjectNotFound
 from anomalyfleet.storage.uri import is_remote, join, parse
 
 TRANSFER_THREADS = 8
@@ -40,35 +42,56 @@ def put_tree(local_dir: str | Path, uri: str, options: S3Options | None = None) 
         target = parse(uri).path
         if target.exists():
             raise StorageError(f"{uri} already exists")
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=_mkparent(target)))
-        try:
-            os.chmod(staging, default_mode(directory=True))
+
+        def copy_all(staging: Path) -> None:
             for rel in [*files, MANIFEST_NAME]:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(local / rel, staging / rel)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+        _build_then_rename(target, copy_all)
         return
     with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
         list(pool.map(lambda rel: core.upload_file(local / rel, join(uri, rel), options), files))
     core.upload_file(local / MANIFEST_NAME, join(uri, MANIFEST_NAME), options)
 
 
-def _mkparent(target: Path) -> Path:
+def _build_then_rename(target: Path, fill: Callable[[Path], None]) -> Path:
+    """`fill` a temporary directory beside `target`, then rename it there: all or nothing."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return target.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(staging, default_mode(directory=True))
+        fill(staging)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _cached_directory(kind: str, key: str, marker: str, fill: Callable[[Path], None]) -> Path:
+    """`cache/<kind>/<key>`, filled once per node; an entry is complete when it holds `marker`.
+
+    Processes asking at once take the lock in turn, and the later ones find the entry complete.
+    """
+    root = cache_dir(kind)
+    final = root / key
+    if (final / marker).is_file():
+        return final
+    with locked(root / f"{key}.lock"):
+        if (final / marker).is_file():
+            return final
+        if final.exists():  # left by a crash before the entry was complete
+            shutil.rmtree(final)
+        return _build_then_rename(final, fill)
 
 
 def read_remote_manifest(uri: str, options: S3Options | None = None) -> tuple[bytes, dict]:
     manifest_uri = join(uri, MANIFEST_NAME)
     try:
         raw = core.read_bytes(manifest_uri, options)
-    except StorageError as exc:
-        if str(exc).startswith("not found"):
-            raise StorageError(f"{uri}: no {MANIFEST_NAME} (not published, incomplete, or not an anomalyfleet artefact)") from None
-        raise
+    except ObjectNotFound:
+        raise StorageError(f"{uri}: no {MANIFEST_NAME} (not published, incomplete, or not an anomalyfleet artefact)") from None
     try:
         return raw, json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -96,15 +119,7 @@ def get_tree(uri: str, local_dir: str | Path, options: S3Options | None = None) 
     if target.exists():
         raise StorageError(f"{target} already exists")
     raw, manifest = read_remote_manifest(uri, options)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=_mkparent(target)))
-    try:
-        os.chmod(staging, default_mode(directory=True))
-        _download_verified(uri, manifest.get("files", {}), raw, staging, options)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return _build_then_rename(target, lambda staging: _download_verified(uri, manifest.get("files", {}), raw, staging, options))
 
 
 def cached_tree(uri: str, options: S3Options | None = None) -> Path:
@@ -116,24 +131,8 @@ def cached_tree(uri: str, options: S3Options | None = None) -> Path:
     if not is_remote(uri):
         return parse(uri).path
     raw, manifest = read_remote_manifest(uri, options)
-    key = hashlib.sha256(raw).hexdigest()
-    root = cache_dir("trees")
-    final = root / key
-    if (final / MANIFEST_NAME).is_file():
-        return final
-    with locked(root / f"{key}.lock"):
-        if (final / MANIFEST_NAME).is_file():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
-        try:
-            _download_verified(uri, manifest.get("files", {}), raw, staging, options)
-            if final.exists():  # a leftover from a crash between rename and manifest check
-                shutil.rmtree(final)
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final
+    return _cached_directory("trees", hashlib.sha256(raw).hexdigest(), MANIFEST_NAME,
+                             lambda staging: _download_verified(uri, manifest.get("files", {}), raw, staging, options))
 
 
 def local_path_for(uri: str, options: S3Options | None = None, sha256: str | None = None) -> Path:
@@ -143,7 +142,7 @@ def local_path_for(uri: str, options: S3Options | None = None, sha256: str | Non
     if not is_remote(uri):
         path = parse(uri).path
         if not path.exists():
-            raise StorageError(f"not found: {uri}")
+            raise ObjectNotFound(f"not found: {uri}")
         return path
     info = core.stat(uri, options)
     key = sha256 or hashlib.sha256(f"{uri}\0{info.etag}\0{info.size}".encode()).hexdigest()
@@ -156,9 +155,10 @@ def local_path_for(uri: str, options: S3Options | None = None, sha256: str | Non
             return final
         staging = root / key / f".{final.name}.part"
         core.download_file(uri, staging, options)
-        if staging.stat().st_size != info.size:
+        size = staging.stat().st_size
+        if size != info.size:
             staging.unlink(missing_ok=True)
-            raise StorageError(f"{uri}: downloaded {staging.stat().st_size} bytes, expected {info.size}")
+            raise StorageError(f"{uri}: downloaded {size} bytes, expected {info.size}")
         if sha256 and file_sha256(staging) != sha256:
             staging.unlink(missing_ok=True)
             raise StorageError(f"{uri}: checksum differs from the expected {sha256[:12]}")
@@ -179,27 +179,13 @@ def cached_prefix(uri: str, options: S3Options | None = None) -> Path:
     if not objects:
         raise StorageError(f"nothing under {uri} (empty prefix or wrong path)")
     listing = "\n".join(f"{o.uri}\0{o.size}\0{o.etag}" for o in objects)
-    key = hashlib.sha256(listing.encode()).hexdigest()
-    root = cache_dir("prefixes")
-    final = root / key
-    if (final / ".complete").is_file():
-        return final
-    with locked(root / f"{key}.lock"):
-        if (final / ".complete").is_file():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
-        try:
-            def fetch(info) -> None:
-                rel = info.uri[len(base):]
-                core.download_file(info.uri, staging / rel, options)
 
-            with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-                list(pool.map(fetch, objects))
-            (staging / ".complete").write_text(uri)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final
+    def fetch_all(staging: Path) -> None:
+        def fetch(info) -> None:
+            core.download_file(info.uri, staging / info.uri[len(base):], options)
+
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+            list(pool.map(fetch, objects))
+        (staging / ".complete").write_text(uri)
+
+    return _cached_directory("prefixes", hashlib.sha256(listing.encode()).hexdigest(), ".complete", fetch_all)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from anomalyfleet.errors import StorageError
+
+
+class ObjectNotFound(StorageError):
+    """The object (or file) a URI names does not exist."""
+
 
 @dataclass(frozen=True)
 class ObjectInfo:

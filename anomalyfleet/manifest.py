@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from anomalyfleet.errors import AnomalyFleetError
 
@@ -36,21 +37,28 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see all or nothing."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(handle)` into a temporary file beside `path`, then rename: readers see all or nothing.
+
+    Streaming writers (torch.save, np.save) go straight to disk without an in-memory copy.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, default_mode())
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def build_manifest(root: str | Path) -> dict:

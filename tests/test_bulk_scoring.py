@@ -16,22 +16,12 @@ import numpy as np
 import pytest
 
 from anomalyfleet import storage
-from anomalyfleet.backbones import BackboneSpec
-from anomalyfleet.bundle import save_bundle
 from anomalyfleet.cli import main
-from anomalyfleet.detector import Detector
 from tests.image_sets import write_folder_dataset
+from tests.ray_serve_helpers import make_bundle
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _bundle(clip_file: Path, path: Path, seed: int, threshold: float | None) -> Path:
-    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(clip_file)),
-                               image_size=56, layers=(6,), dpam_layers=4, seed=seed)
-    if threshold is not None:
-        detector.thresholds["image"] = threshold
-    return save_bundle(detector, path)
 
 
 def _cli_scores(bundle: Path, images: Path, out: Path) -> dict[str, float]:
@@ -62,8 +52,8 @@ def ray_local():
 def test_two_lines_from_s3_match_the_cli(ray_local, s3_env, tmp_path, openai_clip_file):
     data_a = write_folder_dataset(tmp_path / "a", normals=3, anomalies=3, size=48, seed=1)
     data_b = write_folder_dataset(tmp_path / "b", normals=2, anomalies=3, size=48, seed=2)
-    bundle_a = _bundle(openai_clip_file, tmp_path / "bundle-a", seed=1, threshold=None)
-    bundle_b = _bundle(openai_clip_file, tmp_path / "bundle-b", seed=2, threshold=0.5)
+    bundle_a = make_bundle(openai_clip_file, tmp_path / "bundle-a", seed=1, threshold=None)
+    bundle_b = make_bundle(openai_clip_file, tmp_path / "bundle-b", seed=2, threshold=0.5)
     root = s3_env.uri(f"bulk-{time.time_ns()}")
     for line, data in (("line-a", data_a), ("line-b", data_b)):
         for path in sorted(data.rglob("*.png")):
@@ -116,7 +106,7 @@ def test_killed_job_resumes_without_gaps_or_repeats(tmp_path, openai_clip_file):
     for path in sorted(data.rglob("*.png")):
         if path.parent.name in ("normal", "anomaly"):
             (images / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
-    bundle = _bundle(openai_clip_file, tmp_path / "bundle", seed=4, threshold=0.5)
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=4, threshold=0.5)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.bulk_score", "--detector", str(bundle), "--input", f"line={images}",
                "--out", str(out), "--shard-size", "1", "--quiet", "--device", "cpu", "--no-maps"]

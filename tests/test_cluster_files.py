@@ -17,6 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.dashboard_exprs import substitute, targets, variables_used
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 PROMETHEUS_DIR = CLUSTER / "prometheus"
@@ -45,16 +47,6 @@ def _load_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _exprs(board: dict):
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            yield panel, target
-
-
-def _variables_used(text: str) -> set[str]:
-    return {a or b for a, b in re.findall(r"\$\{(\w+)\}|\$([A-Za-z_]\w*)", text)}
 
 
 def _selectors(expr: str) -> list[tuple[str, str]]:
@@ -104,7 +96,7 @@ def test_dashboard_structure(path):
         assert var["type"] == "query" and var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert var["query"]["query"] == var["definition"]
         assert re.fullmatch(r"label_values\(.+, \w+\)", var["definition"]), var["definition"]
-        assert _variables_used(var["definition"]) <= set(names[1:i]), var["name"]
+        assert variables_used(var["definition"]) <= set(names[1:i]), var["name"]
     panels = [p for p in board["panels"] if p["type"] != "row"]
     assert len(panels) >= 6
     ids = [p["id"] for p in board["panels"]]
@@ -127,7 +119,7 @@ def test_dashboard_structure(path):
         assert len(refs) == len(set(refs)), title
         for target in panel["targets"]:
             assert target["datasource"] == panel["datasource"] and target["expr"].strip(), title
-            used = _variables_used(target["expr"]) - GRAFANA_BUILTINS
+            used = variables_used(target["expr"]) - GRAFANA_BUILTINS
             assert used <= set(names), f"{title}: undefined variables {used - set(names)}"
             for metric, matchers in _selectors(target["expr"]):
                 assert 'cluster=~"$cluster"' in matchers, f"{title}: {metric} not filtered by cluster"
@@ -137,7 +129,7 @@ def test_dashboards_read_only_series_that_exist():
     known = _app_metric_names() | _recorded_names() | PENDING_METRICS
     for path in DASHBOARDS:
         board = json.loads(path.read_text())
-        for panel, target in _exprs(board):
+        for panel, target in targets(board):
             for metric, _ in _selectors(target["expr"]):
                 if metric.startswith("ray_anomalyfleet_") or ":" in metric:
                     assert metric in known, f"{path.name} / {panel['title']}: unknown series {metric}"
@@ -156,10 +148,9 @@ def test_every_panel_query_parses(tmp_path):
               "__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
     rules = []
     for path in DASHBOARDS:
-        for i, (panel, target) in enumerate(_exprs(json.loads(path.read_text()))):
-            expr = re.sub(r"\$\{(\w+)\}|\$([A-Za-z_]\w*)",
-                          lambda m: values.get(m.group(1) or m.group(2), m.group(0)), target["expr"])
-            rules.append({"record": f"panel:{path.stem.replace('-', '_')}:{i}", "expr": expr})
+        for i, (_, target) in enumerate(targets(json.loads(path.read_text()))):
+            rules.append({"record": f"panel:{path.stem.replace('-', '_')}:{i}",
+                          "expr": substitute(target["expr"], values)})
     (tmp_path / "panels.yml").write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
     out = subprocess.run([promtool, "check", "rules", str(tmp_path / "panels.yml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -226,10 +217,14 @@ def _ray_schema() -> dict:
     return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
+def _launcher() -> dict:
+    return yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+
+
 def test_ray_cluster_yaml_matches_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+    config = _launcher()
     jsonschema.validate(config, _ray_schema())
     # What `ray up` does before touching a cloud: fill defaults, merge commands, validate again.
     validate_config(prepare_config(copy.deepcopy(config)))
@@ -255,7 +250,7 @@ def test_ray_cluster_yaml_matches_rays_schema():
 
 def test_ray_schema_rejects_a_broken_launcher_config():
     schema = _ray_schema()
-    config = yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+    config = _launcher()
     for mutate in (lambda c: c.pop("provider"),
                    lambda c: c["available_node_types"]["gpu_worker"].update(min_worker=1),
                    lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=0.5),
@@ -298,6 +293,11 @@ def _cluster_spec(doc: dict) -> dict:
             "RayService": lambda: doc["spec"]["rayClusterConfig"]}[doc["kind"]]()
 
 
+def _gpu_groups(cluster_spec: dict) -> list[dict]:
+    return [g for g in cluster_spec["workerGroupSpecs"]
+            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+
+
 def test_crd_copies_are_documented():
     readme = (CRDS / "README.md").read_text()
     assert "ray-project/kuberay" in readme and "v1.7.0" in readme
@@ -329,7 +329,7 @@ def test_crd_schemas_reject_broken_manifests():
 def test_kuberay_manifests_agree_with_the_launcher_config():
     import ray
 
-    launcher = yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+    launcher = _launcher()
     launcher_gpu_max = max(t["max_workers"] for t in launcher["available_node_types"].values()
                            if t["resources"].get("GPU", 0) > 0)
     for name in MANIFESTS:
@@ -343,8 +343,7 @@ def test_kuberay_manifests_agree_with_the_launcher_config():
             containers = group["template"]["spec"]["containers"]
             ports = {p["name"]: p["containerPort"] for p in containers[0]["ports"]}
             assert ports.get("metrics") == int(METRICS_PORT), name
-        gpu_groups = [g for g in spec["workerGroupSpecs"]
-                      if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        gpu_groups = _gpu_groups(spec)
         assert gpu_groups and all(g["maxReplicas"] <= launcher_gpu_max for g in gpu_groups), name
     assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 0}
 
@@ -369,10 +368,8 @@ def test_rayjob_entrypoints_parse_with_the_jobs_own_arguments():
     from jobs.train_prompts import build_parser
 
     args = build_parser().parse_args(train_argv)
-    workers = [g for g in train["rayClusterSpec"]["workerGroupSpecs"]
-               if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     # Ray Train's workers fit the GPU group the job brings up.
-    assert args.workers * args.gpus_per_worker <= sum(g["maxReplicas"] for g in workers)
+    assert args.workers * args.gpus_per_worker <= sum(g["maxReplicas"] for g in _gpu_groups(train["rayClusterSpec"]))
     assert args.storage_path and args.out
 
 
@@ -380,8 +377,7 @@ def test_rayservice_serve_config_is_a_valid_serve_config():
     from ray.serve.schema import ServeDeploySchema
 
     service = _manifest("rayservice.yaml")["spec"]
-    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["serveConfigV2"])) \
-        if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(yaml.safe_load(service["serveConfigV2"]))
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["serveConfigV2"]))
     (app,) = serve_config.applications
     assert app.import_path == "serving.app:app"
     assert serve_config.http_options.host == "0.0.0.0"  # reachable from the Kubernetes Service

@@ -11,16 +11,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.dashboard_exprs import substitute, targets
 from tests.image_sets import write_folder_dataset
+from tests.ray_serve_helpers import local_serve, make_bundle
+from tests.s3server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,24 +46,6 @@ MAY_BE_ABSENT = {
 }
 # What Grafana would put in for its built-in interval variables at a 1 s scrape interval.
 BUILTINS = {"__rate_interval": "20s", "__interval": "2s", "__range": "5m"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _make_bundle(clip_file: Path, path: Path, seed: int, threshold: float | None) -> Path:
-    from anomalyfleet.backbones import BackboneSpec
-    from anomalyfleet.bundle import save_bundle
-    from anomalyfleet.detector import Detector
-
-    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(clip_file)),
-                               image_size=56, layers=(6,), dpam_layers=4, seed=seed)
-    if threshold is not None:
-        detector.thresholds["image"] = threshold
-    return save_bundle(detector, path)
 
 
 def _job(stop_file: str, name: str) -> None:
@@ -98,21 +84,46 @@ class Prom:
         return sorted({s[label] for s in r.json()["data"] if label in s})
 
 
+@contextmanager
+def _prometheus(binary: str, work: Path, session_dir: Path, port: int) -> Iterator[tuple[Prom, subprocess.Popen]]:
+    """Prometheus from the repository's config: same scrape job, relabelling and rules; only the
+    intervals are shortened and the discovery file is this Ray session's."""
+    cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    cfg["global"].update({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"})
+    cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg["rule_files"]]
+    (scrape,) = cfg["scrape_configs"]
+    scrape["file_sd_configs"] = [{"files": [str(session_dir / "prom_metrics_service_discovery.json")],
+                                  "refresh_interval": "2s"}]
+    work.mkdir()
+    (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    with open(work / "prometheus.log", "w") as log:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield Prom(f"http://127.0.0.1:{port}"), proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, openai_clip_file):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus not installed (Debian: apt-get install -y --no-install-recommends prometheus)")
     import ray
-    from ray import serve
 
-    from anomalyfleet.serving.app import build_app
     from anomalyfleet.serving.config import ServiceConfig
 
     root = tmp_path_factory.mktemp("monitoring")
     data = write_folder_dataset(root / "parts", normals=2, anomalies=2)
-    _make_bundle(openai_clip_file, root / "bundles" / "a", seed=1, threshold=0.99)
-    _make_bundle(openai_clip_file, root / "bundles" / "b", seed=2, threshold=None)
+    make_bundle(openai_clip_file, root / "bundles" / "a", seed=1, threshold=0.99)
+    make_bundle(openai_clip_file, root / "bundles" / "b", seed=2, threshold=None)
     registry = root / "registry.yaml"
     # line-b's threshold makes every image anomalous, so both decisions have series.
     registry.write_text("version: 1\nlines:\n  line-a: {bundle: bundles/a}\n  line-b: {bundle: bundles/b, threshold: 0.01}\n")
@@ -122,24 +133,13 @@ def stack(tmp_path_factory, openai_clip_file):
         max_batch_size=4, batch_wait_timeout_s=0.02,
         tokens=[{"name": "qa", "token": TOKEN, "lines": ["*"], "admin": True}],
     )
-    http_port, metrics_port, dashboard_port, prom_port = (_free_port() for _ in range(4))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # The dashboard stays on: its process writes the service-discovery file Prometheus reads.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000}, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
+    http_port, metrics_port, dashboard_port, prom_port = (free_port() for _ in range(4))
     stop_file = root / "stop-job"
-    prom_proc = None
-    prom_log = None
     load_stop = threading.Event()
-    try:
+    # The dashboard stays on: its process writes the service-discovery file Prometheus reads.
+    with local_serve(config, http_port, metrics_port, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=dashboard_port) as base:
         session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(config), name="anomalyfleet", route_prefix="/")
-        base = f"http://127.0.0.1:{http_port}"
-
-        job_ref = ray.remote(num_cpus=0.1)(_job).remote(str(stop_file), JOB_NAME)
         images = sorted(data.glob("*/*.png"))
 
         def load() -> None:
@@ -159,79 +159,45 @@ def stack(tmp_path_factory, openai_clip_file):
                 i += 1
                 time.sleep(0.05)
 
-        loaders = [threading.Thread(target=load, daemon=True) for _ in range(2)]
-        for thread in loaders:
-            thread.start()
+        try:
+            job_ref = ray.remote(num_cpus=0.1)(_job).remote(str(stop_file), JOB_NAME)
+            for _ in range(2):
+                threading.Thread(target=load, daemon=True).start()
+            with _prometheus(prometheus, root / "prometheus", session_dir, prom_port) as (prom, prom_proc):
+                prom_log = root / "prometheus" / "prometheus.log"
+                # A republished bundle makes the gateway reload line-b (reload series).
+                time.sleep(3)
+                make_bundle(openai_clip_file, root / "bundles" / "b", seed=3, threshold=None)
 
-        # Prometheus from the repository's config: same scrape job, relabelling and rules; only the
-        # intervals are shortened and the discovery file is this Ray session's.
-        cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-        cfg["global"].update({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"})
-        cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg["rule_files"]]
-        (scrape,) = cfg["scrape_configs"]
-        scrape["file_sd_configs"] = [{"files": [str(session_dir / "prom_metrics_service_discovery.json")],
-                                      "refresh_interval": "2s"}]
-        prom_dir = root / "prometheus"
-        prom_dir.mkdir()
-        (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-        prom_log = open(prom_dir / "prometheus.log", "w")
-        prom_proc = subprocess.Popen(
-            [prometheus, f"--config.file={prom_dir / 'prometheus.yml'}", f"--storage.tsdb.path={prom_dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--web.enable-lifecycle"],
-            stdout=prom_log, stderr=subprocess.STDOUT)
-        prom = Prom(f"http://127.0.0.1:{prom_port}")
-
-        # A republished bundle makes the gateway reload line-b (reload series).
-        time.sleep(3)
-        _make_bundle(openai_clip_file, root / "bundles" / "b", seed=3, threshold=None)
-
-        wanted = {
-            "up", "ray_node_cpu_utilization", "ray_serve_deployment_queued_queries",
-            "ray_anomalyfleet_requests_total", "ray_anomalyfleet_errors_total", "ray_anomalyfleet_anomalies_total",
-            "ray_anomalyfleet_score_bucket", "ray_anomalyfleet_batch_size_bucket", "ray_anomalyfleet_reloads_total",
-            "ray_anomalyfleet_job_images_total", "ray_anomalyfleet_job_eta_seconds", "ray_anomalyfleet_train_loss",
-            "ray_anomalyfleet_feature_stage_progress_ratio", "line:anomalyfleet_anomaly_ratio:baseline1d",
-            "deployment:ray_serve_capacity_headroom:ratio",
-        }
-        deadline = time.time() + 120
-        names: set[str] = set()
-        while time.time() < deadline:
-            assert prom_proc.poll() is None, (prom_dir / "prometheus.log").read_text()[-3000:]
-            try:
-                names = prom.names()
-            except requests.RequestException:
-                names = set()
-            if wanted <= names:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"series never reached Prometheus: {sorted(wanted - names)}\n"
-                        + (prom_dir / "prometheus.log").read_text()[-3000:])
-        time.sleep(12)  # a few more scrapes under load, so every rate window holds several samples
-        yield {"prom": prom, "base": base, "session_dir": session_dir, "metrics_port": metrics_port}
-        stop_file.touch()
-        ray.get(job_ref, timeout=30)
-    finally:
-        load_stop.set()
-        stop_file.touch()
-        if prom_proc is not None:
-            prom_proc.terminate()
-            try:
-                prom_proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                prom_proc.kill()
-        if prom_log is not None:
-            prom_log.close()
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _substitute(expr: str, values: dict[str, str]) -> str:
-    def repl(match: re.Match) -> str:
-        name = match.group(1) or match.group(2)
-        return values[name] if name in values else match.group(0)
-
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, expr)
+                wanted = {
+                    "up", "ray_node_cpu_utilization", "ray_serve_deployment_queued_queries",
+                    "ray_anomalyfleet_requests_total", "ray_anomalyfleet_errors_total", "ray_anomalyfleet_anomalies_total",
+                    "ray_anomalyfleet_score_bucket", "ray_anomalyfleet_batch_size_bucket", "ray_anomalyfleet_reloads_total",
+                    "ray_anomalyfleet_job_images_total", "ray_anomalyfleet_job_eta_seconds", "ray_anomalyfleet_train_loss",
+                    "ray_anomalyfleet_feature_stage_progress_ratio", "line:anomalyfleet_anomaly_ratio:baseline1d",
+                    "deployment:ray_serve_capacity_headroom:ratio",
+                }
+                deadline = time.time() + 120
+                names: set[str] = set()
+                while time.time() < deadline:
+                    assert prom_proc.poll() is None, prom_log.read_text()[-3000:]
+                    try:
+                        names = prom.names()
+                    except requests.RequestException:
+                        names = set()
+                    if wanted <= names:
+                        break
+                    time.sleep(1)
+                else:
+                    pytest.fail(f"series never reached Prometheus: {sorted(wanted - names)}\n"
+                                + prom_log.read_text()[-3000:])
+                time.sleep(12)  # a few more scrapes under load, so every rate window holds several samples
+                yield {"prom": prom, "base": base, "session_dir": session_dir, "metrics_port": metrics_port}
+                stop_file.touch()
+                ray.get(job_ref, timeout=30)
+        finally:
+            load_stop.set()
+            stop_file.touch()
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -248,7 +214,7 @@ def _resolve_variables(prom: Prom, board: dict) -> dict[str, str]:
     for var in board["templating"]["list"]:
         if var["type"] == "datasource":
             continue
-        query = _substitute(var["query"]["query"], values)
+        query = substitute(var["query"]["query"], values)
         match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
         assert match, f"{board['uid']}: variable {var['name']}: unsupported query {query}"
         found = prom.label_values(match.group(1), match.group(2))
@@ -283,17 +249,16 @@ def test_every_panel_query_returns_series(stack, dashboard):
     values = _resolve_variables(prom, board)
     present = prom.names()
     empty, checked = [], 0
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            expr = _substitute(target["expr"], values)
-            assert "$" not in expr.replace("$1", ""), f"unresolved variable in {panel['title']}: {expr}"
-            result = prom.query(expr)["result"]
-            checked += 1
-            if result:
-                continue
-            absent_ok = [m for m in _metric_names(expr) if m in MAY_BE_ABSENT and m not in present]
-            if not absent_ok:
-                empty.append(f"{panel['title']} [{target['refId']}]: {expr}")
+    for panel, target in targets(board):
+        expr = substitute(target["expr"], values)
+        assert "$" not in expr.replace("$1", ""), f"unresolved variable in {panel['title']}: {expr}"
+        result = prom.query(expr)["result"]
+        checked += 1
+        if result:
+            continue
+        absent_ok = [m for m in _metric_names(expr) if m in MAY_BE_ABSENT and m not in present]
+        if not absent_ok:
+            empty.append(f"{panel['title']} [{target['refId']}]: {expr}")
     assert checked >= len([p for p in board["panels"] if p["type"] != "row"])
     assert not empty, "panel queries without series:\n" + "\n".join(empty)
 

@@ -25,15 +25,6 @@ CJ = 'cluster=~"$cluster", job=~"$job"'
 RI = "$__rate_interval"
 
 
-def _variables(extra: list[dict]) -> list[dict]:
-    datasource = {
-        "name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-        "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
-    }
-    cluster = _query_var("cluster", "Cluster", 'label_values(up{job="ray"}, cluster)', multi=False)
-    return [datasource, cluster, *extra]
-
-
 def _query_var(name: str, label: str, query: str, multi: bool = True) -> dict:
     return {
         "name": name, "label": label, "type": "query", "datasource": DS,
@@ -103,11 +94,23 @@ class Board:
         }
 
 
+def _board(slug: str, title: str, description: str, tag: str, by: str, series: str) -> Board:
+    """A board filtered on the cluster and on one more label, `by` (line or job), offering the values of
+    `by` that `series` carries in the chosen cluster."""
+    datasource = {
+        "name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+        "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
+    }
+    cluster = _query_var("cluster", "Cluster", 'label_values(up{job="ray"}, cluster)', multi=False)
+    narrow = _query_var(by, by.capitalize(), f"label_values({series}{{{C}}}, {by})")
+    return Board(f"anomalyfleet-{slug}", f"anomalyfleet / {title}", description, [datasource, cluster, narrow],
+                 ["anomalyfleet", tag])
+
+
 def fleet_capacity() -> Board:
-    line = _query_var("line", "Line", f"label_values(ray_anomalyfleet_requests_total{{{C}}}, line)")
-    b = Board("anomalyfleet-fleet-capacity", "anomalyfleet / Fleet capacity",
-              "Is the scoring service keeping up with every line, and when will it need more replicas or GPUs.",
-              _variables([line]), ["anomalyfleet", "capacity"])
+    b = _board("fleet-capacity", "Fleet capacity",
+               "Is the scoring service keeping up with every line, and when will it need more replicas or GPUs.",
+               "capacity", "line", "ray_anomalyfleet_requests_total")
     b.row("Traffic and latency")
     b.panel("Requests per second by line",
             "Scoring requests the gateway answered, per line (all status codes).",
@@ -188,10 +191,9 @@ def fleet_capacity() -> Board:
 
 
 def line_quality() -> Board:
-    line = _query_var("line", "Line", f"label_values(ray_anomalyfleet_score_count{{{C}}}, line)")
-    b = Board("anomalyfleet-line-quality", "anomalyfleet / Line quality",
-              "Per production line: how many images are anomalous, how scores are distributed, which detector answers.",
-              _variables([line]), ["anomalyfleet", "quality"])
+    b = _board("line-quality", "Line quality",
+               "Per production line: how many images are anomalous, how scores are distributed, which detector answers.",
+               "quality", "line", "ray_anomalyfleet_score_count")
     ratio = (f"(sum by (line) (rate(ray_anomalyfleet_anomalies_total{{{CL}}}[{RI}])) "
              f"or sum by (line) (rate(ray_anomalyfleet_score_count{{{CL}}}[{RI}])) * 0) "
              f"/ sum by (line) (rate(ray_anomalyfleet_score_count{{{CL}}}[{RI}]))")
@@ -244,10 +246,9 @@ def line_quality() -> Board:
 
 
 def jobs() -> Board:
-    job = _query_var("job", "Job", f"label_values(ray_anomalyfleet_job_progress_ratio{{{C}}}, job)")
-    b = Board("anomalyfleet-jobs", "anomalyfleet / Jobs",
-              "Synthesis, prompt training and feature-cache jobs as they report through anomalyfleet.job_metrics.",
-              _variables([job]), ["anomalyfleet", "jobs"])
+    b = _board("jobs", "Jobs",
+               "Synthesis, prompt training and feature-cache jobs as they report through anomalyfleet.job_metrics.",
+               "jobs", "job", "ray_anomalyfleet_job_progress_ratio")
     b.row("Progress")
     b.panel("Progress by job", "Fraction of each job's work done.",
             [(f"max by (job, kind) (ray_anomalyfleet_job_progress_ratio{{{CJ}}})", "{{job}} ({{kind}})")],

@@ -8,19 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from anomalyfleet.errors import AnomalyFleetError
+from anomalyfleet.cli import run
 from anomalyfleet.synthesis.cli_args import add_synthesize_arguments, cmd_synthesize
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.synthesize_library", description=__doc__.splitlines()[0])
     add_synthesize_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_synthesize(args)
-    except AnomalyFleetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run(parser, argv, cmd_synthesize)
 
 
 if __name__ == "__main__":

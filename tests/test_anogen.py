@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,11 +103,11 @@ def test_learn_resume_and_embedding_file(pipeline, support, embedding, tmp_path)
     assert torch.allclose(load_embedding(resumed)[1], vector, atol=1e-6)
 
     # The file is diffusers' textual-inversion format: a stock pipeline loads it.
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     c = load_components(pipeline)
     pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=__import__("diffusers").DDIMScheduler.from_config(c.scheduler_config),
+                                   scheduler=DDIMScheduler.from_config(c.scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.load_textual_inversion(str(embedding))
     token = pipe.tokenizer.convert_tokens_to_ids("<crack>")
@@ -153,3 +155,21 @@ def test_inpainting_unet(tmp_path, support):
     assert gen.components.inpainting
     out = gen.generate(support[0][0], 3)
     assert out.image.shape == (32, 32, 3) and out.mask.any()
+
+
+def test_pipeline_and_embedding_from_object_storage(pipeline, embedding, s3_env):
+    """An s3:// pipeline is a prefix of subfolders (mirrored whole); an s3:// embedding one object
+    whose sidecar is read beside it."""
+    from anomalyfleet import storage
+
+    base = s3_env.uri(f"anogen/{time.time_ns()}")
+    for path in Path(pipeline).rglob("*"):
+        if path.is_file():
+            storage.upload_file(path, storage.join(base, "sd", path.relative_to(pipeline).as_posix()))
+    for name in (embedding.name, embedding.name + ".json"):
+        storage.upload_file(embedding.with_name(name), storage.join(base, name))
+    gen = AnoGenGenerator.load(storage.join(base, "sd"), storage.join(base, embedding.name), {"steps": 2},
+                               device="cpu")
+    placeholder, vector, meta = load_embedding(embedding)
+    assert gen.placeholder == placeholder and gen.metadata == meta
+    assert torch.equal(gen.components.text_encoder.get_input_embeddings().weight[gen.token_id], vector)

@@ -48,6 +48,35 @@ def rows(root):
     return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
 
 
+def run_job_and_kill(tmp_path, data, ray_cluster, env: dict, timeout: float, poll: float) -> set[str]:
+    """Run the library job in a subprocess and SIGKILL it once 3 shards are finished; returns them."""
+    out = data["output"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    job = subprocess.Popen([sys.executable, "-m", "jobs.synthesize_library", str(path), "--quiet",
+                            "--ray-address", ray_cluster], cwd=REPO,
+                           env={**os.environ, **env, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)},
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and len(finished_shards(out)) < 3 and job.poll() is None:
+            time.sleep(poll)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(30)
+    before = finished_shards(out)
+    assert before, job.stderr.read().decode()[-2000:]
+    assert len(before) < 60, "the job finished before it could be killed"
+    return before
+
+
+def assert_every_planned_image_once(names):
+    assert len(names) == len(set(names)) == 120
+    expected = {f"stain-{i:06d}" for i in range(80)} | {f"cut-{i:06d}" for i in range(40)}
+    assert {Path(n).stem for n in names} == expected
+
+
 def test_fan_out_matches_in_process(ray_cluster, tmp_path):
     normals = write_folder_dataset(tmp_path / "n", normals=4, anomalies=0, size=48)
     on_ray = synthesize_library(parse_recipe(recipe(normals, tmp_path / "ray", count=8)), progress=False)
@@ -63,31 +92,13 @@ def test_killed_job_resumes_without_duplicates(ray_cluster, tmp_path):
     normals = write_folder_dataset(tmp_path / "n", normals=4, anomalies=0, size=48)
     out = tmp_path / "lib"
     data = recipe(normals, out, count=80, size=160)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    job = subprocess.Popen([sys.executable, "-m", "jobs.synthesize_library", str(path), "--quiet",
-                            "--ray-address", ray_cluster], cwd=REPO, env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline and len(finished_shards(out)) < 3 and job.poll() is None:
-            time.sleep(0.02)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait(30)
-    before = finished_shards(out)
-    assert before, job.stderr.read().decode()[-2000:]
-    assert len(before) < 60, "the job finished before it could be killed"
+    before = run_job_and_kill(tmp_path, data, ray_cluster, {}, timeout=90, poll=0.02)
     stamps = {s: (out / "shards" / s / "manifest.jsonl").stat().st_mtime_ns for s in before}
     result = synthesize_library(parse_recipe(data), progress=False)
     assert result.shards == 60 and result.images == 120
     assert result.shards_done_now == 60 - len(before)
     names = [r["image"] for r in rows(out)]
-    assert len(names) == len(set(names)) == 120
-    expected = {f"stain-{i:06d}" for i in range(80)} | {f"cut-{i:06d}" for i in range(40)}
-    assert {Path(n).stem for n in names} == expected
+    assert_every_planned_image_once(names)
     assert all((out / n).is_file() for n in names)
     assert {s: (out / "shards" / s / "manifest.jsonl").stat().st_mtime_ns for s in before} == stamps
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
@@ -97,23 +108,7 @@ def test_library_to_s3_killed_resumed_and_read_back(ray_cluster, tmp_path, s3_en
     normals = write_folder_dataset(tmp_path / "n", normals=4, anomalies=0, size=48)
     out = s3_env.uri(f"libraries/lib-{time.time_ns()}")
     data = recipe(normals, out, count=80, size=160)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, **s3_env.env(), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    job = subprocess.Popen([sys.executable, "-m", "jobs.synthesize_library", str(path), "--quiet",
-                            "--ray-address", ray_cluster], cwd=REPO, env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and len(finished_shards(out)) < 3 and job.poll() is None:
-            time.sleep(0.05)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait(30)
-    before = finished_shards(out)
-    assert before, job.stderr.read().decode()[-2000:]
-    assert len(before) < 60, "the job finished before it could be killed"
+    before = run_job_and_kill(tmp_path, data, ray_cluster, s3_env.env(), timeout=60, poll=0.05)
     assert not storage.exists(storage.join(out, "manifest.jsonl"))
     marks = {s: storage.stat(storage.join(out, "shards", s, "manifest.json")).etag for s in before}
 
@@ -123,9 +118,7 @@ def test_library_to_s3_killed_resumed_and_read_back(ray_cluster, tmp_path, s3_en
     assert {s: storage.stat(storage.join(out, "shards", s, "manifest.json")).etag for s in before} == marks
     rows = [json.loads(line) for line in storage.read_text(storage.join(out, "manifest.jsonl")).splitlines()]
     names = [r["image"] for r in rows]
-    assert len(names) == len(set(names)) == 120
-    expected = {f"stain-{i:06d}" for i in range(80)} | {f"cut-{i:06d}" for i in range(40)}
-    assert {Path(n).stem for n in names} == expected
+    assert_every_planned_image_once(names)
     # Exactly the planned objects: every shard finished, no stray or duplicate image or mask.
     keys = {o.uri[len(out) + 1:] for o in storage.list_objects(out)}
     assert len(finished_shards(out)) == 60

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomalyfleet import storage
+from anomalyfleet.device import select_device
 from anomalyfleet.errors import ConfigError, DataError
-from anomalyfleet.manifest import atomic_write_bytes
+from anomalyfleet.manifest import atomic_write, atomic_write_bytes
 from anomalyfleet.synthesis.procedural import Synthesis
 from anomalyfleet.synthesis.regions import RegionSpec, sample_region
 
@@ -36,17 +38,12 @@ from anomalyfleet.synthesis.regions import RegionSpec, sample_region
 
 
 def resolve_pipeline_source(source: str | Path) -> str:
-    """A hub id or local directory as is; object-storage URIs through the storage layer's cache."""
+    """A hub id or local directory as is; an object-storage prefix mirrored into the node's cache
+    (a pipeline is a directory of subfolders, not one object)."""
     source = str(source)
-    if source.startswith("file://"):
-        return source[len("file://"):]
-    if "://" in source:
-        try:
-            from anomalyfleet import storage
-        except ImportError as exc:
-            raise ConfigError(f"{source}: remote pipelines need the storage layer, which this version does not have yet") from exc
-        return str(storage.local_path_for(source))
-    return source
+    if storage.is_remote(source):
+        return str(storage.cached_prefix(source))
+    return source.removeprefix("file://")
 
 
 @dataclass
@@ -104,12 +101,6 @@ def load_components(source: str | Path, device: torch.device | None = None, dtyp
     return components
 
 
-def _device(preference: str | torch.device = "auto") -> torch.device:
-    from anomalyfleet.device import select_device
-
-    return preference if isinstance(preference, torch.device) else select_device(preference)
-
-
 def text_encoder_fingerprint(text_encoder: torch.nn.Module, rows: int = 1024) -> str:
     """Identifies a text encoder by its first token embeddings: an embedding only makes sense in
     the encoder it was learned in, and this catches the wrong one without hashing the whole model."""
@@ -145,19 +136,17 @@ def add_placeholder(components: Components, placeholder: str, vector: torch.Tens
 def save_embedding(path: str | Path, placeholder: str, vector: torch.Tensor, metadata: dict) -> Path:
     """diffusers' textual-inversion format ({token: vector}, so `pipe.load_textual_inversion(path)`
     works), plus a JSON sidecar with where it came from."""
-    import io
-
     path = Path(path)
-    buffer = io.BytesIO()
-    torch.save({placeholder: vector.detach().float().cpu().clone()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    state = {placeholder: vector.detach().float().cpu().clone()}
+    atomic_write(path, lambda handle: torch.save(state, handle))
     atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(metadata, indent=1, sort_keys=True).encode())
     return path
 
 
 def load_embedding(path: str | Path) -> tuple[str, torch.Tensor, dict]:
     source = str(path)
-    path = Path(resolve_pipeline_source(source))
+    remote = storage.is_remote(source)
+    path = storage.local_path_for(source) if remote else storage.parse(source).path
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -165,18 +154,23 @@ def load_embedding(path: str | Path) -> tuple[str, torch.Tensor, dict]:
     if not isinstance(state, dict) or len(state) != 1:
         raise ConfigError(f"{path}: expected one {{token: vector}} entry")
     (placeholder, vector), = state.items()
-    sidecar = path.with_name(path.name + ".json")
-    if "://" in source and not source.startswith("file://"):
-        from anomalyfleet import storage
-
-        remote = source + ".json"
-        metadata = json.loads(storage.read_bytes(remote)) if storage.exists(remote) else {}
-    else:
-        metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    # The sidecar beside the .pt where it is stored: the node cache only holds the .pt.
+    sidecar = source + ".json" if remote else str(path.with_name(path.name + ".json"))
+    metadata = json.loads(storage.read_bytes(sidecar)) if storage.exists(sidecar) else {}
     return placeholder, vector.reshape(-1), metadata
 
 
 # --- learn ---------------------------------------------------------------------------------------
+
+
+def _config_from_dict(cls, data: dict | None, what: str):
+    """A settings dataclass from a recipe mapping; an unknown key is a typo, so it is an error."""
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**data)
 
 
 @dataclass
@@ -199,11 +193,13 @@ class LearnConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LearnConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown learn setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return _config_from_dict(cls, data, "learn")
+
+
+def _resume_key(config: dict) -> dict:
+    """More steps may be asked for on resume (and checkpointing or device changed); anything else
+    changing would mix two runs."""
+    return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every", "device")}
 
 
 def masked_noise_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -302,8 +298,8 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     from tqdm.auto import tqdm
 
     config = config or LearnConfig()
-    device = _device(config.device)
-    components = pipeline if isinstance(pipeline, Components) else load_components(pipeline, device)
+    device = select_device(config.device)
+    components = pipeline if isinstance(pipeline, Components) else load_components(pipeline)
     components.to(device)
     name = defect_name or Path(output).stem
     placeholder = config.placeholder or f"<{name}>"
@@ -339,10 +335,7 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     ckpt_path = Path(checkpoint_dir) / "latest.pt" if checkpoint_dir else None
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        # More steps may be asked for on resume; anything else changing would mix two runs.
-        same = {k: v for k, v in state["config"].items() if k not in ("steps", "checkpoint_every", "device")} == {
-            k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "device")}
-        if state["placeholder"] != placeholder or not same:
+        if state["placeholder"] != placeholder or _resume_key(state["config"]) != _resume_key(asdict(config)):
             raise ConfigError(f"{ckpt_path}: checkpoint from different settings; delete it to start over")
         with torch.no_grad():
             vector.copy_(state["vector"])
@@ -373,19 +366,14 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             done = step + 1
             if ckpt_path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-                import io
-
-                buffer = io.BytesIO()
-                torch.save({"step": done, "vector": vector.detach().cpu(), "optimizer": optimizer.state_dict(),
-                            "generator": generator.get_state(), "placeholder": placeholder,
-                            "config": asdict(config)}, buffer)
-                atomic_write_bytes(ckpt_path, buffer.getvalue())
+                checkpoint = {"step": done, "vector": vector.detach().cpu(), "optimizer": optimizer.state_dict(),
+                              "generator": generator.get_state(), "placeholder": placeholder,
+                              "config": asdict(config)}
+                atomic_write(ckpt_path, lambda handle: torch.save(checkpoint, handle))
     finally:
         bar.close()
         override.remove()
-    with torch.no_grad():
-        components.text_encoder.get_input_embeddings().weight[token_id] = vector.detach().to(
-            components.text_encoder.get_input_embeddings().weight)
+    add_placeholder(components, placeholder, vector.detach())
     metadata = {
         "placeholder": placeholder, "defect": name, "init_word": config.init_word, "pipeline": components.source,
         "text_encoder": text_encoder_fingerprint(components.text_encoder), "resolution": resolution,
@@ -424,12 +412,7 @@ class GenerateConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "GenerateConfig":
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown anogen setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return _config_from_dict(cls, data, "anogen")
 
 
 class AnoGenGenerator:
@@ -441,7 +424,7 @@ class AnoGenGenerator:
     def __init__(self, components: Components, placeholder: str, vector: torch.Tensor, metadata: dict | None = None,
                  config: GenerateConfig | None = None, device: str | torch.device = "auto"):
         self.config = config or GenerateConfig()
-        self.device = _device(device)
+        self.device = select_device(device)
         dtype = self.config.dtype
         self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
         self.components = components.to(self.device, self.dtype)
@@ -542,8 +525,7 @@ class AnoGenGenerator:
 def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = None, progress: bool = True) -> dict[str, str]:
     """Learn the embeddings a recipe's AnoGen types need (those with `support`), where the library
     job would put them; used by `anomalyfleet synth learn --recipe`."""
-    from anomalyfleet import storage
-    from anomalyfleet.synthesis.library import learn_library_embedding, load_recipe, output_root
+    from anomalyfleet.synthesis.library import learn_defect_embedding, learn_library_embedding, load_recipe, output_root
 
     recipe = load_recipe(recipe_path)
     root = output_root(recipe.output)
@@ -557,10 +539,7 @@ def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = N
             out[d.name] = learn_library_embedding(recipe, root, d, progress)
             continue
         target = Path(d.embedding) if d.embedding else Path(root) / "embeddings" / f"{d.name}.pt"
-        config = LearnConfig.from_dict({"seed": recipe.seed, **d.learn})
-        learn_embedding(d.pipeline, d.support, target, config, checkpoint_dir=target.parent / f".{d.name}-checkpoints",
-                        progress=progress, defect_name=d.name)
-        out[d.name] = str(target)
+        out[d.name] = str(learn_defect_embedding(recipe, d, target, progress))
     return out
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from anomalyfleet.cli_types import in_range, positive_int
+
+_gpus = in_range(0.0, float("inf"), "a GPU fraction")
+
 
 def add_synthesis_commands(subparsers) -> None:
     p = subparsers.add_parser("synthesize", help="make (or resume) a synthetic defect library from a YAML recipe")
@@ -21,13 +25,13 @@ def add_synthesis_commands(subparsers) -> None:
     p.add_argument("--name", help="defect name (default: the output file's stem)")
     p.add_argument("--recipe", help="learn every AnoGen type of this recipe that has `support` (instead of the above)")
     p.add_argument("--defect", action="append", help="with --recipe: only these types (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 6000)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (default 6000)")
+    p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--learning-rate", type=float, default=None, help="base rate, times the batch size (default 5e-3)")
-    p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the UNet's)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="training size in pixels (default: the UNet's)")
     p.add_argument("--init-word", default=None, help="word the placeholder starts from (default 'defect')")
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
-    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda ...")
     p.add_argument("--quiet", action="store_true")
@@ -38,7 +42,7 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (normal images, defect types, counts, regions, seed, output)")
     p.add_argument("--output", default=None, help="override the recipe's output directory")
     p.add_argument("--actors", type=int, default=None, help="Ray actors (0: in this process, no Ray)")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPU fraction per actor")
+    p.add_argument("--num-gpus", type=_gpus, default=None, help="GPU fraction per actor")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: connect or start a local one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -48,11 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import anomalyfleet
 from anomalyfleet import storage
 from anomalyfleet.errors import ConfigError, DataError
-from anomalyfleet.manifest import MANIFEST_NAME, default_mode, write_manifest
+from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
 SHARDS = "shards"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # --- recipe --------------------------------------------------------------------------------------
@@ -178,7 +177,7 @@ def _rebase(spec: str, base: Path) -> str:
 
 def resolve_normals(specs: list[str]) -> list[str]:
     """Normal image paths, sorted and de-duplicated, from data specs, directories or globs."""
-    from anomalyfleet.data.readers import KNOWN_KINDS, parse_data_spec
+    from anomalyfleet.data.readers import IMAGE_SUFFIXES, KNOWN_KINDS, parse_data_spec
 
     found: list[str] = []
     for spec in specs:
@@ -311,8 +310,6 @@ class ShardWriter:
         tmp = root / SHARDS / f".tmp-{shard.shard_id}-{uuid.uuid4().hex[:8]}"
         try:
             info = self._build(shard, tmp)
-            for d in (tmp, tmp / "images", tmp / "masks"):
-                os.chmod(d, default_mode(directory=True))
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -402,14 +399,6 @@ def output_root(uri: str) -> str:
     return str(storage.parse(uri).path)
 
 
-def local_output(uri: str) -> Path:
-    """A local library root; object-storage outputs go through `output_root` and the storage layer."""
-    if storage.is_remote(uri):
-        raise ConfigError(f"{uri}: a local directory is needed here (object-storage libraries are written "
-                          "by synthesize_library through the storage layer)")
-    return Path(output_root(uri))
-
-
 def shard_finished(root: str | Path, shard_id: str) -> bool:
     root = str(root)
     if storage.is_remote(root):
@@ -462,35 +451,39 @@ def _clean_partials(root: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool) -> Path:
+    """Learn one AnoGen type's embedding into the local file `target`, resuming from the
+    checkpoints kept beside it."""
+    from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
+
+    config = LearnConfig.from_dict({"seed": recipe.seed, **defect.learn})
+    return learn_embedding(defect.pipeline, defect.support, target, config=config,
+                           checkpoint_dir=target.parent / f".{defect.name}-checkpoints", progress=progress,
+                           defect_name=defect.name)
+
+
 def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, progress: bool) -> str:
     """Learn one AnoGen type's embedding into <root>/embeddings/<name>.pt, resumable; returns where it is.
 
     For an object-storage root it is learned in the node's cache (checkpoints included, so a killed
     run resumes there) and uploaded, the sidecar first and the .pt, which marks it done, last.
     """
-    from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
-
-    config = LearnConfig.from_dict({"seed": recipe.seed, **defect.learn})
     name = f"{defect.name}.pt"
-    if not storage.is_remote(root):
-        target = Path(root) / "embeddings" / name
-        if not target.is_file():
-            learn_embedding(defect.pipeline, defect.support, target, config=config,
-                            checkpoint_dir=target.parent / f".{defect.name}-checkpoints", progress=progress,
-                            defect_name=defect.name)
-        return str(target)
+    remote = storage.is_remote(root)
     uri = storage.join(root, "embeddings", name)
-    if storage.exists(uri):
+    if remote and storage.exists(uri):
         return uri
-    work = storage.cache_dir("synthesis") / hashlib.sha256(root.encode()).hexdigest()[:16] / "embeddings"
-    local = work / name
-    if not local.is_file():
-        learn_embedding(defect.pipeline, defect.support, local, config=config,
-                        checkpoint_dir=work / f".{defect.name}-checkpoints", progress=progress, defect_name=defect.name)
-    sidecar = local.with_name(name + ".json")
+    directory = (storage.cache_dir("synthesis") / hashlib.sha256(root.encode()).hexdigest()[:16] if remote
+                 else Path(root))
+    target = directory / "embeddings" / name
+    if not target.is_file():
+        learn_defect_embedding(recipe, defect, target, progress)
+    if not remote:
+        return str(target)
+    sidecar = target.with_name(name + ".json")
     if sidecar.is_file():
         storage.upload_file(sidecar, uri + ".json")
-    storage.upload_file(local, uri)
+    storage.upload_file(target, uri)
     return uri
 
 
@@ -632,9 +625,6 @@ class _ShardActor:
     def write(self, shard: ShardPlan) -> dict:
         return self.writer.write(shard)
 
-    def ping(self) -> bool:
-        return True
-
 
 # --- the finished library ------------------------------------------------------------------------
 
@@ -700,24 +690,27 @@ def _card_markdown(card: dict, recipe: Recipe) -> str:
 
 def contact_sheet(root: str | Path, rows: list[dict], per_type: int = 6, tile: int = 128) -> np.ndarray:
     """Up to `per_type` samples of each type side by side, the mask outline drawn in red, one row per type."""
+    from PIL import ImageDraw
     from scipy import ndimage
 
     by_type: dict[str, list[dict]] = {}
     for row in rows:
         by_type.setdefault(row["defect_type"], []).append(row)
+    # Spread the picks over each type so the sheet shows its variety, not its first shard.
+    picks = {name: [items[i] for i in np.linspace(0, len(items) - 1, min(per_type, len(items))).round().astype(int)]
+             for name, items in by_type.items()}
+    # Every tile's image and mask in one parallel fetch (one request each in object storage).
+    raw = iter(_read_many([storage.join(str(root), row[k]) for chosen in picks.values() for row in chosen
+                           for k in ("image", "mask")]))
     label_h = 14
     sheet = np.full((max(1, len(by_type)) * (tile + label_h), per_type * tile, 3), 255, np.uint8)
-    from PIL import ImageDraw
-
     canvas = Image.fromarray(sheet)
     draw = ImageDraw.Draw(canvas)
-    for r, (name, items) in enumerate(by_type.items()):
+    for r, (name, chosen) in enumerate(picks.items()):
         y = r * (tile + label_h)
-        draw.text((2, y + 1), f"{name} ({len(items)})", fill=(0, 0, 0))
-        # Spread the picks over the type so the sheet shows its variety, not its first shard.
-        picks = np.linspace(0, len(items) - 1, min(per_type, len(items))).round().astype(int)
-        for c, i in enumerate(picks):
-            image_raw, mask_raw = _read_many([storage.join(str(root), items[i][k]) for k in ("image", "mask")])
+        draw.text((2, y + 1), f"{name} ({len(by_type[name])})", fill=(0, 0, 0))
+        for c in range(len(chosen)):
+            image_raw, mask_raw = next(raw), next(raw)
             with Image.open(io.BytesIO(image_raw)) as handle:
                 image = np.asarray(handle.convert("RGB").resize((tile, tile), Image.BILINEAR)).copy()
             with Image.open(io.BytesIO(mask_raw)) as handle:

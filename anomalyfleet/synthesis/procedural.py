@@ -12,8 +12,6 @@ import numpy as np
 from anomalyfleet.errors import ConfigError
 from anomalyfleet.synthesis.regions import Region, RegionSpec, sample_region
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
 
 @dataclass
 class Synthesis:
@@ -89,6 +87,8 @@ class TextureSource:
         self.source = source
         self.files: list[Path] = []
         if source not in ("self", "noise"):
+            from anomalyfleet.data.readers import IMAGE_SUFFIXES
+
             root = Path(source).expanduser()
             if not root.is_dir():
                 raise ConfigError(f"texture source must be self, noise or a directory of images, got {source!r}")
@@ -109,12 +109,10 @@ class TextureSource:
             colours = rng.uniform(0, 255, (2, 3))
             tex = colours[0] + base[..., None] * (colours[1] - colours[0])
             return tex.astype(np.uint8), {"texture": "noise"}
-        from PIL import Image
+        from anomalyfleet.data.transforms import load_image
 
         pick = int(rng.integers(len(self.files)))
-        with Image.open(self.files[pick]) as handle:
-            tex = np.asarray(handle.convert("RGB"))
-        return _resize(tex, h, w), {"texture": self.files[pick].name}
+        return _resize(np.asarray(load_image(self.files[pick])), h, w), {"texture": self.files[pick].name}
 
 
 class PerlinBlend:

@@ -275,25 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, func=None) -> int:
+    """Parse `argv` and run `func` (default: the subcommand's), as every entry point does.
+
+    User-facing errors become one line, `<prog>: error: ...`, and a non-zero exit code.
+    """
     args = parser.parse_args(argv)
+    prog = parser.prog
     try:
-        return int(args.func(args) or 0)
+        return int((func or args.func)(args) or 0)
     except AnomalyFleetError as exc:
-        print(f"anomalyfleet: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("anomalyfleet: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError) as exc:
         # Environment problems (disk full, permissions) and invalid values reaching library code.
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"anomalyfleet: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["main", "build_parser", "ConfigError"]
+__all__ = ["main", "build_parser", "run", "ConfigError"]

@@ -13,18 +13,13 @@ import argparse
 import sys
 
 from anomalyfleet.bulk_scoring import add_bulk_arguments, cmd_bulk_score
-from anomalyfleet.errors import AnomalyFleetError
+from anomalyfleet.cli import run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bulk_score", description=__doc__.splitlines()[0])
     add_bulk_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_bulk_score(args)
-    except AnomalyFleetError as exc:
-        print(f"bulk_score: error: {exc}", file=sys.stderr)
-        return 2
+    return run(parser, argv, cmd_bulk_score)
 
 
 if __name__ == "__main__":

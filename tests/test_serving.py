@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalyfleet.backbones import BackboneSpec
-from anomalyfleet.bundle import load_bundle, save_bundle
-from anomalyfleet.detector import Detector
+from anomalyfleet.bundle import load_bundle
 from anomalyfleet.scoring import score_images
 from tests.image_sets import write_folder_dataset
+from tests.ray_serve_helpers import local_serve, make_bundle
+from tests.s3server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +33,6 @@ THRESHOLD_A = 0.41
 THRESHOLD_B = 0.55
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _make_bundle(clip_file: Path, path: Path, seed: int, layers: tuple[int, ...], threshold: float | None) -> Path:
-    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(clip_file)),
-                               image_size=56, layers=layers, dpam_layers=4, seed=seed)
-    if threshold is not None:
-        detector.thresholds["image"] = threshold
-    return save_bundle(detector, path)
-
-
 def _version(bundle: Path) -> str:
     import hashlib
 
@@ -57,19 +41,15 @@ def _version(bundle: Path) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, openai_clip_file):
-    import ray
-    from ray import serve
-
-    from anomalyfleet.serving.app import build_app
     from anomalyfleet.serving.config import ServiceConfig
 
     root = tmp_path_factory.mktemp("serving")
     data = write_folder_dataset(root / "parts", normals=3, anomalies=3)
     # Two lines on the same backbone (shared in the replica) with different prompts, map layers
     # and thresholds (line-a's from its bundle, line-b's from the registry).
-    _make_bundle(openai_clip_file, root / "bundles" / "a", seed=1, layers=(6,), threshold=THRESHOLD_A)
-    _make_bundle(openai_clip_file, root / "bundles" / "b", seed=2, layers=(3, 6), threshold=None)
-    _make_bundle(openai_clip_file, root / "bundles" / "r", seed=3, layers=(6,), threshold=0.5)
+    make_bundle(openai_clip_file, root / "bundles" / "a", seed=1, layers=(6,), threshold=THRESHOLD_A)
+    make_bundle(openai_clip_file, root / "bundles" / "b", seed=2, layers=(3, 6), threshold=None)
+    make_bundle(openai_clip_file, root / "bundles" / "r", seed=3, layers=(6,), threshold=0.5)
     registry = root / "registry.yaml"
     registry.write_text(
         "version: 1\n"
@@ -84,21 +64,12 @@ def env(tmp_path_factory, openai_clip_file):
         max_batch_size=4, batch_wait_timeout_s=0.02, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
         tokens=[{"name": "qa", "token": ALL_TOKEN, "lines": ["*"], "admin": True}],
     )
-    http_port, metrics_port = _free_port(), _free_port()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000}, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(config), name="anomalyfleet", route_prefix="/")
+    http_port, metrics_port = free_port(), free_port()
+    with local_serve(config, http_port, metrics_port, include_dashboard=False) as base:
         yield {
-            "base": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            "base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
             "root": root, "data": data, "clip": openai_clip_file,
         }
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _auth(token: str = ALL_TOKEN) -> dict:
@@ -265,7 +236,7 @@ def test_bundle_reload_under_traffic_loses_no_request(env, tmp_path):
         futures = [pool.submit(client, 20) for _ in range(2)]
         assert started.wait(60)
         # Republish the line's bundle in place (new prompts, new threshold), as calibration does.
-        _make_bundle(env["clip"], bundle, seed=33, layers=(6,), threshold=0.45)
+        make_bundle(env["clip"], bundle, seed=33, layers=(6,), threshold=0.45)
         for future in futures:
             future.result()
     new_version = _version(bundle)
@@ -335,8 +306,8 @@ def test_pool_shares_one_backbone_between_lines_and_matches_predict(tmp_path, op
     from anomalyfleet.serving.registry import manifest_version
     from anomalyfleet.serving.service import DetectorPool, ScoreItem
 
-    a = _make_bundle(openai_clip_file, tmp_path / "a", seed=1, layers=(6,), threshold=0.3)
-    b = _make_bundle(openai_clip_file, tmp_path / "b", seed=2, layers=(3, 6), threshold=None)
+    a = make_bundle(openai_clip_file, tmp_path / "a", seed=1, layers=(6,), threshold=0.3)
+    b = make_bundle(openai_clip_file, tmp_path / "b", seed=2, layers=(3, 6), threshold=None)
     data = write_folder_dataset(tmp_path / "parts", normals=2, anomalies=2)
     images = sorted((data / "anomaly").glob("*.png")) + sorted((data / "normal").glob("*.png"))
     pool = DetectorPool("cpu")

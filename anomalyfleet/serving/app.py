@@ -407,27 +407,20 @@ class Gateway:
         version = outcome.version if outcome is not None else state.version
         return {"bundle": state.bundle, "version": version, "backbone": state.backbone}
 
-    def _record(self, label: str, state: LineState | None, results: list[dict]) -> None:
+    def _record(self, label: str, results: list[dict]) -> None:
         for result in results:
             self.metrics.scored(label, result["score"], result["anomalous"])
 
     # --- endpoints ----------------------------------------------------------------------------------
-    @api.post("/v1/lines/{line}/score", response_model=ScoreResponse, response_model_exclude_none=True,
-              responses=ERRORS, openapi_extra=IMAGE_BODY, summary="Score one image for a line")
-    async def score(self, line: str, request: Request, return_map: bool = False,
-                    _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
+    async def _line_request(self, request: Request, line: str, endpoint: str, handle):
+        """Run `handle(state, started)` for a request on `line`: refusals become a 4xx with a JSON
+        reason, bugs a counted 500, and every request is recorded with its line and status."""
         started = time.perf_counter()
         label, code = UNKNOWN_LINE, 200
         try:
             await self._maybe_refresh()
             state, label = self._line(request, line, self.snapshot)
-            uploads = await self._uploads(request, batch=False)
-            checked, pixels = await asyncio.to_thread(self._prepare, uploads[0], state.image_size)
-            outcome = await self._score(state, pixels, return_map)
-            result = await asyncio.to_thread(self._result, state, checked, outcome, return_map)
-            self._record(label, state, [result])
-            latency = (time.perf_counter() - started) * 1000.0
-            return {**result, "line": line, "detector": self._detector(state, outcome), "latency_ms": latency}
+            return await handle(state, started)
         except (Refusal, AuthError, InputError) as exc:
             refusal = _refusal(exc)
             code = refusal.status
@@ -438,17 +431,28 @@ class Gateway:
             self.metrics.error(label, "internal")
             raise
         finally:
-            self.metrics.request(label, "score", code, (time.perf_counter() - started) * 1000.0)
+            self.metrics.request(label, endpoint, code, (time.perf_counter() - started) * 1000.0)
+
+    @api.post("/v1/lines/{line}/score", response_model=ScoreResponse, response_model_exclude_none=True,
+              responses=ERRORS, openapi_extra=IMAGE_BODY, summary="Score one image for a line")
+    async def score(self, line: str, request: Request, return_map: bool = False,
+                    _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
+        async def handle(state: LineState, started: float) -> dict:
+            uploads = await self._uploads(request, batch=False)
+            checked, pixels = await asyncio.to_thread(self._prepare, uploads[0], state.image_size)
+            outcome = await self._score(state, pixels, return_map)
+            result = await asyncio.to_thread(self._result, state, checked, outcome, return_map)
+            self._record(state.name, [result])
+            latency = (time.perf_counter() - started) * 1000.0
+            return {**result, "line": line, "detector": self._detector(state, outcome), "latency_ms": latency}
+
+        return await self._line_request(request, line, "score", handle)
 
     @api.post("/v1/lines/{line}/score-batch", response_model=BatchResponse, response_model_exclude_none=True,
               responses=ERRORS, openapi_extra=BATCH_BODY, summary="Score several images for a line")
     async def score_batch(self, line: str, request: Request, return_map: bool = False,
                           _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
-        started = time.perf_counter()
-        label, code = UNKNOWN_LINE, 200
-        try:
-            await self._maybe_refresh()
-            state, label = self._line(request, line, self.snapshot)
+        async def handle(state: LineState, started: float) -> dict:
             uploads = await self._uploads(request, batch=True)
             # All files are checked before any is scored: a batch is accepted or refused whole.
             prepared = await asyncio.to_thread(lambda: [self._prepare(u, state.image_size) for u in uploads])
@@ -456,23 +460,14 @@ class Gateway:
             results = await asyncio.to_thread(
                 lambda: [self._result(state, checked, outcome, return_map) for (checked, _), outcome in zip(prepared, outcomes)]
             )
-            self._record(label, state, results)
+            self._record(state.name, results)
             return {
                 "line": line, "detector": self._detector(state, outcomes[0]),
                 "threshold": results[0]["threshold"], "results": results,
                 "latency_ms": (time.perf_counter() - started) * 1000.0,
             }
-        except (Refusal, AuthError, InputError) as exc:
-            refusal = _refusal(exc)
-            code = refusal.status
-            self.metrics.error(label, refusal.kind)
-            return _error_response(refusal)
-        except Exception:
-            code = 500  # a bug, not bad input: counted, and Serve logs the traceback
-            self.metrics.error(label, "internal")
-            raise
-        finally:
-            self.metrics.request(label, "score-batch", code, (time.perf_counter() - started) * 1000.0)
+
+        return await self._line_request(request, line, "score-batch", handle)
 
     @api.get("/v1/lines", response_model=LinesResponse, responses={401: {"model": ErrorBody}},
              summary="Lines this token may use, with detector versions and thresholds")

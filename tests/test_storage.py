@@ -342,3 +342,24 @@ def test_backbone_weights_from_s3(s3_env, openai_clip_file):
     assert remote.fingerprint() == local.fingerprint()
     with pytest.raises(StorageError, match="not found"):
         create_backbone(parse_backbone(f"openai:{uri}.missing"), 56)
+
+
+def test_throttling_is_retried_then_reported_within_bounds(s3_env):
+    from tests.throttle_proxy import ThrottleProxy
+
+    uri = s3_env.uri(_unique("throttled") + "/x.bin")
+    storage.write_bytes(uri, b"payload")
+    # Two SlowDown answers, then the real server: the read succeeds on its third attempt.
+    with ThrottleProxy(s3_env.endpoint, throttle=2) as proxy:
+        options = s3_env.options(endpoint_url=proxy.endpoint, max_attempts=5)
+        assert storage.read_bytes(uri, options) == b"payload"
+        assert proxy.throttled == 2 and proxy.forwarded == 1
+    # A server that never stops throttling: a clear error after the configured attempts, in bounded time.
+    with ThrottleProxy(s3_env.endpoint, throttle=-1) as proxy:
+        options = s3_env.options(endpoint_url=proxy.endpoint, max_attempts=3)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"kept throttling \(SlowDown\) after 3 attempts") as info:
+            storage.write_bytes(uri, b"other", options)
+        assert uri in str(info.value) and time.monotonic() - started < 30
+        assert proxy.throttled == 3 and proxy.forwarded == 0
+    assert storage.read_bytes(uri) == b"payload"  # the refused write changed nothing

@@ -42,7 +42,7 @@ def _cached_client(options: S3Options, aws_env: tuple):
 
     session = boto3.session.Session(profile_name=options.profile) if options.profile else boto3.session.Session()
     config = Config(
-        retries={"mode": "standard", "max_attempts": options.max_attempts},
+        retries={"mode": "standard", "total_max_attempts": options.max_attempts},  # first try included
         connect_timeout=options.connect_timeout,
         read_timeout=options.read_timeout,
         s3={"addressing_style": options.style},

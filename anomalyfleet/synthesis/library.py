@@ -577,6 +577,10 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retri
     in_flight: dict[Any, tuple[int, ShardPlan, Any]] = {}
     retries: dict[str, int] = {}
     bar = _progress_bar(sum(len(s.items) for s in pending), progress)
+    from anomalyfleet.job_metrics import JobMetrics
+
+    # Images done, rate and ETA on the Jobs dashboard (and the stalled-job alert), beside the bar.
+    metrics = JobMetrics(recipe.name, kind="synthesis", total=sum(len(s.items) for s in pending))
 
     def submit(slot: int) -> None:
         if queue:
@@ -594,6 +598,7 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retri
             try:
                 ray.get(ref)
                 bar.update(len(shard.items))
+                metrics.advance(images=len(shard.items))
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
                 retries[shard.shard_id] = retries.get(shard.shard_id, 0) + 1
                 if retries[shard.shard_id] > max_retries:
@@ -605,6 +610,7 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retri
                     ray.kill(actor)
                     pool[slot] = spawn()
             submit(slot)
+        metrics.finish()
     finally:
         bar.close()
         for ref in in_flight:

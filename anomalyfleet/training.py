@@ -28,6 +28,8 @@ from anomalyfleet.errors import ConfigError
 from anomalyfleet.features import FeatureTable, compute_feature_table, settings_key
 from anomalyfleet.manifest import atomic_write_bytes
 
+CACHE_DTYPES = ("float16", "float32", "bfloat16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -50,7 +52,7 @@ class TrainConfig:
             raise ConfigError(f"unknown cache mode {self.cache!r} (memory, disk or none)")
         if self.cache == "disk" and not self.cache_dir:
             raise ConfigError("--cache disk needs a cache directory")
-        if self.cache_dtype not in ("float16", "float32", "bfloat16"):
+        if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"unknown cache dtype {self.cache_dtype!r}")
 
     @property

@@ -88,7 +88,7 @@ def vit_l_memory_rows(image_size: int = 518, map_layers: int = 1, batch: int = 8
     optimiser = prompt_params * 4 * 4  # params, grads, Adam m and v
     text_only = text_params * 4 + text_saved + optimiser + slice_size * per_sample
     add("prompt stage, text activations (2 prompts)", f"{text_saved / MB:.0f} MB")
-    add(f"prompt stage, per sample of a slice", f"{per_sample / MB:.1f} MB ({map_layers} map layer(s))")
+    add("prompt stage, per sample of a slice", f"{per_sample / MB:.1f} MB ({map_layers} map layer(s))")
     add(f"prompt stage, per worker (batch {batch} over {workers}: {slice_size}/worker)",
         f"{text_only / GB:.2f} GB with the text tower only; "
         f"{(text_only + vision_params * 4) / GB:.2f} GB as now (whole backbone loaded, fp32)")

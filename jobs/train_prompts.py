@@ -12,26 +12,29 @@ from __future__ import annotations
 import argparse
 import sys
 
+from anomalyfleet.cli import run
 from anomalyfleet.distributed.cli_args import add_distributed_train_arguments, run_from_args
-from anomalyfleet.errors import AnomalyFleetError
+
+PROG = "python -m jobs.train_prompts"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train_prompts", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     add_distributed_train_arguments(parser, standalone=True)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _train(args: argparse.Namespace) -> int:
     try:
         return run_from_args(args)
-    except AnomalyFleetError as exc:
-        print(f"train_prompts: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("train_prompts: interrupted; re-run the same command to resume", file=sys.stderr)
+        # Unlike most commands, an interrupted run keeps its epoch checkpoints: say how to use them.
+        print(f"{PROG}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv, _train)
 
 
 if __name__ == "__main__":

@@ -248,8 +248,6 @@ def test_killed_run_resumes_to_the_uninterrupted_prompts(runs, dataset, openai_c
 
 @pytest.mark.slow
 def test_bundle_goes_to_s3_and_loads_from_there(runs, dataset, openai_clip_file, s3_env):
-    from anomalyfleet.bundle import load_bundle
-
     root = runs["root"]
     uri = s3_env.uri(f"dist-{os.getpid()}/bundle")
     config = make_config(root, openai_clip_file, dataset, 1, "one", output=uri)  # same run as "one": resumes at the end

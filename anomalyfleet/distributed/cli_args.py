@@ -23,7 +23,7 @@ _amount = in_range(0.0, float("inf"), "a resource amount")
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options `anomalyfleet train` already defines; only a standalone parser needs them here."""
-    from anomalyfleet.training import CACHE_DTYPES, TrainConfig as defaults
+    from anomalyfleet.train_config import CACHE_DTYPES, TrainConfig as defaults
 
     parser.add_argument("--data", action="append", required=True, metavar="SPEC",
                         help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH, library:PATH; repeatable")

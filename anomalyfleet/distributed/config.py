@@ -13,7 +13,7 @@ from pathlib import Path
 
 from anomalyfleet.errors import ConfigError
 from anomalyfleet.storage import cache_dir, is_remote
-from anomalyfleet.training import CACHE_DTYPES, TrainConfig
+from anomalyfleet.train_config import CACHE_DTYPES, TrainConfig
 
 PRECISIONS = (None, "fp32", "bf16", "fp16")
 FEATURE_CACHE_ENV = "ANOMALYFLEET_FEATURE_CACHE"

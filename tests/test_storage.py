@@ -267,6 +267,10 @@ def test_registry_versions_latest_and_immutability(base, tmp_path):
     assert (registry.cached("line-7") / "prompts.pt").read_bytes() == b"p2"
     with pytest.raises(StorageError, match="invalid detector name"):
         registry.push(one, "../escape")
+    (two / "prompts.pt").write_bytes(b"p3")  # altered after its manifest was written
+    with pytest.raises(StorageError, match=r"damaged.*prompts\.pt"):
+        registry.push(two, "line-7", version="v0009")
+    assert [v.version for v in registry.versions("line-7")] == ["v0001", "v0002"]
 
 
 def test_bundle_save_load_and_cli_through_s3(s3_env, tmp_path, openai_clip_file, capsys, monkeypatch):

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from anomalyfleet.errors import StorageError
-from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, verify_manifest
+from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from anomalyfleet.storage import core
 from anomalyfleet.storage.options import S3Options
 from anomalyfleet.storage.types import ObjectNotFound
@@ -121,9 +121,9 @@ class BundleRegistry:
         if not (local / MANIFEST_NAME).is_file():
             raise StorageError(f"{bundle_dir}: not a bundle directory (no {MANIFEST_NAME})")
         try:
-            manifest = verify_manifest(local)
+            manifest = read_manifest(local)  # put_tree verifies every file before uploading any
         except ManifestError as exc:
-            raise StorageError(f"refusing to publish a damaged bundle: {exc}") from exc
+            raise StorageError(str(exc)) from exc
         version = version or self._next_version(name)
         uri = self.version_uri(name, version)
         if core.exists(join(uri, MANIFEST_NAME), self.options):

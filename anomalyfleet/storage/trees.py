@@ -30,7 +30,7 @@ def _manifest_files(local: Path) -> dict:
     try:
         manifest = verify_manifest(local)
     except ManifestError as exc:
-        raise StorageError(str(exc)) from exc
+        raise StorageError(f"refusing to upload a damaged tree: {exc}") from exc
     return manifest.get("files", {})
 
 

@@ -25,6 +25,8 @@ from tests.image_sets import write_folder_dataset
 EQUIVALENCE_ATOL = 1e-5
 EPOCHS = 3
 BATCH = 5  # 12 images: batches of 5, 5, 2 -> slices of 2/3 and 1/1 on two workers
+# Variables the s3_env fixture removes from the driver; the Ray job must not carry them either.
+S3_ENV_REMOVED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +126,21 @@ def test_config_is_validated_when_built(tmp_path):
         ({"workers": 0}, "workers must be at least 1"),
         ({"gpus_per_worker": -1}, "gpus per worker"),
         ({"cache_dtype": "int8"}, "cache dtype"),
-        ({"storage_path": "s3://bucket/runs"}, "not supported yet"),
+        ({"storage_path": "gs://bucket/runs"}, "unsupported storage scheme 'gs'"),
+        ({"feature_cache": "gs://bucket/features"}, "unsupported storage scheme 'gs'"),
+        ({"storage_path": "s3://"}, "no bucket"),
         ({"fail_after_epoch": 99, "epochs": 2}, "fail after epoch"),
         ({"data": ()}, "--data"),
     ):
         with pytest.raises(ConfigError, match=message):
             DistributedTrainConfig(**{**good, **bad})
     assert resolve_storage_uri(f"file://{tmp_path}") == tmp_path.resolve()
+    # s3:// run storage and feature caches stay URIs (Ray reaches them through a pyarrow filesystem).
+    assert resolve_storage_uri("s3://bucket/runs/") == "s3://bucket/runs"
+    on_s3 = DistributedTrainConfig(**good, storage_path="s3://bucket/runs")
+    assert on_s3.storage_dir() == "s3://bucket/runs" and on_s3.feature_dir() == "s3://bucket/runs/features"
+    split = DistributedTrainConfig(**good, storage_path=str(tmp_path / "runs"), feature_cache="s3://bucket/features")
+    assert split.storage_dir() == (tmp_path / "runs").resolve() and split.feature_dir() == "s3://bucket/features"
     config = DistributedTrainConfig(**good)
     assert DistributedTrainConfig.from_dict(config.to_dict()) == config
 
@@ -151,20 +161,52 @@ def test_job_arguments_become_a_config(tmp_path):
     assert config.output_dir() == (tmp_path / "bundle").resolve()
     remote = config_from_args(build_parser().parse_args(["--data", "folder:/d", "--output", "s3://bucket/bundle"]))
     assert remote.output_dir() == "s3://bucket/bundle" and "train-runs" in str(remote.storage_dir())
-    bad = build_parser().parse_args(["--data", "folder:/d", "--output", "/x", "--storage-path", "s3://bucket/runs"])
-    with pytest.raises(ConfigError, match="not supported yet"):
+    on_s3 = config_from_args(build_parser().parse_args([
+        "--data", "folder:/d", "--output", "/x", "--storage-path", "s3://bucket/runs",
+        "--feature-cache", "s3://bucket/features",
+    ]))
+    assert on_s3.storage_dir() == "s3://bucket/runs" and on_s3.feature_dir() == "s3://bucket/features"
+    bad = build_parser().parse_args(["--data", "folder:/d", "--output", "/x", "--storage-path", "gs://bucket/runs"])
+    with pytest.raises(ConfigError, match="unsupported storage scheme"):
         config_from_args(bad)
+
+
+def test_pyarrow_filesystem_follows_the_s3_options(tmp_path):
+    from pyarrow import fs
+
+    from anomalyfleet.storage import S3Options, pyarrow_filesystem
+
+    local, path = pyarrow_filesystem(f"file://{tmp_path}/runs")
+    assert isinstance(local, fs.LocalFileSystem) and path == str((tmp_path / "runs").resolve())
+    options = S3Options(endpoint_url="http://127.0.0.1:8333", region="eu-west-1", access_key="key", secret_key="secret")
+    s3, path = pyarrow_filesystem("s3://bucket/runs/", options)
+    assert isinstance(s3, fs.S3FileSystem) and path == "bucket/runs"
+    assert s3.region == "eu-west-1"
+    assert "127.0.0.1:8333" in repr(s3.__reduce__()) and "'http'" in repr(s3.__reduce__())
+    # The default AWS chain: no keys are put into the (pickled) filesystem.
+    chain, _ = pyarrow_filesystem("s3://bucket", S3Options(endpoint_url="https://s3.example.com", region="x"))
+    assert "'secret'" not in repr(chain.__reduce__()) and "'https'" in repr(chain.__reduce__())
+    with pytest.raises(ConfigError, match="endpoint"):
+        pyarrow_filesystem("s3://bucket/x", S3Options(endpoint_url="ftp://host"))
 
 
 # --- on a local Ray instance ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server, tmp_path_factory):
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # As `ensure_ray` does for a run: the job's runtime_env carries the storage variables (here the
+    # test S3 server's), so Ray Train's controller and workers reach s3:// run storage; and the
+    # workers share the tests' node cache instead of ~/.cache.
+    from anomalyfleet.storage import storage_env
+
+    ambient = {k: v for k, v in storage_env().items() if k not in S3_ENV_REMOVED}  # as the s3_env fixture
+    env = {**ambient, **s3_server.env(), "ANOMALYFLEET_CACHE": str(tmp_path_factory.getbasetemp() / "cache"),
+           "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -254,3 +296,38 @@ def test_bundle_goes_to_s3_and_loads_from_there(runs, dataset, openai_clip_file,
     result = train_distributed(config)
     assert str(result.bundle) == uri
     assert max_difference(prompts_of(load_bundle(uri)), prompts_of(runs["one"].detector)) == 0.0
+
+
+@pytest.mark.slow
+def test_run_storage_and_feature_cache_on_s3_resume_after_a_kill(runs, dataset, openai_clip_file, s3_env):
+    """Checkpoints and feature shards on the real S3 server: a run killed after epoch 1 resumes from
+    its S3 checkpoint and ends with the prompts of the uninterrupted local run "one"."""
+    from anomalyfleet import storage
+
+    root = runs["root"]
+    prefix = f"dist-{os.getpid()}"
+    on_s3 = dict(storage_path=s3_env.uri(f"{prefix}/runs"), feature_cache=s3_env.uri(f"{prefix}/features"))
+    failing = make_config(root, openai_clip_file, dataset, 1, "s3", fail_after_epoch=1, **on_s3)
+    with pytest.raises(DistributedTrainingError, match="resume from epoch 1"):
+        train_distributed(failing)
+    # The feature stage finished on S3 before training started: every shard, stage.json last.
+    keys = sorted(info.uri.rsplit("/", 1)[1] for info in storage.list_objects(on_s3["feature_cache"]))
+    assert keys == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt", STAGE_FILE]
+    run_uri = storage.join(on_s3["storage_path"], runs["one"].run_dir.name)
+    state = latest_checkpoint_state(run_uri)
+    assert state is not None and state["epoch"] == 1
+    assert not (root / "s3-runs").exists()  # nothing went to the local default
+
+    # The same command again (without the injected fault) continues from the S3 checkpoint.
+    resumed = train_distributed(make_config(root, openai_clip_file, dataset, 1, "s3", **on_s3))
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs == EPOCHS
+    assert resumed.run_dir == run_uri and latest_checkpoint_state(run_uri)["epoch"] == EPOCHS
+    assert resumed.features.skipped and str(resumed.features.directory).startswith(on_s3["feature_cache"])
+    assert [h["epoch"] for h in resumed.history] == list(range(1, EPOCHS + 1))
+    difference = max_difference(prompts_of(resumed.detector), prompts_of(runs["one"].detector))
+    print(f"max |prompts(S3, resumed) - prompts(local, uninterrupted)| = {difference:.2e}")
+    assert difference <= EQUIVALENCE_ATOL
+    # Training workers read the shards through the node cache; the driver can do the same.
+    remote, local = ShardedFeatures(resumed.features.directory), ShardedFeatures(runs["one"].features.directory)
+    rows = torch.tensor([11, 0, 6])
+    assert len(remote) == 12 and torch.equal(remote.rows(rows).patch_features, local.rows(rows).patch_features)

@@ -55,11 +55,13 @@ def add_distributed_train_arguments(parser: argparse.ArgumentParser, standalone:
     group.add_argument("--gpus-per-worker", type=_amount, default=0.0, help="GPUs per worker (fractions allowed; 0: CPU, gloo)")
     group.add_argument("--cpus-per-worker", type=_amount, default=1.0)
     group.add_argument("--storage-path", default=None,
-                       help="where Ray Train keeps checkpoints (default OUT.checkpoints); re-run to resume")
+                       help="where Ray Train keeps checkpoints: a path, file:// or s3://bucket/prefix "
+                            "(default OUT.checkpoints); re-run to resume")
     group.add_argument("--name", default=None, help="run name under the storage path (default from the run's fingerprint)")
     group.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from within one run (-1: always)")
     group.add_argument("--feature-cache", default=None,
-                       help="sharded feature cache root (default $ANOMALYFLEET_FEATURE_CACHE or STORAGE/features)")
+                       help="sharded feature cache root: a path, file:// or s3://bucket/prefix "
+                            "(default $ANOMALYFLEET_FEATURE_CACHE or STORAGE/features)")
     group.add_argument("--feature-actors", type=positive_int, default=1, help="backbone actors in the feature stage")
     group.add_argument("--feature-gpus", type=_amount, default=0.0, help="GPUs per feature actor (fractions allowed)")
     group.add_argument("--feature-cpus", type=_amount, default=1.0, help="CPUs per feature actor")

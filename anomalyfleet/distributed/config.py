@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from anomalyfleet.errors import ConfigError
-from anomalyfleet.storage import cache_dir, is_remote
+from anomalyfleet.errors import ConfigError, StorageError
+from anomalyfleet.storage import cache_dir, is_remote, join, parse
 from anomalyfleet.train_config import CACHE_DTYPES, TrainConfig
 
 PRECISIONS = (None, "fp32", "bf16", "fp16")
@@ -23,21 +23,30 @@ _TRAIN = TrainConfig()
 _TRAIN_FIELDS = ("epochs", "batch_size", "lr", "betas", "seed", "local_weight", "cache_dtype", "feature_batch_size")
 
 
-def resolve_storage_uri(uri: str) -> Path:
-    """The local directory behind a storage location (`/path`, `relative/path` or `file:///path`).
+def resolve_storage_uri(uri: str) -> Path | str:
+    """A storage location for run storage, feature caches and output bundles, normalised.
 
-    This is the single place where run storage, feature caches and output bundles are turned into
-    something the code can open; object-storage schemes (s3://) are refused here until the storage
-    layer provides them, so switching them on means changing only this function.
+    `/path`, `relative/path` and `file:///path` give the absolute local directory (a `Path`);
+    `s3://bucket/prefix` stays a URI (a `str`), which Ray Train reaches through
+    `storage.pyarrow_filesystem` and the feature stage through the storage layer. Any other scheme
+    is refused here, so a bad location fails on the driver before Ray starts.
     """
     if is_remote(uri):
-        scheme = uri.split("://", 1)[0]
-        raise ConfigError(f"{uri}: Ray Train run storage and feature caches on {scheme}:// are not supported yet; "
-                          "use a local or shared path (the output bundle may be on s3://)")
+        try:
+            loc = parse(uri)
+        except StorageError as exc:
+            raise ConfigError(f"{exc}; Ray Train run storage and feature caches take a local path, "
+                              "file:// or s3://bucket/prefix") from None
+        return f"s3://{loc.bucket}/{loc.key.strip('/')}".rstrip("/")
     local = uri[len("file://") :] if uri.startswith("file://") else uri
     if not local:
         raise ConfigError(f"empty storage location {uri!r}")
     return Path(local).expanduser().resolve()
+
+
+def join_location(base: Path | str, *parts: str) -> Path | str:
+    """`base / parts` for a local directory, the joined URI for an s3:// location."""
+    return base.joinpath(*parts) if isinstance(base, Path) else join(base, *parts)
 
 
 @dataclass(frozen=True)
@@ -70,13 +79,13 @@ class DistributedTrainConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    storage_path: str | None = None  # default: OUTPUT.checkpoints
+    storage_path: str | None = None  # path, file:// or s3://; default: OUTPUT.checkpoints
     name: str | None = None  # default: derived from the run fingerprint
     max_failures: int = 0
     checkpoints_to_keep: int = 2
     ray_address: str | None = None
     # feature stage
-    feature_cache: str | None = None  # default: $ANOMALYFLEET_FEATURE_CACHE or STORAGE/features
+    feature_cache: str | None = None  # path, file:// or s3://; default: $ANOMALYFLEET_FEATURE_CACHE or STORAGE/features
     feature_actors: int = 1
     feature_gpus: float = 0.0
     feature_cpus: float = 1.0
@@ -139,7 +148,8 @@ class DistributedTrainConfig:
         """The single-process settings with the same meaning (shared run fingerprint, optimiser)."""
         return replace(_TRAIN, **{name: getattr(self, name) for name in _TRAIN_FIELDS})
 
-    def storage_dir(self) -> Path:
+    def storage_dir(self) -> Path | str:
+        """Ray Train's run storage: a local directory (`Path`) or an s3:// URI (`str`)."""
         if self.storage_path:
             return resolve_storage_uri(self.storage_path)
         if is_remote(self.output):
@@ -151,9 +161,10 @@ class DistributedTrainConfig:
     def _feature_root(self) -> str | None:
         return self.feature_cache or os.environ.get(FEATURE_CACHE_ENV)
 
-    def feature_dir(self) -> Path:
+    def feature_dir(self) -> Path | str:
+        """Root of the sharded feature caches: a local directory or an s3:// URI."""
         root = self._feature_root()
-        return resolve_storage_uri(root) if root else self.storage_dir() / "features"
+        return resolve_storage_uri(root) if root else join_location(self.storage_dir(), "features")
 
     def output_dir(self) -> Path | str:
         """Where the bundle goes: a local directory, or an s3:// URI that save_bundle uploads to."""

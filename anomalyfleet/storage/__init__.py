@@ -5,6 +5,7 @@
     storage.cached_tree("s3://bucket/detectors/line-7/v3")   # -> verified local directory
 """
 
+from anomalyfleet.storage.arrow import pyarrow_filesystem
 from anomalyfleet.storage.cache import cache_dir, locked
 from anomalyfleet.storage.core import (
     copy,
@@ -50,6 +51,7 @@ __all__ = [
     "open_read",
     "parse",
     "put_tree",
+    "pyarrow_filesystem",
     "read_bytes",
     "read_remote_manifest",
     "read_text",

@@ -1,8 +1,12 @@
 """Detector bundles (our format) and AnomalyCLIP reference checkpoints (theirs).
 
 A bundle is a directory: `detector.json` (backbone spec and fingerprint, preprocessing, layers,
-DPAM depth, thresholds, training metadata, format version), `prompts.pt` (the prompt weights) and
-`manifest.json` (sizes and SHA-256, written last and checked on load). It is published by writing
+DPAM depth, thresholds, training metadata, format version), `prompts.pt` (the prompt weights),
+optionally `memory.pt` (a line's normal patch memory; its layers, size, calibrations and fusion
+settings are under "memory" in detector.json) and `manifest.json` (sizes and SHA-256, written
+last and checked on load). A bundle without a memory is written as format 1, exactly as before;
+one with a memory as format 2, so an older anomalyfleet refuses it instead of silently scoring
+with the prompts alone against thresholds set for fused scores. It is published by writing
 a temporary directory and renaming it, so a reader never sees half a bundle.
 """
 
@@ -23,12 +27,15 @@ from anomalyfleet.backbones import BackboneSpec, VisionBackbone, create_backbone
 from anomalyfleet.detector import Detector, DetectorSettings, make_prompts, prompt_kind
 from anomalyfleet.errors import BundleError
 from anomalyfleet.manifest import ManifestError, atomic_write_bytes, default_mode, verify_manifest, write_manifest
+from anomalyfleet.memory import LineMemory
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
 
 FORMAT = "anomalyfleet-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes
+MEMORY_FORMAT_VERSION = 2  # bundles with a line memory; those without stay at 1
 DETECTOR_JSON = "detector.json"
 PROMPTS_FILE = "prompts.pt"
+MEMORY_FILE = "memory.pt"
 
 
 def _prompt_config_dict(prompts) -> dict | None:
@@ -39,9 +46,9 @@ def _prompt_config_dict(prompts) -> dict | None:
 
 
 def bundle_metadata(detector: Detector, training: dict | None = None) -> dict:
-    return {
+    meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if detector.memory is None else MEMORY_FORMAT_VERSION,
         "anomalyfleet_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "backbone": detector.backbone.spec(),
@@ -60,6 +67,9 @@ def bundle_metadata(detector: Detector, training: dict | None = None) -> dict:
         "training": dict(training if training is not None else detector.metadata.get("training", {})),
         "extras": dict(detector.metadata.get("extras", {})),
     }
+    if detector.memory is not None:
+        meta["memory"] = dict(detector.memory.metadata(), file=MEMORY_FILE)
+    return meta
 
 
 def save_bundle(detector: Detector, path: str | Path, training: dict | None = None) -> Path | str:
@@ -80,6 +90,8 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
     try:
         state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
         torch.save(state, staging / PROMPTS_FILE)
+        if detector.memory is not None:
+            torch.save(detector.memory.tensors(), staging / MEMORY_FILE)
         meta = bundle_metadata(detector, training)
         atomic_write_bytes(staging / DETECTOR_JSON, json.dumps(meta, indent=2, sort_keys=True).encode())
         write_manifest(staging)
@@ -132,7 +144,8 @@ def load_bundle(
     """Load a bundle; refuse it if the backbone's weights are not the ones it was trained on.
 
     `backbone` reuses an already built backbone (shared between lines); `backbone_spec` points to
-    where the same weights live on this machine. `overrides`: image_size, layers, dpam_layers, sigma.
+    where the same weights live on this machine. `overrides`: image_size, layers, dpam_layers, sigma
+    (a line memory refuses image size, DPAM depth or map layers other than those it was built at).
     """
     meta = read_bundle_metadata(path)
     local = Path(meta["_local_dir"])
@@ -155,15 +168,34 @@ def load_bundle(
         prompts.load_state_dict(state)
     except RuntimeError as exc:
         raise BundleError(f"{path}: prompt weights do not fit the backbone ({str(exc).splitlines()[0]})") from exc
+    memory = _load_memory(path, local, meta, backbone) if meta.get("memory") else None
     detector = Detector(
         backbone,
         prompts,
         settings,
         thresholds=meta.get("thresholds"),
         metadata={"training": meta.get("training", {}), "extras": meta.get("extras", {}), "bundle": str(path)},
+        memory=memory,
     )
     detector.with_settings(**overrides)
     return detector.to(device)
+
+
+def _load_memory(path, local: Path, meta: dict, backbone: VisionBackbone) -> LineMemory:
+    info = meta["memory"]
+    file = local / info.get("file", MEMORY_FILE)
+    if not file.is_file():
+        raise BundleError(f"{path}: detector.json describes a line memory but {file.name} is missing")
+    tensors = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        memory = LineMemory.from_saved(info, tensors)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BundleError(f"{path}: unreadable line memory ({exc})") from exc
+    for layer in memory.layers:
+        width = memory.bank(layer).features.shape[-1]
+        if width != backbone.feature_dim:
+            raise BundleError(f"{path}: memory features have width {width}; the backbone's are {backbone.feature_dim}")
+    return memory
 
 
 # --- reference checkpoints ------------------------------------------------------------------------

@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synthesis_commands(sub)
 
+    from anomalyfleet.cli_memory import add_memory_command
+
+    add_memory_command(sub)
+
     from anomalyfleet.cli_bundle import add_bundle_commands
 
     add_bundle_commands(sub)

@@ -13,6 +13,7 @@ from anomalyfleet import maps as mapping
 from anomalyfleet.backbones import BackboneSpec, Features, VisionBackbone, create_backbone, default_settings
 from anomalyfleet.device import autocast
 from anomalyfleet.errors import ConfigError
+from anomalyfleet.memory import LineMemory
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, EmbeddingPairPrompts, PromptConfig
 
 
@@ -55,7 +56,7 @@ class DetectorSettings:
 
 @dataclass
 class Prediction:
-    scores: np.ndarray  # (B,) probability of "abnormal"
+    scores: np.ndarray  # (B,) probability of "abnormal" (prompts); a calibrated score with a line memory
     maps: np.ndarray  # (B, S, S) smoothed anomaly maps at the detector's image size
 
 
@@ -80,6 +81,7 @@ class Detector(nn.Module):
         thresholds: dict | None = None,
         metadata: dict | None = None,
         precision: str | None = None,
+        memory: LineMemory | None = None,
     ):
         super().__init__()
         settings.validate(backbone.num_layers, backbone.patch_size)
@@ -91,6 +93,8 @@ class Detector(nn.Module):
         self.thresholds = dict(thresholds or {})
         self.metadata = dict(metadata or {})
         self.precision = precision
+        self.memory = memory
+        self._check_memory()
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -123,7 +127,40 @@ class Detector(nn.Module):
         self.settings = replace(self.settings, **overrides)
         self.settings.validate(self.backbone.num_layers, self.backbone.patch_size)
         self.backbone.set_image_size(self.settings.image_size)
+        self._check_memory()
         return self
+
+    def _check_memory(self) -> None:
+        """A line memory holds only at the settings its features and calibrations were taken at."""
+        memory = self.memory
+        if memory is None or not memory.active:
+            return
+        bad = [layer for layer in memory.layers if not 1 <= layer <= self.backbone.num_layers]
+        if bad:
+            raise ConfigError(f"memory layers {bad} are outside 1..{self.backbone.num_layers} for this backbone")
+        now = {"image_size": self.settings.image_size, "dpam_layers": self.settings.dpam_layers,
+               "layers": list(self.settings.layers)}
+        if memory.fusion.mode == "memory":
+            now.pop("layers")  # the prompt maps are not used
+        changed = {k: (memory.built_with[k], v) for k, v in now.items() if k in memory.built_with and memory.built_with[k] != v}
+        if changed:
+            said = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
+            raise ConfigError(f"this detector's line memory was built at {said}; score at those settings or "
+                              "rebuild the memory (anomalyfleet memory build)")
+
+    @property
+    def active_memory(self) -> LineMemory | None:
+        """The line memory when it takes part in scoring (not in `prompts` mode)."""
+        return self.memory if self.memory is not None and self.memory.active else None
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Layers `extract` returns: the prompt map layers, then memory layers not among them."""
+        layers = tuple(self.settings.layers)
+        memory = self.active_memory
+        if memory is None:
+            return layers
+        return layers + tuple(layer for layer in memory.layers if layer not in layers)
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -143,10 +180,15 @@ class Detector(nn.Module):
         return self.backbone.std
 
     # --- the forward pieces ---------------------------------------------------------------------
-    def extract(self, images: Tensor, fast: bool = True) -> Features:
-        """Frozen image-side features (no gradients; mixed precision if configured)."""
+    def extract(self, images: Tensor, fast: bool = True, layers: Sequence[int] | None = None) -> Features:
+        """Frozen image-side features (no gradients; mixed precision if configured).
+
+        Patch features come at `layers`, by default `feature_layers` (the map layers, plus the
+        memory's layers when a line memory takes part in scoring).
+        """
+        layers = self.feature_layers if layers is None else tuple(layers)
         with torch.inference_mode(), autocast(images.device, self.precision):
-            features = self.backbone(images, self.settings.layers, self.settings.dpam_layers, fast=fast)
+            features = self.backbone(images, layers, self.settings.dpam_layers, fast=fast)
         return Features(
             global_feature=features.global_feature.float(),
             patch_features=[p.float() for p in features.patch_features],
@@ -157,8 +199,9 @@ class Detector(nn.Module):
         return self.prompts()
 
     def layer_maps(self, features: Features, text: Tensor) -> list[Tensor]:
+        patches = features.patch_features[: len(self.settings.layers)]  # memory layers follow
         return mapping.layer_probability_maps(
-            features.patch_features, text, features.grid, self.settings.image_size, self.settings.temperature
+            patches, text, features.grid, self.settings.image_size, self.settings.temperature
         )
 
     def score_features(self, features: Features, text: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -168,8 +211,34 @@ class Detector(nn.Module):
         return scores, mapping.anomaly_map(self.layer_maps(features, text))
 
     def predict_features(self, features: Features, text: Tensor | None = None) -> Prediction:
-        scores, raw = self.score_features(features, text)
-        return Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+        """Scores and smoothed maps: the prompts', or with a line memory the active mode's fusion.
+
+        Every scoring path (CLI score/eval, bulk scoring, Serve replicas) goes through here, so a
+        bundle's memory and fusion settings apply everywhere without changes on their side.
+        """
+        memory = self.active_memory
+        if memory is None:
+            scores, raw = self.score_features(features, text)
+            return Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
+        layers = self.feature_layers
+        if len(features.patch_features) != len(layers):
+            raise ValueError(f"features hold {len(features.patch_features)} layers; this detector with its line "
+                             f"memory needs {list(layers)} (use detector.extract)")
+        memory_patches = [features.patch_features[layers.index(layer)] for layer in memory.layers]
+        memory_raw = memory.raw_maps(memory_patches, self.settings.image_size)
+        prompt_scores = prompt_raw = None
+        if memory.fusion.sources["prompts"]:
+            prompt_scores, prompt_raw = self.score_features(features, text)
+        scores, maps = memory.fuse(memory_raw, prompt_scores, prompt_raw, self.settings.sigma)
+        return Prediction(scores=scores, maps=maps)
+
+    def image_scores(self, features: Features, text: Tensor | None = None) -> Tensor:
+        """Image scores alone: the prompts' global score, or the fused score with a line memory
+        (which needs the maps, so it costs what `predict_features` does)."""
+        if self.active_memory is None:
+            text = self.text_features() if text is None else text
+            return mapping.image_scores(features.global_feature, text, self.settings.temperature)
+        return torch.from_numpy(self.predict_features(features, text).scores)
 
     @torch.inference_mode()
     def predict(self, images: Tensor, fast: bool = True) -> Prediction:
@@ -183,13 +252,16 @@ class Detector(nn.Module):
                 yield self.predict_features(self.extract(images.to(self.device)), text)
 
     def describe(self) -> dict:
-        return {
+        description = {
             "backbone": self.backbone.spec(),
             "backbone_fingerprint": self.backbone.fingerprint(),
             "prompt_kind": prompt_kind(self.prompts),
             "settings": self.settings.to_dict(),
             "thresholds": dict(self.thresholds),
         }
+        if self.memory is not None:
+            description["memory"] = self.memory.metadata()
+        return description
 
 
 __all__ = ["Detector", "DetectorSettings", "Prediction", "make_prompts", "prompt_kind"]

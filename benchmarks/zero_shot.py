@@ -8,6 +8,9 @@ and Uneven + the other half of the normals (no image of those defects seen in tr
 the learned prompts, the same detector with untrained (random) prompts, and a training-free
 baseline (cosine distance of each patch to the median patch of the test batch). `--sweep` trains
 and evaluates every candidate map layer on one feature pass, to choose layers by measurement.
+Line memory rows (`--memory-layer`): memory only, fused with the prompts, batch mutual scoring;
+and the same through the product path (`--bundle-k`): `build_line_memory`, a bundle saved and
+loaded, `Detector.predict_features`, in memory-only and fused modes (`--bundle-weights`).
 """
 
 from __future__ import annotations
@@ -157,6 +160,44 @@ def line_memory_rows(base: Detector, train_table: FeatureTable, test_table: Feat
 PROMPT_WEIGHT = 0.2
 
 
+def bundle_rows(detector: Detector, train: list, train_table: FeatureTable, test_table: FeatureTable,
+                all_layers: list[int], layer: int, k: int, weights: list[float], draws: int = 3,
+                bundle_dir: Path | None = None) -> list[list]:
+    """The product path: `build_line_memory` on k normal training images, a bundle written and read
+    back, then `Detector.predict_features` (what CLI, bulk scoring and Serve call) on the test set."""
+    import tempfile
+
+    from anomalyfleet.bundle import load_bundle, save_bundle
+    from anomalyfleet.memory import FusionSettings, build_line_memory
+
+    normals = [s for s in train if s.label == 0]
+    results: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="zero-shot-bundle-") as tmp:
+        for draw in range(draws):
+            detector.memory = None
+            # Seed 100 + draw: the same k memory images and held-out normals as the rows above.
+            memory = build_line_memory(detector, normals, k=k, layers=(layer,), seed=100 + draw, progress=False,
+                                       fusion=FusionSettings(mode="fused", prompt_weight=weights[0]))
+            detector.memory = memory
+            path = save_bundle(detector, Path(bundle_dir or tmp) / f"k{k}-draw{draw}")
+            loaded = load_bundle(path, backbone=detector.backbone)
+            table = select_layers(test_table, all_layers, list(loaded.feature_layers))
+            for name, fusion in [("memory", FusionSettings(mode="memory"))] + [
+                    (f"fused w={w:g}", FusionSettings(mode="fused", prompt_weight=w)) for w in weights]:
+                loaded.memory.fusion = fusion
+                values, per_image = evaluate_table(loaded, table)
+                results.setdefault(name, []).append(values)
+                seconds[name] = seconds.get(name, 0.0) + per_image / draws
+    detector.memory = None
+    rows = []
+    for name, values in results.items():
+        mean = {key: float(np.mean([r[key] for r in values])) for key in metrics_keys()}
+        rows.append([f"bundle: {name}, k={k} (memory build, {draws} draws)", f"{layer}" + (" + prompts" if "fused" in name else ""),
+                     *(fmt(mean[key]) for key in metrics_keys()), f"{seconds[name] * 1000:.1f}"])
+    return rows
+
+
 def fmt(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -172,6 +213,10 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="evaluate each single layer 6..12 and their sums")
     parser.add_argument("--memory-layer", type=int, default=6, help="feature block for line memory (0: skip those rows)")
     parser.add_argument("--prompt-weight", type=float, default=0.2, help="weight of the prompt map in the fusion")
+    parser.add_argument("--bundle-k", default="4", help="comma-separated k for the bundle-path rows ('' to skip)")
+    parser.add_argument("--bundle-weights", default=None,
+                        help="comma-separated prompt weights for the bundle-path fused rows (default: --prompt-weight)")
+    parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     args = parser.parse_args()
     global PROMPT_WEIGHT
     PROMPT_WEIGHT = args.prompt_weight
@@ -189,8 +234,8 @@ def main() -> int:
     all_layers = sorted({layer for c in candidates for layer in c} | ({args.memory_layer} if args.memory_layer else set()))
     base.with_settings(layers=all_layers)
     t0 = time.perf_counter()
-    train_table = compute_feature_table(base, train, dtype=torch.float32)
-    test_table = compute_feature_table(base, test, dtype=torch.float32)
+    train_table = compute_feature_table(base, train, cache_dir=args.cache_dir, dtype=torch.float32)
+    test_table = compute_feature_table(base, test, cache_dir=args.cache_dir, dtype=torch.float32)
     feature_seconds = (time.perf_counter() - t0) / (len(train) + len(test))
 
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
@@ -218,6 +263,10 @@ def main() -> int:
                      f"{seconds * 1000:.1f}"])
     if args.memory_layer:
         rows.extend(line_memory_rows(base, train_table, test_table, all_layers, args.memory_layer, last_detector))
+        weights = [float(x) for x in (args.bundle_weights or str(args.prompt_weight)).split(",") if x]
+        for k in [int(x) for x in args.bundle_k.split(",") if x]:
+            rows.extend(bundle_rows(last_detector, train, train_table, test_table, all_layers, args.memory_layer,
+                                    k, weights))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))

@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 from ray import serve
 
-from anomalyfleet import maps as mapping
 from anomalyfleet.bundle import load_bundle, read_bundle_metadata
 from anomalyfleet.data.transforms import preprocess_image
 from anomalyfleet.detector import Detector
@@ -152,7 +151,8 @@ class DetectorPool:
                 prediction = detector.predict_features(features, loaded.text)
                 scores, maps = prediction.scores, prediction.maps.astype(np.float32)
             else:
-                scores = mapping.image_scores(features.global_feature, loaded.text, detector.settings.temperature).cpu().numpy()
+                # The prompts' global score; with a line memory the fused score (which needs the maps).
+                scores = detector.image_scores(features, loaded.text).cpu().numpy()
                 maps = None
         elapsed = (time.perf_counter() - started) * 1000.0
         threshold = detector.thresholds.get("image")

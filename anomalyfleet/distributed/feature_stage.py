@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from anomalyfleet.job_metrics import JobMetrics
+
 from anomalyfleet import storage
 from anomalyfleet.backbones import BackboneSpec, Features
 from anomalyfleet.data import Sample
@@ -150,6 +152,7 @@ def run_feature_stage(
     num_cpus: float = 1.0,
     batch_size: int = 8,
     progress: bool = True,
+    job: str | None = None,
 ) -> FeatureStageResult:
     """Compute (or find) the sharded features of `samples`; returns where they are.
 
@@ -178,8 +181,11 @@ def run_feature_stage(
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus,
                                  runtime_env={"env_vars": storage.storage_env()})(FeatureActor)
         pool = [actor_class.remote(source, num_gpus > 0, dtype, batch_size) for _ in range(min(actors, len(todo)))]
-        bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="features", unit="img",
-                   disable=not progress)
+        total = sum(bounds[i][1] - bounds[i][0] for i in todo)
+        bar = tqdm(total=total, desc="features", unit="img", disable=not progress)
+        # Progress of the stage on the Jobs dashboard, beside the bar.
+        metrics = JobMetrics(job, kind="features") if job else None
+        finished = 0
         try:
             pending = {}
             queue = list(todo)
@@ -197,7 +203,11 @@ def run_feature_stage(
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 actor = pending.pop(done[0])
-                bar.update(ray.get(done[0])["rows"])
+                rows = ray.get(done[0])["rows"]
+                bar.update(rows)
+                finished += rows
+                if metrics is not None:
+                    metrics.stage("extract", finished, total)
                 if queue:
                     submit(actor)
         finally:

@@ -37,6 +37,7 @@ from anomalyfleet.detector import Detector
 from anomalyfleet.distributed.config import DistributedTrainConfig, join_location, resolve_storage_uri
 from anomalyfleet.distributed.feature_stage import DetectorSource, FeatureStageResult, ShardedFeatures, run_feature_stage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
+from anomalyfleet.job_metrics import JobMetrics
 from anomalyfleet.storage import is_remote
 from anomalyfleet.training import TrainState, epoch_order, make_optimizer, run_fingerprint, train_step
 
@@ -256,6 +257,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "epoch": epoch + 1, "seconds": time.perf_counter() - began, "workers": world}
         state.history.append(record)
         state.epoch = epoch + 1
+        if rank == 0:
+            # Loss, epoch and throughput on the Jobs dashboard (and the stalled-job alert).
+            JobMetrics(loop_config.get("job") or loop_config["run"], kind="training").train(
+                epoch + 1, record["loss"], samples_per_second=n / max(record["seconds"], 1e-9))
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -417,7 +422,7 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
     features = run_feature_stage(
         detector, source, samples, config.feature_dir(), dtype=config.cache_dtype, shard_size=config.shard_size,
         actors=config.feature_actors, num_gpus=config.feature_gpus, num_cpus=config.feature_cpus,
-        batch_size=config.feature_batch_size, progress=config.progress,
+        batch_size=config.feature_batch_size, progress=config.progress, job=name,
     )
     if config.progress:
         verb = "found" if features.skipped else f"computed {features.computed_shards} of"
@@ -434,7 +439,7 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "source": source, "features": str(features.directory), "run": run,
-                           "resume_state": previous},
+                           "resume_state": previous, "job": name},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker=config.resources_per_worker()),
         run_config=RunConfig(

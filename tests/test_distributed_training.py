@@ -190,6 +190,21 @@ def test_pyarrow_filesystem_follows_the_s3_options(tmp_path):
         pyarrow_filesystem("s3://bucket/x", S3Options(endpoint_url="ftp://host"))
 
 
+def test_training_workers_put_only_the_text_side_on_their_device(openai_clip_file, tmp_path):
+    """The vision tower stays in host memory; prompts and text tower move. The "meta" device stands
+    in for a GPU here: anything moved there is visibly not on the CPU."""
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.distributed.feature_stage import DetectorSource
+
+    spec = BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file))
+    detector = Detector.create(spec, image_size=56, layers=(3, 6), dpam_layers=4, seed=111)
+    source = DetectorSource(str(save_bundle(detector, tmp_path / "init")), spec.to_dict())
+    loaded = source.load_for_prompt_training("meta")
+    assert {p.device.type for p in loaded.prompts.parameters()} == {"meta"}
+    assert {p.device.type for p in loaded.backbone.text_tower.parameters()} == {"meta"}
+    assert {p.device.type for p in loaded.backbone.visual.parameters()} == {"cpu"}
+
+
 # --- on a local Ray instance ---------------------------------------------------------------------
 
 
@@ -300,34 +315,96 @@ def test_bundle_goes_to_s3_and_loads_from_there(runs, dataset, openai_clip_file,
 
 @pytest.mark.slow
 def test_run_storage_and_feature_cache_on_s3_resume_after_a_kill(runs, dataset, openai_clip_file, s3_env):
-    """Checkpoints and feature shards on the real S3 server: a run killed after epoch 1 resumes from
-    its S3 checkpoint and ends with the prompts of the uninterrupted local run "one"."""
+    """Two workers with checkpoints and feature shards on the real S3 server: a run whose worker
+    fails after epoch 1 resumes from its S3 checkpoint and ends with the prompts of the
+    uninterrupted local 2-worker run."""
     from anomalyfleet import storage
 
     root = runs["root"]
     prefix = f"dist-{os.getpid()}"
     on_s3 = dict(storage_path=s3_env.uri(f"{prefix}/runs"), feature_cache=s3_env.uri(f"{prefix}/features"))
-    failing = make_config(root, openai_clip_file, dataset, 1, "s3", fail_after_epoch=1, **on_s3)
+    failing = make_config(root, openai_clip_file, dataset, 2, "s3", fail_after_epoch=1, **on_s3)
     with pytest.raises(DistributedTrainingError, match="resume from epoch 1"):
         train_distributed(failing)
     # The feature stage finished on S3 before training started: every shard, stage.json last.
     keys = sorted(info.uri.rsplit("/", 1)[1] for info in storage.list_objects(on_s3["feature_cache"]))
     assert keys == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt", STAGE_FILE]
-    run_uri = storage.join(on_s3["storage_path"], runs["one"].run_dir.name)
+    run_uri = storage.join(on_s3["storage_path"], runs["two"].run_dir.name)
     state = latest_checkpoint_state(run_uri)
     assert state is not None and state["epoch"] == 1
     assert not (root / "s3-runs").exists()  # nothing went to the local default
 
     # The same command again (without the injected fault) continues from the S3 checkpoint.
-    resumed = train_distributed(make_config(root, openai_clip_file, dataset, 1, "s3", **on_s3))
+    resumed = train_distributed(make_config(root, openai_clip_file, dataset, 2, "s3", **on_s3))
     assert resumed.resumed_from_epoch == 1 and resumed.epochs == EPOCHS
     assert resumed.run_dir == run_uri and latest_checkpoint_state(run_uri)["epoch"] == EPOCHS
     assert resumed.features.skipped and str(resumed.features.directory).startswith(on_s3["feature_cache"])
     assert [h["epoch"] for h in resumed.history] == list(range(1, EPOCHS + 1))
-    difference = max_difference(prompts_of(resumed.detector), prompts_of(runs["one"].detector))
+    assert [h["workers"] for h in resumed.history] == [2] * EPOCHS
+    difference = max_difference(prompts_of(resumed.detector), prompts_of(runs["two"].detector))
     print(f"max |prompts(S3, resumed) - prompts(local, uninterrupted)| = {difference:.2e}")
-    assert difference <= EQUIVALENCE_ATOL
+    assert difference <= 1e-6  # same worker count, same arithmetic: only the storage differs
     # Training workers read the shards through the node cache; the driver can do the same.
     remote, local = ShardedFeatures(resumed.features.directory), ShardedFeatures(runs["one"].features.directory)
     rows = torch.tensor([11, 0, 6])
     assert len(remote) == 12 and torch.equal(remote.rows(rows).patch_features, local.rows(rows).patch_features)
+
+
+DRIVER_KILL_EPOCHS = 6
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_when_the_same_command_is_run_again(ray_cluster, runs, dataset, openai_clip_file):
+    """`python -m jobs.train_prompts` on the running cluster, SIGKILLed once its first epoch
+    checkpoint exists; the same command again resumes there and ends with the single-process prompts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = runs["root"]
+    storage_path, name = root / "driver-runs", "driver-kill"
+    command = [
+        sys.executable, "-m", "jobs.train_prompts", "--data", f"folder:{dataset}", "--output", str(root / "driver-bundle"),
+        "--backbone", f"openai:{openai_clip_file}", "--image-size", "56", "--layers", "3,6", "--dpam-layers", "4",
+        "--epochs", str(DRIVER_KILL_EPOCHS), "--batch-size", str(BATCH), "--workers", "2", "--cache-dtype", "float32",
+        "--storage-path", str(storage_path), "--name", name, "--feature-cache", str(root / "features"),
+        "--shard-size", "5", "--ray-address", ray_cluster.get_runtime_context().gcs_address, "--quiet",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    log = root / "driver-kill.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(command, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+        killed_at, deadline = None, time.monotonic() + 180
+        while time.monotonic() < deadline and driver.poll() is None:
+            state = latest_checkpoint_state(storage_path / name)
+            if state is not None:
+                driver.send_signal(signal.SIGKILL)
+                killed_at = state["epoch"]
+                break
+            time.sleep(0.05)
+        driver.wait(timeout=60)
+    assert killed_at is not None, f"no checkpoint before the driver ended:\n{log.read_text()[-3000:]}"
+    assert driver.returncode == -signal.SIGKILL
+    assert 1 <= killed_at < DRIVER_KILL_EPOCHS, "the run must be cut short for this test to mean anything"
+    assert not (root / "driver-bundle").exists()  # no half-written output
+
+    again = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = load_bundle(root / "driver-bundle", backbone_spec=BackboneSpec(kind="openai_file",
+                                                                              pretrained=str(openai_clip_file)))
+    training = resumed.metadata["training"]
+    # Workers of the killed driver may finish one more epoch before Ray reaps them; never fewer.
+    assert killed_at <= training["distributed"]["resumed_from_epoch"] < DRIVER_KILL_EPOCHS
+    assert [h["epoch"] for h in training["history"]] == list(range(1, DRIVER_KILL_EPOCHS + 1))
+    assert training["distributed"]["feature_stage_skipped"]
+    spec = BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file))
+    single = Detector.create(spec, image_size=56, layers=(3, 6), dpam_layers=4, seed=111)
+    train_prompts(single, parse_data_spec(f"folder:{dataset}"),
+                  TrainConfig(epochs=DRIVER_KILL_EPOCHS, batch_size=BATCH, cache_dtype="float32"), progress=False)
+    difference = max_difference(prompts_of(resumed), prompts_of(single))
+    print(f"killed at epoch {killed_at}, resumed from {training['distributed']['resumed_from_epoch']}; "
+          f"max |prompts(resumed, 2 workers) - prompts(single process)| = {difference:.2e}")
+    assert difference <= EQUIVALENCE_ATOL

@@ -62,6 +62,20 @@ class DetectorSource:
         detector.precision = self.precision
         return detector
 
+    def load_for_prompt_training(self, device: torch.device | str) -> Detector:
+        """The detector with only what prompt learning on cached features runs on `device`.
+
+        Training workers never run the vision tower (its features are in the cache), so it stays in
+        host memory; only the prompts and, for CLIP backbones, the text tower go to the worker's GPU.
+        For ViT-L-14-336 that keeps ~300M vision weights and their working memory off every training GPU.
+        """
+        detector = self.load("cpu")
+        tower = detector.backbone.text_tower
+        if tower is not None:
+            tower.to(device)
+        detector.prompts.to(device)
+        return detector
+
 
 def _location(directory: str | Path) -> Path | str:
     """A stage directory as given: an s3:// URI stays a string, anything else is a local Path."""

@@ -219,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     source: DetectorSource = loop_config["source"]
-    detector = source.load(device)
+    detector = source.load_for_prompt_training(device)
     torch.manual_seed(config.seed)
     prompts = detector.prompts
     prompts.train()
@@ -487,10 +487,11 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
             "workers": config.workers, "gpus_per_worker": config.gpus_per_worker, "run": run, "name": name,
             "storage_path": str(storage), "feature_dir": str(features.directory),
             "feature_stage_skipped": features.skipped, "train_seconds": train_seconds,
+            "resumed_from_epoch": previous["epoch"] if previous is not None else 0,
         },
     }
     detector.metadata["training"] = training
     bundle = save_bundle(detector.to("cpu"), config.output_dir(), training=training)
-    resumed = previous["epoch"] if previous is not None else 0
+    resumed = training["distributed"]["resumed_from_epoch"]
     return DistributedTrainResult(bundle, int(final["epoch"]), history, run_dir, features, resumed, train_seconds,
                                   detector)

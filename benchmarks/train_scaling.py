@@ -90,8 +90,8 @@ def vit_l_memory_rows(image_size: int = 518, map_layers: int = 1, batch: int = 8
     add("prompt stage, text activations (2 prompts)", f"{text_saved / MB:.0f} MB")
     add("prompt stage, per sample of a slice", f"{per_sample / MB:.1f} MB ({map_layers} map layer(s))")
     add(f"prompt stage, per worker (batch {batch} over {workers}: {slice_size}/worker)",
-        f"{text_only / GB:.2f} GB with the text tower only; "
-        f"{(text_only + vision_params * 4) / GB:.2f} GB as now (whole backbone loaded, fp32)")
+        f"{text_only / GB:.2f} GB with the text tower only (what workers load); "
+        f"{(text_only + vision_params * 4) / GB:.2f} GB if the vision tower were also on the device (fp32)")
     reference = vision_params * 4 + batch * ((2 + 3 + 1) * tokens * w * 4 + tokens * mlp * 4 + heads * tokens * tokens * 4)
     add("uncached reference step (batch 8, fp32, unfused)",
         f"{(reference + text_only) / GB:.2f} GB: the frozen encoder would run every step")

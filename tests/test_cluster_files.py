@@ -305,6 +305,22 @@ def test_crd_copies_are_documented():
         assert (CRDS / f"{kind.lower()}.v1.schema.json").exists()
 
 
+def test_crd_trimming_drops_doc_texts_but_keeps_a_field_named_description():
+    spec = importlib.util.spec_from_file_location("trim_crds", CRDS / "trim_crds.py")
+    trim_crds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trim_crds)
+    crd = {"metadata": {"name": "things.example.io"}, "spec": {"group": "example.io", "names": {"kind": "Thing"},
+           "versions": [{"name": "v1", "schema": {"openAPIV3Schema": {
+               "type": "object", "description": "a thing",
+               "properties": {
+                   "spec": {"type": "object", "description": "its spec", "required": ["description"],
+                            "properties": {"description": {"type": "string", "description": "a field", "maxLength": 9}}},
+                   "status": {"type": "object"}}}}}]}}
+    trimmed = trim_crds.trim(crd)["openAPIV3Schema"]
+    assert trimmed == {"type": "object", "properties": {"spec": {
+        "type": "object", "required": ["description"], "properties": {"description": {"type": "string", "maxLength": 9}}}}}
+
+
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
 def test_kuberay_manifest_matches_the_crd(name):
     doc = _manifest(name)

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import yaml
 
-DROPPED_KEYS = {"description"}
+
+
+def _is_doc_text(key: str, value) -> bool:
+    # A schema's `description` is a string; a field *named* description is a schema (a dict) under
+    # `properties` and is a constraint to keep.
+    return key == "description" and isinstance(value, str)
 
 
 def _strip(node):
     if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if k not in DROPPED_KEYS}
+        return {k: _strip(v) for k, v in node.items() if not _is_doc_text(k, v)}
     if isinstance(node, list):
         return [_strip(v) for v in node]
     return node

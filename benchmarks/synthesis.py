@@ -132,7 +132,8 @@ def quality_table(args) -> list[str]:
         recipe = parse_recipe({
             "name": "magnetic-tile-procedural", "normal": [train_spec], "output": str(work / "library"),
             "seed": args.seed, "shard_size": 32, "ray": {"actors": args.synthesis_actors},
-            "defects": [{"name": g, "generator": g, "count": c} for g, c in zip(QUALITY_GENERATORS, counts)],
+            "defects": [{"name": g, "generator": g, "count": c, "settings": {"color": args.color}}
+                        for g, c in zip(QUALITY_GENERATORS, counts)],
         })
         _log(f"synthesising {total} images ({dict(zip(QUALITY_GENERATORS, counts))}) into {work / 'library'}")
         started = time.perf_counter()
@@ -180,7 +181,8 @@ def quality_table(args) -> list[str]:
         f"# test: {HELDOUT_DEFECTS} ({sum(s.label for s in test)} real defects) + "
         f"{sum(1 for s in test if s.label == 0)} test-half MT_Free normals (never used for synthesis or training)",
         f"# library: {len(library)} images from the {len(sources)} train-half MT_Free normals it drew on "
-        f"(of {len(train_normals)}), native size, recipe seed {args.seed}, made in {synthesis_seconds:.0f} s",
+        f"(of {len(train_normals)}), native size, recipe seed {args.seed}, defect colour {args.color}, "
+        f"made in {synthesis_seconds:.0f} s",
         "",
     ]
     header = ["prompts trained on", "training data", *(label for _, label in QUALITY_KEYS), "train s"]
@@ -222,6 +224,9 @@ def main() -> None:
     quality.add_argument("--synthetic", type=int, default=None,
                          help="library size (default: as many as the real training defects), split over the generators")
     quality.add_argument("--seed", type=int, default=0, help="recipe seed of the library")
+    quality.add_argument("--color", choices=("auto", "grey", "rgb"), default="auto",
+                         help="defect colour (MT images are greyscale: auto gives grey defects; tables made "
+                              "before this option used rgb)")
     quality.add_argument("--synthesis-actors", type=int, default=0, help="Ray actors for the library (0: in process)")
     quality.add_argument("--work", default=None, help="keep the library (and its card) here; default a temporary directory")
     quality.add_argument("--cache-dir", default=os.environ.get("ANOMALYFLEET_FEATURE_CACHE"),

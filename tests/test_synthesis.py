@@ -240,3 +240,77 @@ def test_synthesis_cli_commands(tmp_path, normals):
     args = parser.parse_args(["synth", "learn", "--steps", "5"])
     with pytest.raises(ConfigError, match="needs --pipeline"):
         args.func(args)
+
+
+# --- colour --------------------------------------------------------------------------------------
+
+
+def equal_channels(image):
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
+GENERATORS = [("perlin", {"texture": "noise"}), ("perlin", {}), ("cutpaste", {"jitter": 0.3}), ("scar", {"jitter": 0.3})]
+
+
+@pytest.mark.parametrize("name,settings", GENERATORS)
+def test_greyscale_images_get_grey_defects(name, settings):
+    grey = texture()
+    tinted = [make_procedural(name, {**settings, "color": "rgb"}).generate(grey, s) for s in range(4)]
+    # Without the option the colour texture / per-channel gain does tint a greyscale image ...
+    assert not all(equal_channels(t.image) for t in tinted)
+    for seed, rgb in enumerate(tinted):
+        auto = make_procedural(name, settings).generate(grey, seed)
+        # ... with the default (auto) it stays grey, in the same place, and still changes the region.
+        assert equal_channels(auto.image) and auto.details["grey"]
+        assert np.array_equal(auto.mask, rgb.mask) and np.array_equal(auto.image[~auto.mask], grey[~auto.mask])
+        assert (auto.image[auto.mask] != grey[auto.mask]).any(-1).mean() > 0.3
+        assert make_procedural(name, settings).settings()["color"] == "auto"
+
+
+@pytest.mark.parametrize("name,settings", GENERATORS)
+def test_color_option_on_colour_images(name, settings):
+    rng = np.random.default_rng(2)
+    colour = (texture().astype(int) + rng.integers(-30, 30, (1, 1, 3))).clip(0, 255).astype(np.uint8)
+    colour[..., 2] = colour[..., 2] // 2
+    auto = make_procedural(name, settings).generate(colour, 5)
+    rgb = make_procedural(name, {**settings, "color": "rgb"}).generate(colour, 5)
+    forced = make_procedural(name, {**settings, "color": "grey"}).generate(colour, 5)
+    assert np.array_equal(auto.image, rgb.image), "auto leaves colour images alone"
+    assert not auto.details["grey"] and forced.details["grey"]
+    assert equal_channels(forced.image[forced.mask]) and np.array_equal(forced.image[~forced.mask], colour[~forced.mask])
+    assert not equal_channels(forced.image)  # only the defect is grey
+    with pytest.raises(ConfigError, match="color must be one of auto, grey, rgb"):
+        make_procedural(name, {**settings, "color": "gray-ish"})
+
+
+def test_library_of_greyscale_normals_is_greyscale(tmp_path, normals):
+    """write_folder_dataset's normals are greyscale; every written defect image keeps equal channels."""
+    out = tmp_path / "lib"
+    data = recipe_dict(normals, out)
+    data["defects"][0]["settings"] = {"texture": "noise"}
+    synthesize_library(parse_recipe(data), progress=False)
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        with Image.open(out / row["image"]) as handle:
+            image = np.asarray(handle.convert("RGB"))
+        assert equal_channels(image) and row["details"]["grey"] and row["settings"]["color"] == "auto"
+
+
+def test_ray_options_are_validated(tmp_path, normals):
+    import argparse
+
+    from anomalyfleet.synthesis.cli_args import add_synthesize_arguments
+
+    base = recipe_dict(normals, tmp_path / "lib")
+    ray = parse_recipe({**base, "ray": {"learn_gpus": 0.25, "max_retries": 0,
+                                         "fault_injection": {"kill_after_images": 2}}}).ray
+    assert ray.learn_gpus == 0.25 and ray.num_gpus is None and ray.fault_injection.once is None
+    for bad, word in [({"learn_gpus": -1}, "learn_gpus"), ({"max_retries": -1}, "max_retries"),
+                      ({"fault_injection": {"kill_after": 2}}, "kill_after"), ({"learn_gpu": 1}, "learn_gpu")]:
+        with pytest.raises(ConfigError, match=word):
+            parse_recipe({**base, "ray": bad})
+    parser = argparse.ArgumentParser()
+    add_synthesize_arguments(parser)
+    assert parser.parse_args(["r.yaml", "--learn-gpus", "0.5"]).learn_gpus == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["r.yaml", "--learn-gpus", "-1"])

@@ -146,3 +146,155 @@ def test_library_to_s3_killed_resumed_and_read_back(ray_cluster, tmp_path, s3_en
         assert hashlib.sha256(Path(sample.image).read_bytes()).hexdigest() == row["sha256"]["image"]
         assert hashlib.sha256(Path(sample.mask).read_bytes()).hexdigest() == row["sha256"]["mask"]
     assert len(parse_data_spec(f"library:{out}?defects=cut")) == 40
+
+
+# --- worker loss ---------------------------------------------------------------------------------
+
+
+def test_lost_actor_mid_shard_every_sample_once(ray_cluster, tmp_path):
+    """One actor SIGKILLs itself half-way through its second shard; the job still completes with
+    every planned sample once, byte-identical to the in-process library, every shard verifiable."""
+    from anomalyfleet.manifest import verify_manifest
+
+    normals = write_folder_dataset(tmp_path / "n", normals=4, anomalies=0, size=48)
+    marker = tmp_path / "killed-pid"
+    data = recipe(normals, tmp_path / "ray", count=8)
+    data["ray"]["fault_injection"] = {"kill_after_images": 3, "once": str(marker)}
+    result = synthesize_library(parse_recipe(data), progress=False)
+    local = synthesize_library(parse_recipe(recipe(normals, tmp_path / "local", count=8)), progress=False, actors=0)
+
+    assert result.images == local.images == 12 and result.shards == 6
+    killed = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed, 0)  # the actor really is gone
+    assert not [p for p in (tmp_path / "ray" / "shards").iterdir() if p.name.startswith(".")], "partial shard left"
+    shards = sorted((tmp_path / "ray" / "shards").iterdir())
+    pids = {json.loads((p / "shard.json").read_text())["pid"] for p in shards}
+    # the killed actor finished one shard first; the survivor and the replacement wrote the rest
+    assert killed in pids and len(pids) == 3
+    got = rows(tmp_path / "ray")
+    assert [r["image"] for r in got] == [r["image"] for r in rows(tmp_path / "local")]
+    assert got == rows(tmp_path / "local")
+    assert len({r["image"] for r in got}) == 12
+    for shard in shards:
+        verify_manifest(shard)  # every file of every shard has the size and checksum its manifest says
+        assert {p.name for p in (shard / "images").iterdir()} == {Path(r["image"]).name for r in got
+                                                                   if r["shard"] == shard.name}
+    assert [p.name for p in shards] == sorted(finished_shards(tmp_path / "ray"))
+
+
+def test_worker_lost_too_often_fails_clearly(ray_cluster, tmp_path):
+    """Every actor dies at its first image: after ray.max_retries replacements the job stops with
+    that error (not another one from the clean-up) and the pool's actors are gone."""
+    import ray
+
+    normals = write_folder_dataset(tmp_path / "n", normals=2, anomalies=0, size=32)
+    data = recipe(normals, tmp_path / "lib", count=4)
+    data["ray"].update(actors=1, max_retries=1, fault_injection={"kill_after_images": 1})
+    with pytest.raises(RuntimeError, match="lost its worker 2 times"):
+        synthesize_library(parse_recipe(data), progress=False)
+    # The actors are killed, so the CPUs they held come back.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+# --- AnoGen embedding learning as a Ray task -----------------------------------------------------
+
+
+def anogen_recipe(data_root, pipeline, out, actors):
+    return {
+        "name": "anogen", "normal": f"folder:{data_root}", "output": str(out), "seed": 7, "shard_size": 2,
+        "defects": [{"name": "crack", "generator": "anogen", "count": 2, "pipeline": str(pipeline),
+                     "support": f"folder:{data_root}", "learn": {"steps": 6, "checkpoint_every": 3},
+                     "settings": {"steps": 2}}],
+        "ray": {"actors": actors, "num_cpus": 1},
+    }
+
+
+def test_anogen_embedding_learned_by_a_ray_task(ray_cluster, tmp_path, monkeypatch):
+    """Each missing embedding is learned by a Ray task (not the driver), retried from its checkpoint
+    when its worker dies, lands where the in-process path puts it, is skipped on a re-run and equals
+    the one learned in-process, uninterrupted, with the same seed."""
+    import torch
+
+    from anomalyfleet.synthesis import anogen, library
+    from anomalyfleet.synthesis.anogen import load_embedding
+    from tests.tiny_diffusion import build_tiny_pipeline
+
+    pipeline = build_tiny_pipeline(tmp_path / "sd")
+    data_root = write_folder_dataset(tmp_path / "data", normals=2, anomalies=2, size=32)
+    data = anogen_recipe(data_root, pipeline, tmp_path / "ray", actors=1)
+    # The first learning worker dies after step 4 (checkpoint at 3): Ray retries the task, which resumes.
+    marker = tmp_path / "killed-pid"
+    data["ray"]["fault_injection"] = {"kill_after_learn_steps": 4, "once": str(marker)}
+    on_ray = parse_recipe(data)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the embedding must be learned in a Ray task, not in the driver")
+
+    monkeypatch.setattr(anogen, "learn_embedding", not_here)  # Ray workers import their own copy
+    result = synthesize_library(on_ray, progress=False)
+    assert result.images == 2
+    learned = tmp_path / "ray" / "embeddings" / "crack.pt"
+    placeholder, vector, meta = load_embedding(learned)
+    assert meta["learned_by"]["pid"] not in (os.getpid(), int(marker.read_text()))
+    assert meta["learned_by"]["device"] == "cpu"  # no GPU granted (learn_gpus defaults to the actors' 0)
+    assert meta["steps"] == 6 and meta["resumed_at_step"] == 3 and meta["config"]["seed"] == 7
+    assert (tmp_path / "ray" / "embeddings" / ".crack-checkpoints" / "latest.pt").is_file()
+    assert {r["settings"]["embedding_defect"] for r in rows(tmp_path / "ray")} == {"crack"}
+
+    # A re-run finds it and learns nothing (nor starts a learning task).
+    stamp = learned.stat().st_mtime_ns
+    monkeypatch.setattr(library, "_learn_on_ray", not_here)
+    assert synthesize_library(on_ray, progress=False).shards_done_now == 0
+    assert learned.stat().st_mtime_ns == stamp
+
+    # In this process (no Ray, one thread as in the task): the same vector. Same seed, same CPU
+    # kernels: bit-identical when measured; the tolerance (1e-6 absolute) allows only float rounding.
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = synthesize_library(parse_recipe(anogen_recipe(data_root, pipeline, tmp_path / "local", actors=0)),
+                                  progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    local_placeholder, local_vector, local_meta = load_embedding(tmp_path / "local" / "embeddings" / "crack.pt")
+    assert local_meta["learned_by"]["pid"] == os.getpid()
+    assert local_placeholder == placeholder
+    assert torch.allclose(vector, local_vector, rtol=0, atol=1e-6)
+    assert not torch.equal(vector, torch.zeros_like(vector))
+    assert here.images == 2 and rows(tmp_path / "local") == rows(tmp_path / "ray")
+
+
+# --- normal images in object storage -------------------------------------------------------------
+
+
+def test_normals_in_object_storage_read_by_the_actors(ray_cluster, tmp_path, s3_env):
+    """`folder:s3://...` or a bare s3:// prefix: the plan names the normals by URI, so an actor on any
+    node reads them through the storage layer; the samples equal those made from a local copy."""
+    from anomalyfleet.errors import DataError
+    from anomalyfleet.synthesis.library import resolve_normals
+
+    normals = write_folder_dataset(tmp_path / "n", normals=3, anomalies=1, size=40)
+    base = s3_env.uri(f"normals/{time.time_ns()}")
+    for path in sorted(normals.rglob("*.png")):
+        storage.upload_file(path, storage.join(base, path.relative_to(normals).as_posix()))
+    expected = [storage.join(base, "normal", f"n{i:03d}.png") for i in range(3)]
+    assert resolve_normals([f"folder:{base}"]) == resolve_normals([storage.join(base, "normal")]) == expected
+    with pytest.raises(DataError, match="no normal images"):
+        resolve_normals([storage.join(base, "elsewhere")])
+
+    data = {"name": "s3-normals", "normal": [f"folder:{base}"], "output": str(tmp_path / "ray"), "seed": 2,
+            "shard_size": 2, "defects": [{"name": "stain", "generator": "perlin", "count": 4}],
+            "ray": {"actors": 1, "num_cpus": 1}}
+    assert synthesize_library(parse_recipe(data), progress=False).images == 4
+    local = {**data, "normal": [str(normals / "normal")], "output": str(tmp_path / "local")}
+    synthesize_library(parse_recipe(local), progress=False, actors=0)
+    got, want = rows(tmp_path / "ray"), rows(tmp_path / "local")
+    assert {r["source_image"] for r in got} == set(expected)  # URIs, not this node's mirror of them
+    assert [Path(r["source_image"]).name for r in got] == [Path(r["source_image"]).name for r in want]
+    strip = [{k: v for k, v in r.items() if k != "source_image"} for r in got]
+    assert strip == [{k: v for k, v in r.items() if k != "source_image"} for r in want]

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -135,11 +136,12 @@ def add_placeholder(components: Components, placeholder: str, vector: torch.Tens
 
 def save_embedding(path: str | Path, placeholder: str, vector: torch.Tensor, metadata: dict) -> Path:
     """diffusers' textual-inversion format ({token: vector}, so `pipe.load_textual_inversion(path)`
-    works), plus a JSON sidecar with where it came from."""
+    works), plus a JSON sidecar with where it came from. The sidecar goes first: the .pt existing is
+    what marks the embedding done, so a writer killed in between leaves nothing that looks finished."""
     path = Path(path)
     state = {placeholder: vector.detach().float().cpu().clone()}
-    atomic_write(path, lambda handle: torch.save(state, handle))
     atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(metadata, indent=1, sort_keys=True).encode())
+    atomic_write(path, lambda handle: torch.save(state, handle))
     return path
 
 
@@ -292,8 +294,11 @@ def noise_loss_step(components: Components, scheduler, latents: torch.Tensor, we
 
 def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.ndarray, np.ndarray],
                     output: str | Path, config: LearnConfig | None = None, checkpoint_dir: str | Path | None = None,
-                    progress: bool = True, defect_name: str | None = None) -> Path:
-    """Textual inversion of one defect type. Resumes from `checkpoint_dir/latest.pt` when present."""
+                    progress: bool = True, defect_name: str | None = None,
+                    on_step: Callable[[int], None] | None = None) -> Path:
+    """Textual inversion of one defect type. Resumes from `checkpoint_dir/latest.pt` when present.
+    `on_step(steps_done)` runs after each step, its checkpoint written (the library job's fault
+    injection hooks in there)."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -370,6 +375,8 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
                               "generator": generator.get_state(), "placeholder": placeholder,
                               "config": asdict(config)}
                 atomic_write(ckpt_path, lambda handle: torch.save(checkpoint, handle))
+            if on_step is not None:
+                on_step(done)
     finally:
         bar.close()
         override.remove()
@@ -377,8 +384,10 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     metadata = {
         "placeholder": placeholder, "defect": name, "init_word": config.init_word, "pipeline": components.source,
         "text_encoder": text_encoder_fingerprint(components.text_encoder), "resolution": resolution,
-        "steps": config.steps, "support_images": int(len(images)), "config": asdict(config),
+        "steps": config.steps, "resumed_at_step": start, "support_images": int(len(images)), "config": asdict(config),
         "final_loss": float(np.mean(losses[-50:])) if losses else None, "versions": _versions(),
+        # Which process learned it (a Ray task's worker, or the CLI), for tracing a library back.
+        "learned_by": {"host": os.uname().nodename, "pid": os.getpid(), "device": str(device)},
     }
     return save_embedding(output, placeholder, vector, metadata)
 

@@ -43,6 +43,8 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="override the recipe's output directory")
     p.add_argument("--actors", type=int, default=None, help="Ray actors (0: in this process, no Ray)")
     p.add_argument("--num-gpus", type=_gpus, default=None, help="GPU fraction per actor")
+    p.add_argument("--learn-gpus", type=_gpus, default=None,
+                   help="GPU fraction per AnoGen embedding-learning task (default: as --num-gpus)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: connect or start a local one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -53,6 +55,8 @@ def cmd_synthesize(args) -> int:
     recipe = load_recipe(args.recipe, output=args.output)
     if args.num_gpus is not None:
         recipe.ray.num_gpus = args.num_gpus
+    if args.learn_gpus is not None:
+        recipe.ray.learn_gpus = args.learn_gpus
     if args.ray_address is not None:
         recipe.ray.address = args.ray_address
     result = synthesize_library(recipe, progress=not args.quiet, actors=args.actors)

@@ -8,11 +8,12 @@ the `library:` data reader expects):
         images/<type>-<NNNNNN>.png, masks/<type>-<NNNNNN>.png
         manifest.jsonl         one row per sample (image, mask, label, defect type, source image,
                                generator and settings, seed, region, sha256 of image and mask)
-        shard.json             generator versions and timing
+        shard.json             generator versions, timing, host and pid of the worker
         manifest.json          size and SHA-256 of every file of the shard (storage.put_tree format)
     manifest.jsonl             all shards' rows in plan order, written once every shard is done
     card.json, card.md         recipe, counts per type, generator versions
     contact-sheet.png          a grid of samples with their masks outlined
+    embeddings/<type>.pt(.json) AnoGen embeddings learned for the recipe (a re-run reuses them)
 
 The output is a local directory or an s3:// prefix. Locally a shard is built in shards/.tmp-* and
 renamed into place in one step, so a shard directory with manifest.jsonl is finished. In object
@@ -22,6 +23,11 @@ shard whose upload was cut off are overwritten by the re-run (keys are fixed by 
 
 A shard is planned from the recipe alone (type, indices, normal image, seed per sample), so every
 run of one recipe plans the same shards and a re-run only does those not yet finished.
+
+On Ray, AnoGen embeddings a recipe asks to learn are learned first, one Ray task per defect type
+(`ray.learn_gpus` each), into embeddings/<type>.pt of the library; then a pool of actors writes the
+shards. A shard whose actor died goes to a fresh actor (up to `ray.max_retries` times); the dead
+actor's half-built shard was never visible, so every sample ends up in the library exactly once.
 """
 
 from __future__ import annotations
@@ -38,12 +44,12 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import anomalyfleet
 from anomalyfleet import storage
@@ -83,20 +89,44 @@ class DefectRecipe(BaseModel):
         return RegionSpec.from_dict(self.region) if self.region is not None else None
 
 
+class FaultInjection(BaseModel):
+    """For tests of worker loss only: a shard actor SIGKILLs itself once it has written
+    `kill_after_images` images (mid-shard), an embedding-learning task once it has done
+    `kill_after_learn_steps` steps, as a node going away would. With `once` (a local file path)
+    only the first worker to get there dies: it creates the file, so the retries live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kill_after_images: int | None = Field(default=None, ge=1)
+    kill_after_learn_steps: int | None = Field(default=None, ge=1)
+    once: str | None = None
+
+    @model_validator(mode="after")
+    def _something_to_kill(self):
+        if self.kill_after_images is None and self.kill_after_learn_steps is None:
+            raise ValueError("fault_injection needs kill_after_images or kill_after_learn_steps")
+        return self
+
+
 class RayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     actors: int = Field(default=2, ge=0)  # 0: run in this process without Ray
-    num_cpus: float = 1.0
-    num_gpus: float | None = None  # per actor; None: 1.0 for AnoGen when the cluster has GPUs, else 0
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)  # per actor; None: 1.0 for AnoGen when the cluster has GPUs, else 0
+    learn_gpus: float | None = Field(default=None, ge=0)  # per AnoGen embedding-learning task; None: as num_gpus
+    max_retries: int = Field(default=3, ge=0)  # per shard and per learning task whose worker was lost
     address: str | None = None  # an existing cluster; None: connect or start a local one
+    fault_injection: FaultInjection | None = None
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "defect-library"
-    normal: list[str]  # data specs (KIND:PATH?...) whose label-0 images are used, directories or globs
+    # Data specs (KIND:PATH?...) whose label-0 images are used, directories, globs or s3:// prefixes;
+    # a spec or prefix in object storage is read by every actor through the storage layer (multi-node).
+    normal: list[str]
     output: str
     defects: list[DefectRecipe]
     seed: int = 0
@@ -176,26 +206,58 @@ def _rebase(spec: str, base: Path) -> str:
 
 
 def resolve_normals(specs: list[str]) -> list[str]:
-    """Normal image paths, sorted and de-duplicated, from data specs, directories or globs."""
-    from anomalyfleet.data.readers import IMAGE_SUFFIXES, KNOWN_KINDS, parse_data_spec
+    """Normal image paths or URIs, sorted and de-duplicated, from data specs, directories, globs or
+    s3:// prefixes.
+
+    Images in object storage stay s3:// URIs: the plan (and the manifest's source_image) names them
+    the same way on every node, and each actor reads them through the storage layer."""
+    from anomalyfleet.data.readers import KNOWN_KINDS
 
     found: list[str] = []
     for spec in specs:
-        kind, sep, _ = spec.partition(":")
+        kind, sep, rest = spec.partition(":")
         if sep and kind in KNOWN_KINDS:
-            found += [s.image for s in parse_data_spec(spec) if s.label == 0]
-            continue
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            found += [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            found += _normals_from_data_spec(spec, rest.partition("?")[0])
+        elif storage.is_remote(spec):
+            found += _normals_under_prefix(spec)
         else:
-            import glob
-
-            found += [p for p in sorted(glob.glob(str(path), recursive=True)) if p.lower().endswith(IMAGE_SUFFIXES)]
+            found += _normals_on_disk(spec)
     found = sorted(set(found))
     if not found:
         raise DataError(f"no normal images found in {specs}")
     return found
+
+
+def _normals_from_data_spec(spec: str, path: str) -> list[str]:
+    from anomalyfleet.data.readers import parse_data_spec
+
+    images = [s.image for s in parse_data_spec(spec) if s.label == 0]
+    if not storage.is_remote(path):
+        return images
+    # The reader saw this node's mirror of the prefix (its layout decides what is normal); name the
+    # chosen images by their URIs, which every node can read.
+    mirror = storage.cached_prefix(path)
+    try:
+        return [storage.join(path, Path(image).relative_to(mirror).as_posix()) for image in images]
+    except ValueError as exc:  # the listing changed between the reader's look and this one
+        raise DataError(f"{path} changed while its normal images were listed; run again") from exc
+
+
+def _normals_under_prefix(prefix: str) -> list[str]:
+    from anomalyfleet.data.readers import IMAGE_SUFFIXES
+
+    return [o.uri for o in storage.list_objects(prefix) if o.uri.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def _normals_on_disk(spec: str) -> list[str]:
+    import glob
+
+    from anomalyfleet.data.readers import IMAGE_SUFFIXES
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return [p for p in sorted(glob.glob(str(path), recursive=True)) if p.lower().endswith(IMAGE_SUFFIXES)]
 
 
 def _derive_seed(*parts: int) -> int:
@@ -270,10 +332,20 @@ def generator_versions(generator) -> dict:
 def _load_rgb(path: str, size: int | None) -> np.ndarray:
     from anomalyfleet.data.transforms import load_image
 
-    image = load_image(path)
+    image = _load_remote_rgb(path) if storage.is_remote(path) else load_image(path)
     if size is not None and image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return np.asarray(image)
+
+
+def _load_remote_rgb(uri: str) -> Image.Image:
+    """A normal image in object storage, read by whichever node's actor needs it (one GET)."""
+    raw = storage.read_bytes(uri)
+    try:
+        with Image.open(io.BytesIO(raw)) as handle:
+            return handle.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {uri}: corrupt, empty or not an image") from exc
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -286,8 +358,9 @@ class ShardWriter:
     """Makes and writes shards. One per worker; it caches each defect type's generator."""
 
     def __init__(self, recipe: Recipe, root: str | Path, embeddings: dict[str, str] | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", after_image: Callable[[], None] | None = None):
         self.recipe = recipe
+        self.after_image = after_image  # called once per image written (fault injection hooks in here)
         self.root = output_root(str(root))
         self.remote = storage.is_remote(self.root)
         self.embeddings = embeddings or {}
@@ -355,6 +428,8 @@ class ShardWriter:
             mask_bytes = _png_bytes(result.mask.astype(np.uint8) * 255)
             (tmp / image_rel).write_bytes(image_bytes)
             (tmp / mask_rel).write_bytes(mask_bytes)
+            if self.after_image is not None:
+                self.after_image()
             prefix = f"{SHARDS}/{shard.shard_id}/"
             rows.append({
                 "image": prefix + image_rel, "mask": prefix + mask_rel, "label": 1,
@@ -367,7 +442,8 @@ class ShardWriter:
             })
         info = {"shard": shard.shard_id, "defect_type": shard.defect, "images": len(rows),
                 "generator": generator.name, "versions": generator_versions(generator),
-                "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename}
+                "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename,
+                "pid": os.getpid()}
         (tmp / "shard.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         (tmp / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         # Sizes and checksums of every file: put_tree uploads it last (the finished mark in
@@ -451,18 +527,26 @@ def _clean_partials(root: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool) -> Path:
+def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool,
+                           device: str | None = None, on_step: Callable[[int], None] | None = None) -> Path:
     """Learn one AnoGen type's embedding into the local file `target`, resuming from the
-    checkpoints kept beside it."""
+    checkpoints kept beside it. `device` applies unless the recipe's `learn` settings name one."""
     from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
 
-    config = LearnConfig.from_dict({"seed": recipe.seed, **defect.learn})
+    settings = {"seed": recipe.seed, **({"device": device} if device else {}), **defect.learn}
+    config = LearnConfig.from_dict(settings)
     return learn_embedding(defect.pipeline, defect.support, target, config=config,
                            checkpoint_dir=target.parent / f".{defect.name}-checkpoints", progress=progress,
-                           defect_name=defect.name)
+                           defect_name=defect.name, on_step=on_step)
 
 
-def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, progress: bool) -> str:
+def embedding_uri(root: str, defect: str) -> str:
+    """Where a library keeps a learned embedding; the .pt existing there means it is done."""
+    return storage.join(root, "embeddings", f"{defect}.pt")
+
+
+def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, progress: bool,
+                            device: str | None = None, on_step: Callable[[int], None] | None = None) -> str:
     """Learn one AnoGen type's embedding into <root>/embeddings/<name>.pt, resumable; returns where it is.
 
     For an object-storage root it is learned in the node's cache (checkpoints included, so a killed
@@ -470,14 +554,14 @@ def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, pro
     """
     name = f"{defect.name}.pt"
     remote = storage.is_remote(root)
-    uri = storage.join(root, "embeddings", name)
+    uri = embedding_uri(root, defect.name)
     if remote and storage.exists(uri):
         return uri
     directory = (storage.cache_dir("synthesis") / hashlib.sha256(root.encode()).hexdigest()[:16] if remote
                  else Path(root))
     target = directory / "embeddings" / name
     if not target.is_file():
-        learn_defect_embedding(recipe, defect, target, progress)
+        learn_defect_embedding(recipe, defect, target, progress, device, on_step)
     if not remote:
         return str(target)
     sidecar = target.with_name(name + ".json")
@@ -487,16 +571,30 @@ def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, pro
     return uri
 
 
-def _learn_missing_embeddings(recipe: Recipe, root: str, progress: bool) -> dict[str, str]:
-    """AnoGen types given support examples but no embedding: learn it once, into the library, resumable."""
-    embeddings = {}
+def _embeddings_to_learn(recipe: Recipe) -> list[DefectRecipe]:
+    """AnoGen types given support examples but no embedding file."""
+    wanted = []
     for defect in recipe.defects:
         if defect.generator != "anogen" or defect.embedding:
             continue
         if not defect.support:
             raise ConfigError(f"defect {defect.name}: anogen needs `embedding` or `support` examples")
-        embeddings[defect.name] = learn_library_embedding(recipe, root, defect, progress)
-    return embeddings
+        wanted.append(defect)
+    return wanted
+
+
+def _learn_missing_embeddings(recipe: Recipe, root: str, progress: bool, actors: int) -> dict[str, str]:
+    """Learn each missing embedding once, into the library; one already there is skipped (resume).
+    With Ray, every type is learned by its own task (GPU work, so not in the driver); without,
+    here in this process."""
+    wanted = _embeddings_to_learn(recipe)
+    todo = [d for d in wanted if not storage.exists(embedding_uri(root, d.name))]
+    if todo and actors > 0:
+        _learn_on_ray(recipe, root, todo, progress)
+    else:
+        for defect in todo:
+            learn_library_embedding(recipe, root, defect, progress)
+    return {d.name: embedding_uri(root, d.name) for d in wanted}
 
 
 def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | None = None) -> LibraryResult:
@@ -511,10 +609,10 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     plan = plan_shards(recipe, normals)
     _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
     _clean_partials(root)
-    embeddings = _learn_missing_embeddings(recipe, root, progress)
+    actors = recipe.ray.actors if actors is None else actors
+    embeddings = _learn_missing_embeddings(recipe, root, progress, actors)
     done = finished_shards(root)
     pending = [s for s in plan if s.shard_id not in done]
-    actors = recipe.ray.actors if actors is None else actors
     if pending:
         if actors == 0:
             _run_local(recipe, root, pending, embeddings, progress)
@@ -523,15 +621,17 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     missing = [s.shard_id for s in plan if s.shard_id not in finished_shards(root)]
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) unfinished: {', '.join(missing[:5])}")
+    # A worker lost mid-shard leaves its temporary directory; every shard is done, so it is garbage.
+    _clean_partials(root)
     counts = write_library_files(root, recipe, plan)
     return LibraryResult(root, sum(counts.values()), len(plan), len(pending), counts,
                          round(time.perf_counter() - started, 3))
 
 
-def _progress_bar(total: int, progress: bool):
+def _progress_bar(total: int, progress: bool, desc: str = "synthesis", unit: str = "img"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="synthesis", unit="img", disable=not progress, smoothing=0.1)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, smoothing=0.1)
 
 
 def _run_local(recipe, root, pending, embeddings, progress) -> None:
@@ -543,31 +643,87 @@ def _run_local(recipe, root, pending, embeddings, progress) -> None:
     bar.close()
 
 
-def _actor_resources(recipe: Recipe) -> dict:
-    import ray
-
-    gpus = recipe.ray.num_gpus
-    if gpus is None:
-        needs_gpu = any(d.generator == "anogen" for d in recipe.defects)
-        gpus = 1.0 if needs_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"num_cpus": recipe.ray.num_cpus, "num_gpus": gpus}
+# --- on Ray --------------------------------------------------------------------------------------
 
 
-def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retries: int = 3) -> None:
-    """Shards go to a pool of actors, two in flight per actor so none idles between shards. A shard
-    whose actor died is handed to a fresh actor; a shard is only ever visible once, finished."""
+def _connect_ray(recipe: Recipe):
     import ray
 
     if not ray.is_initialized():
         ray.init(address=recipe.ray.address, include_dashboard=False, log_to_driver=False)
-    Worker = ray.remote(_ShardActor)
-    options = _actor_resources(recipe)
+    return ray
+
+
+def _gpu_share(recipe: Recipe, requested: float | None) -> float:
+    """A GPU fraction as the recipe asks; unset: a whole GPU for AnoGen when the cluster has any."""
+    import ray
+
+    if requested is not None:
+        return requested
+    needs_gpu = any(d.generator == "anogen" for d in recipe.defects)
+    return 1.0 if needs_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _runtime_env() -> dict:
+    """Workers reach the same object store (output, s3:// normals and pipelines) as this process."""
     env = storage.storage_env()
-    if env:
-        # Actors reach the same object store (output, s3:// pipelines) as this process.
-        options["runtime_env"] = {"env_vars": env}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _learn_on_ray(recipe: Recipe, root: str, defects: list[DefectRecipe], progress: bool) -> None:
+    """One Ray task per type, all at once, each with the recipe's learning GPU share. A task whose
+    worker dies is retried by Ray; it resumes from its checkpoints when it lands on the same node."""
+    ray = _connect_ray(recipe)
+    wanted = recipe.ray.learn_gpus if recipe.ray.learn_gpus is not None else recipe.ray.num_gpus
+    gpus = _gpu_share(recipe, wanted)
+    task = ray.remote(_learn_task).options(num_cpus=recipe.ray.num_cpus, num_gpus=gpus,
+                                           max_retries=recipe.ray.max_retries, retry_exceptions=False,
+                                           **_runtime_env())
+    recipe_json = recipe.model_dump(mode="json")
+    # No GPU granted: say cpu, so a node that has one idle does not get used behind Ray's back.
+    device = "auto" if gpus > 0 else "cpu"
+    names = {task.remote(recipe_json, root, d.name, device): d.name for d in defects}
+    waiting = list(names)
+    bar = _progress_bar(len(names), progress, desc="learn embeddings", unit="type")
+    try:
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.WorkerCrashedError as exc:
+                raise RuntimeError(f"learning the {names[ready[0]]} embedding lost its worker "
+                                   f"{recipe.ray.max_retries + 1} times; giving up") from exc
+            bar.update(1)
+    finally:
+        bar.close()
+        for ref in waiting:
+            ray.cancel(ref, force=True)
+
+
+def _learn_task(recipe_json: dict, root: str, name: str, device: str) -> str:
+    """Ray task body: learn one type's embedding on the node Ray chose and write it into the library."""
+    import torch
+
+    recipe = Recipe.model_validate(recipe_json)
+    # As many threads as CPUs granted, so tasks sharing a node do not oversubscribe it.
+    torch.set_num_threads(max(1, int(recipe.ray.num_cpus)))
+    defect = next(d for d in recipe.defects if d.name == name)
+    fault = recipe.ray.fault_injection
+    on_step = (_kill_after(fault.kill_after_learn_steps, fault.once)
+               if fault and fault.kill_after_learn_steps else None)
+    return learn_library_embedding(recipe, root, defect, progress=False, device=device, on_step=on_step)
+
+
+def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
+    """Shards go to a pool of actors, two in flight per actor so none idles between shards. A shard
+    whose actor died is handed to a fresh actor; a shard is only ever visible once, finished."""
+    ray = _connect_ray(recipe)
+    Worker = ray.remote(_ShardActor)
+    options = {"num_cpus": recipe.ray.num_cpus, "num_gpus": _gpu_share(recipe, recipe.ray.num_gpus),
+               **_runtime_env()}
     count = max(1, min(actors, len(pending)))
     recipe_json = recipe.model_dump(mode="json")
+    max_retries = recipe.ray.max_retries
 
     def spawn():
         return Worker.options(**options, max_concurrency=1).remote(recipe_json, str(root), embeddings)
@@ -602,7 +758,8 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retri
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
                 retries[shard.shard_id] = retries.get(shard.shard_id, 0) + 1
                 if retries[shard.shard_id] > max_retries:
-                    raise RuntimeError(f"shard {shard.shard_id} failed {max_retries} times") from exc
+                    raise RuntimeError(f"shard {shard.shard_id} lost its worker {max_retries + 1} times; "
+                                       "giving up (ray.max_retries)") from exc
                 bar.write(f"worker lost on shard {shard.shard_id}; retrying on a new worker")
                 queue.insert(0, shard)
                 # Replace the actor once, not once per shard it had in flight.
@@ -613,8 +770,9 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int, max_retri
         metrics.finish()
     finally:
         bar.close()
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
+        # Killing the actors fails whatever is still queued on them. (Actor tasks cannot be
+        # force-cancelled: Ray raises ValueError, which here would hide the error that got us here
+        # and leave the actors running.)
         for actor in pool:
             ray.kill(actor)
 
@@ -626,10 +784,37 @@ class _ShardActor:
         import torch
 
         torch.set_num_threads(1)  # one thread per actor: actors, not threads, share out the cores
-        self.writer = ShardWriter(Recipe.model_validate(recipe_json), root, embeddings)
+        recipe = Recipe.model_validate(recipe_json)
+        fault = recipe.ray.fault_injection
+        after_image = (_kill_after(fault.kill_after_images, fault.once)
+                       if fault and fault.kill_after_images else None)
+        self.writer = ShardWriter(recipe, root, embeddings, after_image=after_image)
 
     def write(self, shard: ShardPlan) -> dict:
         return self.writer.write(shard)
+
+
+def _kill_after(count: int, once: str | None) -> Callable[..., None]:
+    """Fault injection (see FaultInjection): a callable that SIGKILLs this process on its count-th call."""
+    import signal
+
+    calls = 0
+
+    def hook(*_) -> None:
+        nonlocal calls
+        calls += 1
+        if calls != count:
+            return
+        if once is not None:
+            try:
+                marker = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return  # another worker has died for this run already
+            os.write(marker, str(os.getpid()).encode())
+            os.close(marker)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 # --- the finished library ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -19,6 +20,33 @@ class Synthesis:
     mask: np.ndarray  # (H, W) bool
     region: Region
     details: dict = field(default_factory=dict)  # per-sample draws worth recording (beta, source offset...)
+
+
+Color = Literal["auto", "grey", "rgb"]
+COLORS = ("auto", "grey", "rgb")
+# ITU-R BT.601 luma, what PIL's convert("L") uses, so a grey defect looks like the image converted.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def check_color(color: str) -> Color:
+    if color not in COLORS:
+        raise ConfigError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
+    return color  # type: ignore[return-value]
+
+
+def is_greyscale(image: np.ndarray) -> bool:
+    """True when every pixel has equal channels (a greyscale photo loaded as RGB)."""
+    return bool(image.ndim == 2 or ((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()))
+
+
+def wants_grey(color: Color, image: np.ndarray) -> bool:
+    return color == "grey" or (color == "auto" and is_greyscale(image))
+
+
+def to_grey(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) float pixels to their luma, repeated over the channels: equal channels after rounding."""
+    luma = pixels @ LUMA.astype(pixels.dtype)
+    return np.repeat(luma[..., None], 3, axis=-1)
 
 
 def perlin_noise(rng: np.random.Generator, height: int, width: int, res_y: int, res_x: int) -> np.ndarray:
@@ -118,21 +146,27 @@ class TextureSource:
 class PerlinBlend:
     """DRAEM's anomaly: a thresholded Perlin-noise shape, filled with an augmented texture blended
     into the image with opacity 1 - beta, beta ~ U(beta range). The shape is cut to the sampled region
-    so it obeys the same size/position controls as every other generator."""
+    so it obeys the same size/position controls as every other generator.
+
+    `color`: the texture sources (and the augmentations) are colour; on a greyscale product that
+    would be a tint no real defect has, so with "auto" (default) a greyscale image gets a grey
+    defect, "grey" makes every defect grey and "rgb" keeps the colour."""
 
     name = "perlin"
     default_region = RegionSpec(shape="ellipse", size=(0.15, 0.4), aspect=(0.5, 2.0), rotation=(0, 180))
 
     def __init__(self, texture: str = "self", beta: tuple[float, float] = (0.0, 0.8),
-                 scale: tuple[int, int] = (0, 6), coverage: tuple[float, float] = (0.3, 0.7)):
+                 scale: tuple[int, int] = (0, 6), coverage: tuple[float, float] = (0.3, 0.7),
+                 color: Color = "auto"):
         self.texture = TextureSource(texture)
+        self.color = check_color(color)
         self.beta = tuple(float(b) for b in beta)
         self.scale = tuple(int(s) for s in scale)
         self.coverage = tuple(float(c) for c in coverage)
 
     def settings(self) -> dict:
         return {"texture": self.texture.source, "beta": list(self.beta), "scale": list(self.scale),
-                "coverage": list(self.coverage)}
+                "coverage": list(self.coverage), "color": self.color}
 
     def generate(self, image: np.ndarray, seed: int, region: RegionSpec | None = None,
                  foreground: np.ndarray | None = None) -> Synthesis:
@@ -151,24 +185,31 @@ class PerlinBlend:
         beta = rng.uniform(*self.beta)
         base = image.astype(np.float32) / 255.0
         m = mask[..., None]
-        out = np.where(m, beta * base + (1 - beta) * texture, base)
-        details = {"beta": round(float(beta), 4), "noise_res": [res_y, res_x], "coverage": round(float(coverage), 4), **info}
+        blend = beta * base + (1 - beta) * texture
+        grey = wants_grey(self.color, image)
+        if grey:
+            blend = to_grey(blend)
+        out = np.where(m, blend, base)
+        details = {"beta": round(float(beta), 4), "noise_res": [res_y, res_x], "coverage": round(float(coverage), 4),
+                   "grey": grey, **info}
         return Synthesis((out * 255 + 0.5).clip(0, 255).astype(np.uint8), mask, area, details)
 
 
 class CutPaste:
     """CutPaste (Li et al., 2021): a patch of the same image, colour-jittered, pasted elsewhere.
-    `scar` draws long thin rotated regions (the paper's scar variant) unless the recipe sets them."""
+    `scar` draws long thin rotated regions (the paper's scar variant) unless the recipe sets them.
+    `color` as for PerlinBlend: the per-channel gain would tint a greyscale image."""
 
-    def __init__(self, scar: bool = False, jitter: float = 0.1):
+    def __init__(self, scar: bool = False, jitter: float = 0.1, color: Color = "auto"):
         self.scar = bool(scar)
         self.jitter = float(jitter)
+        self.color = check_color(color)
         self.name = "scar" if scar else "cutpaste"
         self.default_region = (RegionSpec(shape="box", size=(0.03, 0.08), aspect=(0.08, 0.4), rotation=(-45, 45))
                                if scar else RegionSpec(shape="box", size=(0.1, 0.3), aspect=(0.3, 3.3)))
 
     def settings(self) -> dict:
-        return {"scar": self.scar, "jitter": self.jitter}
+        return {"scar": self.scar, "jitter": self.jitter, "color": self.color}
 
     def generate(self, image: np.ndarray, seed: int, region: RegionSpec | None = None,
                  foreground: np.ndarray | None = None) -> Synthesis:
@@ -190,10 +231,13 @@ class CutPaste:
         mean = patch.mean(axis=0)
         contrast = rng.uniform(1 - j, 1 + j)
         patch = (patch - mean) * contrast + mean * gain + offset
+        grey = wants_grey(self.color, image)
+        if grey:
+            patch = to_grey(patch)
         out = image.copy()
         out[ys, xs] = (patch + 0.5).clip(0, 255).astype(np.uint8)
         details = {"source_offset": [dy, dx], "gain": [round(float(g), 4) for g in gain],
-                   "contrast": round(float(contrast), 4), "offset": round(float(offset), 3)}
+                   "contrast": round(float(contrast), 4), "offset": round(float(offset), 3), "grey": grey}
         return Synthesis(out, area.mask.copy(), area, details)
 
 

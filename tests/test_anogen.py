@@ -12,6 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from anomalyfleet.errors import ConfigError  # noqa: E402
 from anomalyfleet.synthesis.anogen import (  # noqa: E402
     AnoGenGenerator, GenerateConfig, LearnConfig, _TokenOverride, _unet_input, add_placeholder, encode_prompt,
     latent_mask, learn_embedding, load_components, load_embedding, masked_noise_loss,
@@ -146,6 +147,24 @@ def test_generate_seeded_and_local(pipeline, embedding):
     far = ~ndimage.binary_dilation(out.mask, iterations=6)
     diff = np.abs(out.image.astype(int) - round_trip.astype(int)).mean(-1)
     assert diff[far].mean() < 0.5 * diff[out.mask].mean()
+
+
+def test_generate_keeps_defects_on_greyscale_images_grey(pipeline, embedding):
+    rng = np.random.default_rng(2)
+    grey_image = np.repeat(rng.integers(40, 220, (64, 64, 1)), 3, axis=-1).astype(np.uint8)
+    region = RegionSpec(shape="box", size=(0.3, 0.4), aspect=(1, 1))
+    settings = {"steps": 4, "resolution": 64}
+    auto = AnoGenGenerator.load(pipeline, embedding, settings, device="cpu").generate(grey_image, 5, region)
+    rgb = AnoGenGenerator.load(pipeline, embedding, {**settings, "color": "rgb"}, device="cpu").generate(
+        grey_image, 5, region)
+    assert auto.details["grey"] and not rgb.details["grey"]
+    assert np.array_equal(auto.mask, rgb.mask)
+    channels = rgb.image[rgb.mask].astype(int)
+    assert (channels.max(-1) - channels.min(-1)).max() > 0, "the random pipeline does tint: the check can fail"
+    assert np.array_equal(auto.image[..., 0], auto.image[..., 1]) and np.array_equal(auto.image[..., 1], auto.image[..., 2])
+    assert np.array_equal(auto.image[~auto.mask], grey_image[~auto.mask])
+    with pytest.raises(ConfigError, match="color must be one of"):
+        AnoGenGenerator.load(pipeline, embedding, {"color": "sepia"}, device="cpu")
 
 
 def test_inpainting_unet(tmp_path, support):

@@ -31,7 +31,7 @@ from anomalyfleet import storage
 from anomalyfleet.device import select_device
 from anomalyfleet.errors import ConfigError, DataError
 from anomalyfleet.manifest import atomic_write, atomic_write_bytes
-from anomalyfleet.synthesis.procedural import Synthesis
+from anomalyfleet.synthesis.procedural import Synthesis, check_color, to_grey, wants_grey
 from anomalyfleet.synthesis.regions import RegionSpec, sample_region
 
 
@@ -418,6 +418,12 @@ class GenerateConfig:
     paste_back: bool = True  # outside the region, keep the normal image's own pixels (no VAE round trip)
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     region: dict = field(default_factory=dict)  # default region when the recipe gives none
+    # As for the procedural generators: a pipeline trained on colour photos can tint a defect on a
+    # greyscale product; auto keeps defects on greyscale images grey.
+    color: str = "auto"
+
+    def __post_init__(self):
+        check_color(self.color)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "GenerateConfig":
@@ -482,7 +488,11 @@ class AnoGenGenerator:
         out = out_small if (h, w) == (res, res) else np.asarray(Image.fromarray(out_small).resize((w, h), Image.BICUBIC))
         if self.config.paste_back:
             out = np.where(area.mask[..., None], out, image)
-        return Synthesis(out.astype(np.uint8), area.mask.copy(), area, {"resolution": res})
+        grey = wants_grey(self.config.color, image)
+        if grey:
+            painted = (to_grey(out.astype(np.float32)) + 0.5).clip(0, 255)
+            out = np.where(area.mask[..., None], painted, out)
+        return Synthesis(out.astype(np.uint8), area.mask.copy(), area, {"resolution": res, "grey": grey})
 
     def paint(self, image: np.ndarray, mask: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """The defect painted into `mask` of an (R, R, 3) uint8 image: DDIM + CFG + latent blending."""

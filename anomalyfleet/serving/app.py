@@ -7,6 +7,11 @@
     GET  /healthz
     GET  /openapi.json, /docs
 
+Every result says which `source` scored it: "window" (a line's rolling window of its recent images,
+batch zero-shot mode; see `WindowSettings`), or the bundle's "prompts", "memory" or "fused", and,
+for lines with a window, how many images the window held. Window scores, thresholds and maps are on
+the window's own scale (see `anomalyfleet.rolling_window`).
+
 `?return_map=true` adds the overlay (PNG, base64), the map itself (8-bit PNG, value 255 =
 `map_scale`) and defect boxes (connected regions of the map above the line's pixel threshold, in
 the uploaded image's pixel coordinates).
@@ -39,7 +44,7 @@ from anomalyfleet import __version__
 from anomalyfleet.errors import AnomalyFleetError
 from anomalyfleet.scoring import overlay_png
 from anomalyfleet.serving.auth import AuthError, Authenticator, Principal
-from anomalyfleet.serving.config import ServiceConfig
+from anomalyfleet.serving.config import ServiceConfig, WindowSettings
 from anomalyfleet.serving.inputs import (
     RAW_TYPES,
     CheckedImage,
@@ -80,9 +85,19 @@ class DefectBox(BaseModel):
     area_fraction: float = Field(description="share of the map's pixels in the region")
 
 
+class WindowFill(BaseModel):
+    images: int = Field(description="images in the scoring replica's window of the line when this one was scored "
+                                    "(itself not among them); each replica keeps its own window")
+    size: int
+    min_images: int = Field(description="images the window needs before it scores")
+
+
 class ImageResult(BaseModel):
     image: str
-    score: float = Field(description="probability of 'abnormal' (0..1)")
+    score: float = Field(description="probability of 'abnormal' (0..1) from prompts; the calibrated scale of a "
+                                     "line memory or of the window otherwise (see source)")
+    source: str = Field("prompts", description="what scored it: window, prompts, memory or fused")
+    window: WindowFill | None = Field(None, description="the line's rolling window, when it has one")
     anomalous: bool = Field(description="score >= threshold")
     threshold: float
     width: int
@@ -123,6 +138,7 @@ class LineInfo(BaseModel):
     created_at: str
     calibrated: bool
     description: str = ""
+    window: WindowSettings | None = None
 
 
 class LinesResponse(BaseModel):
@@ -229,6 +245,18 @@ def map_png(amap: np.ndarray, scale: float) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.round(grey).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# Defined before the Gateway: `serve.ingress` freezes the FastAPI app, and with it the globals the
+# endpoints use, while the class is being created, so a helper defined after it would be missing
+# in the replica (a NameError, i.e. a 500, in place of the 503 below).
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in reversed(text.splitlines()):
+        # Ray wraps remote errors in a traceback; the last line names the cause.
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=64)
@@ -376,30 +404,41 @@ class Gateway:
 
     async def _score(self, state: LineState, pixels: np.ndarray, want_map: bool) -> ScoreOutcome:
         try:
-            return await self._handle(state.model_id).score.remote(ScoreItem(state.name, pixels, want_map))
+            return await self._handle(state.model_id).score.remote(ScoreItem(state.name, pixels, want_map, state.window))
         except Exception as exc:  # load failures and lost replicas both mean: try again later
             logger.warning("scoring on line %s failed: %s", state.name, exc)
             raise Refusal(503, "unavailable", f"detector for line {state.name!r} unavailable: {_first_line(exc)}") from None
 
-    def _result(self, state: LineState, checked: CheckedImage, outcome: ScoreOutcome, want_map: bool) -> dict:
+    @staticmethod
+    def _scale(state: LineState, outcome: ScoreOutcome) -> tuple[float, float, float]:
+        """(threshold, pixel threshold, map scale) of the source that scored `outcome`."""
+        if outcome.source == "window" and state.window is not None:
+            return state.window.threshold, state.window.pixel_threshold, state.window.map_scale
         # A registry threshold is the line's; otherwise the threshold of the bundle that answered.
         if state.threshold_source == "registry" or outcome.bundle_threshold is None:
             threshold = state.threshold
         else:
             threshold = outcome.bundle_threshold
+        return threshold, state.pixel_threshold, state.map_scale
+
+    def _result(self, state: LineState, checked: CheckedImage, outcome: ScoreOutcome, want_map: bool) -> dict:
+        threshold, pixel_threshold, map_scale = self._scale(state, outcome)
         result: dict[str, Any] = {
             "image": checked.name, "score": outcome.score, "anomalous": bool(outcome.score >= threshold),
-            "threshold": threshold, "width": checked.width, "height": checked.height,
+            "threshold": threshold, "source": outcome.source, "width": checked.width, "height": checked.height,
             "model_latency_ms": outcome.model_ms, "batch_size": outcome.batch_size,
         }
+        if state.window is not None and outcome.window_images is not None:
+            result["window"] = {"images": outcome.window_images, "size": state.window.size,
+                                "min_images": state.window.min_images}
         if want_map and outcome.map is not None:
             amap = outcome.map
             result.update(
                 overlay_png=_b64(overlay_png(io.BytesIO(checked.data), amap)),
-                map_png=_b64(map_png(amap, state.map_scale)),
-                map_scale=state.map_scale,
-                pixel_threshold=state.pixel_threshold,
-                boxes=[b.model_dump() for b in defect_boxes(amap, state.pixel_threshold, checked.width, checked.height)],
+                map_png=_b64(map_png(amap, map_scale)),
+                map_scale=map_scale,
+                pixel_threshold=pixel_threshold,
+                boxes=[b.model_dump() for b in defect_boxes(amap, pixel_threshold, checked.width, checked.height)],
             )
         return result
 
@@ -409,7 +448,7 @@ class Gateway:
 
     def _record(self, label: str, results: list[dict]) -> None:
         for result in results:
-            self.metrics.scored(label, result["score"], result["anomalous"])
+            self.metrics.scored(label, result["score"], result["anomalous"], result["source"])
 
     # --- endpoints ----------------------------------------------------------------------------------
     async def _line_request(self, request: Request, line: str, endpoint: str, handle):
@@ -507,15 +546,6 @@ class Gateway:
         snapshot = self.snapshot
         return {"status": "ok", "lines": len(snapshot.lines), "unavailable": len(snapshot.errors),
                 "registry_version": snapshot.digest}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    for line in reversed(text.splitlines()):
-        # Ray wraps remote errors in a traceback; the last line names the cause.
-        if line.strip():
-            return line.strip()[:300]
-    return type(exc).__name__
 
 
 def build_app(config: ServiceConfig):

@@ -12,6 +12,9 @@ and Serve adds `deployment`, `replica` and `application` labels. Names as scrape
     ray_anomalyfleet_batch_size_bucket{line, le}        requests of the line in one model batch
     ray_anomalyfleet_reloads_total{line, result}
     ray_anomalyfleet_line_threshold{line}               the decision threshold in force
+    ray_anomalyfleet_source_images_total{line, source}  images by what scored them: window, prompts, memory, fused
+    ray_anomalyfleet_window_images{line}                images in a scorer replica's rolling window of the line
+                                                        (one series per replica: each keeps its own window)
 
 Label values come from the registry, never from the URL: an unknown line is recorded as
 `_unknown`, so a client cannot grow the series without bound.
@@ -43,6 +46,9 @@ class GatewayMetrics:
                                  boundaries=LATENCY_BUCKETS_MS, tag_keys=("line", "endpoint"))
         self.reloads = Counter("anomalyfleet_reloads", description="Line reloads (new bundle or registry) by result.",
                                tag_keys=("line", "result"))
+        self.sources = Counter("anomalyfleet_source_images",
+                               description="Scored images by what scored them (window, prompts, memory, fused), by line.",
+                               tag_keys=("line", "source"))
 
     def request(self, line: str, endpoint: str, code: int, latency_ms: float, images: int = 1) -> None:
         tags = {"line": line, "endpoint": endpoint}
@@ -52,8 +58,9 @@ class GatewayMetrics:
     def error(self, line: str, kind: str, count: int = 1) -> None:
         self.errors.inc(count, tags={"line": line, "kind": kind})
 
-    def scored(self, line: str, score: float, anomalous: bool) -> None:
+    def scored(self, line: str, score: float, anomalous: bool, source: str = "prompts") -> None:
         self.scores.observe(score, tags={"line": line})
+        self.sources.inc(1, tags={"line": line, "source": source})
         if anomalous:
             self.anomalies.inc(1, tags={"line": line})
 
@@ -67,8 +74,10 @@ class GatewayMetrics:
 
 class ScorerMetrics:
     def __init__(self) -> None:
-        from ray.serve.metrics import Histogram
+        from ray.serve.metrics import Gauge, Histogram
 
+        self.window_images = Gauge("anomalyfleet_window_images",
+                                   description="Images in this replica's rolling window of the line.", tag_keys=("line",))
         self.model_latency = Histogram("anomalyfleet_model_latency_ms",
                                        description="Preprocessing and model forward per batch, by line (ms).",
                                        boundaries=LATENCY_BUCKETS_MS, tag_keys=("line",))
@@ -79,6 +88,9 @@ class ScorerMetrics:
         for line, count in line_counts.items():
             self.batch_size.observe(count, tags={"line": line})
             self.model_latency.observe(latency_ms, tags={"line": line})
+
+    def window(self, line: str, images: int) -> None:
+        self.window_images.set(images, tags={"line": line})
 
 
 __all__ = ["GatewayMetrics", "ScorerMetrics", "UNKNOWN_LINE"]

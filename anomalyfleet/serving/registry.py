@@ -9,6 +9,9 @@ A YAML or JSON document (local path, file:// or, through `anomalyfleet.storage`,
         threshold: 0.62                  # optional: else the bundle's calibrated thresholds["image"]
         pixel_threshold: 1.4             # optional: map level for defect boxes
         tokens: ["a-secret", {token_sha256: "..."}, {token_env: PRESS3_TOKEN}]
+      press-7:
+        bundle: bundles/generic
+        window: {size: 32, min_images: 8}  # optional: batch zero-shot mode (config.WindowSettings)
     clients:                             # optional: tokens that may use several lines
       - {name: qa-dashboard, token_env: QA_TOKEN, lines: ["*"]}
 
@@ -34,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from anomalyfleet import storage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
 from anomalyfleet.serving.auth import TokenGrant
+from anomalyfleet.serving.config import WindowSettings
 
 LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_LINE = "default"
@@ -58,6 +62,7 @@ class LineSpec(BaseModel):
     pixel_threshold: float | None = Field(None, ge=0.0)
     tokens: list[SecretStr | LineToken] = Field(default_factory=list)
     description: str = ""
+    window: WindowSettings | None = None
 
     def grants(self, line: str) -> list[TokenGrant]:
         grants = []
@@ -122,6 +127,7 @@ class LineState:
     description: str = ""
     signature: tuple | None = None  # stat of the bundle manifest, for cheap change checks
     spec: LineSpec | None = None  # the registry entry it was resolved from
+    window: WindowSettings | None = None  # batch zero-shot mode, when the line has one
 
     def public(self) -> dict[str, Any]:
         return {
@@ -137,6 +143,7 @@ class LineState:
             "created_at": self.created_at,
             "calibrated": self.calibrated,
             "description": self.description,
+            "window": None if self.window is None else self.window.model_dump(),
         }
 
 
@@ -283,6 +290,7 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
         description=spec.description,
         signature=signature,
         spec=spec,
+        window=spec.window,
     )
 
 

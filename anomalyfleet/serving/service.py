@@ -6,6 +6,19 @@ the old one finish on it). Bundles that use the same backbone weights share one 
 second line on the same backbone costs only its prompts. Requests of one replica are batched by
 `@serve.batch`, which splits every batch by model id; a batch is one forward pass.
 
+Lines with a rolling window (batch zero-shot mode, `WindowSettings` in the registry) are scored by
+mutual comparison with their own recent images once the window holds `min_images`, and by their
+bundle (prompts or line memory) before that; every outcome says which `source` scored it.
+
+Windows live in the scorer replica's memory, one per line, and **each replica keeps its own**: with
+several replicas (autoscaling, or `min_replicas` > 1) a line's images are spread over them, so each
+window fills more slowly, holds a different sample of the line, and the same image can score
+differently depending on the replica that takes it. A new replica starts with empty windows (its
+first `min_images` images of a line are scored by the bundle), and a replica that is scaled down or
+restarted loses its windows. Operators who need one consistent window per line should pin such lines
+to one scorer replica (max_replicas 1, or a separate application), and read the
+`anomalyfleet_window_images` gauge, which is reported per replica.
+
 `DetectorPool` holds the model logic without Ray, so it can be tested and benchmarked alone.
 """
 
@@ -24,11 +37,15 @@ import torch
 from PIL import Image
 from ray import serve
 
+from anomalyfleet.backbones import Features
 from anomalyfleet.bundle import load_bundle, read_bundle_metadata
 from anomalyfleet.data.transforms import preprocess_image
 from anomalyfleet.detector import Detector
 from anomalyfleet.device import select_device
-from anomalyfleet.errors import BundleError
+from anomalyfleet.errors import BundleError, ConfigError
+from anomalyfleet.memory import default_memory_layers
+from anomalyfleet.rolling_window import RollingWindow
+from anomalyfleet.serving.config import WindowSettings
 from anomalyfleet.serving.metrics import ScorerMetrics
 from anomalyfleet.serving.registry import manifest_version
 
@@ -46,6 +63,7 @@ class ScoreItem:
     line: str
     pixels: np.ndarray  # (S, S, 3) uint8, already resized to the detector's image size
     want_map: bool = False
+    window: WindowSettings | None = None  # the line's batch zero-shot mode, if it has one
 
 
 @dataclass
@@ -57,6 +75,21 @@ class ScoreOutcome:
     bundle_threshold: float | None  # the bundle's calibrated image threshold, if any
     model_ms: float
     batch_size: int
+    # What scored it: "window", or the bundle's own path: "prompts", "memory" or "fused".
+    source: str = "prompts"
+    # Images in this replica's window of the line when the image was scored (itself not among
+    # them); None for lines without a window.
+    window_images: int | None = None
+
+
+@dataclass
+class _Answer:
+    """One item's result while a batch is scored: by its line's window, else by the bundle."""
+
+    score: float | None = None
+    map: np.ndarray | None = None
+    source: str | None = None
+    window_images: int | None = None
 
 
 @dataclass
@@ -97,6 +130,9 @@ class DetectorPool:
         # Backbones live as long as some loaded detector uses them; Serve's LRU drops detectors,
         # and with them the last reference to a backbone no line needs any more.
         self._backbones: weakref.WeakValueDictionary[tuple, torch.nn.Module] = weakref.WeakValueDictionary()
+        # line -> (what its features depend on, its window). Windows outlive the detectors Serve's
+        # LRU drops; there is one per line ever configured with a window since this replica started.
+        self._windows: dict[str, tuple[tuple, RollingWindow]] = {}
 
     @property
     def shared_backbones(self) -> int:
@@ -133,6 +169,41 @@ class DetectorPool:
             text = detector.text_features().detach()
         return LoadedDetector(detector, text, before, uri, key)
 
+    # --- rolling windows ------------------------------------------------------------------------
+    @staticmethod
+    def window_layer(settings: WindowSettings, detector: Detector) -> int:
+        """The feature block a line's window compares; a block the backbone lacks is refused."""
+        blocks = detector.backbone.num_layers
+        layer = settings.layer if settings.layer is not None else default_memory_layers(blocks)[0]
+        if not 1 <= layer <= blocks:
+            raise ConfigError(f"window layer {layer} is outside 1..{blocks} for this line's backbone")
+        return layer
+
+    def window(self, line: str, settings: WindowSettings, loaded: LoadedDetector) -> RollingWindow:
+        """The line's window, started afresh when anything its features depend on has changed.
+
+        Features depend on the backbone, the image size, the DPAM depth and the block, not on the
+        prompts: republishing a line's prompts or memory on the same backbone keeps its window.
+        """
+        detector = loaded.detector
+        key = (loaded.backbone_key, detector.image_size, detector.settings.dpam_layers, detector.precision,
+               detector.settings.sigma, self.window_layer(settings, detector), settings)
+        known = self._windows.get(line)
+        if known is not None and known[0] == key:
+            return known[1]
+        window = RollingWindow(
+            settings.size, detector.backbone.grid, detector.image_size, min_images=settings.min_images,
+            fraction=settings.fraction, sigma=detector.settings.sigma, top_fraction=settings.top_fraction,
+            device=self.device,
+        )
+        self._windows[line] = (key, window)
+        return window
+
+    def window_images(self, line: str) -> int | None:
+        known = self._windows.get(line)
+        return None if known is None else known[1].count
+
+    # --- scoring --------------------------------------------------------------------------------
     def run(self, loaded: LoadedDetector, items: list[ScoreItem]) -> list[ScoreOutcome]:
         started = time.perf_counter()
         detector = loaded.detector
@@ -146,28 +217,74 @@ class DetectorPool:
             batch = torch.stack(tensors).to(detector.device)
             if detector.backbone.image_size != size:
                 detector.backbone.set_image_size(size)  # another line on this backbone uses another size
-            features = detector.extract(batch)
-            if any(item.want_map for item in items):
-                prediction = detector.predict_features(features, loaded.text)
-                scores, maps = prediction.scores, prediction.maps.astype(np.float32)
-            else:
-                # The prompts' global score; with a line memory the fused score (which needs the maps).
-                scores = detector.image_scores(features, loaded.text).cpu().numpy()
-                maps = None
+            base = detector.feature_layers
+            wanted = {self.window_layer(item.window, detector) for item in items if item.window is not None}
+            layers = base + tuple(sorted(wanted - set(base)))
+            features = detector.extract(batch, layers=layers)  # one forward pass for both paths
+            answers = self._score_windows(loaded, items, features, layers)
+            rest = [i for i, answer in enumerate(answers) if answer.score is None]
+            if rest:
+                self._score_bundle(loaded, items, features, len(base), rest, answers)
         elapsed = (time.perf_counter() - started) * 1000.0
         threshold = detector.thresholds.get("image")
         return [
             ScoreOutcome(
-                score=float(scores[i]),
-                map=maps[i] if (maps is not None and item.want_map) else None,
+                score=float(answer.score),
+                map=answer.map if item.want_map else None,
                 version=loaded.version,
                 bundle=loaded.bundle_uri,
                 bundle_threshold=None if threshold is None else float(threshold),
                 model_ms=elapsed,
                 batch_size=len(items),
+                source=answer.source or "prompts",
+                window_images=answer.window_images,
             )
-            for i, item in enumerate(items)
+            for item, answer in zip(items, answers)
         ]
+
+    def _score_windows(self, loaded: LoadedDetector, items: list[ScoreItem], features: Features,
+                       layers: tuple[int, ...]) -> list[_Answer]:
+        """An answer per item, without a score where the bundle must score it.
+
+        A line's items of this batch are compared with its window as it was before the batch (so
+        a score does not depend on which requests were batched together), then join it.
+        """
+        answers = [_Answer() for _ in items]
+        by_line: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            if item.window is not None:
+                by_line.setdefault(item.line, []).append(i)
+        for line, index in by_line.items():
+            settings = items[index[0]].window
+            assert settings is not None
+            window = self.window(line, settings, loaded)
+            patches = features.patch_features[layers.index(self.window_layer(settings, loaded.detector))]
+            held = window.count
+            scored = window.score_then_add(patches[index])
+            for row, i in enumerate(index):
+                answers[i].window_images = held
+                if scored is not None:
+                    answers[i].score, answers[i].map, answers[i].source = scored.scores[row], scored.maps[row], "window"
+        return answers
+
+    def _score_bundle(self, loaded: LoadedDetector, items: list[ScoreItem], features: Features, base: int,
+                      rest: list[int], answers: list[_Answer]) -> None:
+        """The bundle's own path (prompts, or its line memory) for the items at `rest`."""
+        detector = loaded.detector
+        memory = detector.active_memory
+        source = "prompts" if memory is None else memory.fusion.mode
+        pick = torch.tensor(rest, device=features.global_feature.device)
+        subset = Features(global_feature=features.global_feature[pick],
+                          patch_features=[p[pick] for p in features.patch_features[:base]], grid=features.grid)
+        if any(items[i].want_map for i in rest):
+            prediction = detector.predict_features(subset, loaded.text)
+            scores, maps = prediction.scores, prediction.maps.astype(np.float32)
+        else:
+            # The prompts' global score; with a line memory the fused score (which needs the maps).
+            scores, maps = detector.image_scores(subset, loaded.text).cpu().numpy(), None
+        for row, i in enumerate(rest):
+            answers[i].score, answers[i].source = scores[row], source
+            answers[i].map = None if maps is None else maps[row]
 
 
 @serve.deployment(name="DetectorScorer", max_ongoing_requests=32)
@@ -193,8 +310,11 @@ class DetectorScorer:
         self.get_detector = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(_load_detector)
 
     async def score(self, item: ScoreItem) -> ScoreOutcome:
-        # Load before queueing: a bundle that fails to load fails its own requests, not a batch.
-        await self.get_detector(serve.get_multiplexed_model_id())
+        # Load (and check the line's window against the backbone) before queueing: a bundle that
+        # fails to load, or a window layer it lacks, fails its own requests, not a batch.
+        loaded = await self.get_detector(serve.get_multiplexed_model_id())
+        if item.window is not None:
+            self._pool.window_layer(item.window, loaded.detector)
         return await self._score_batch(item)
 
     async def warm(self) -> dict:
@@ -211,6 +331,10 @@ class DetectorScorer:
         for item in items:
             counts[item.line] = counts.get(item.line, 0) + 1
         self._metrics.batch(counts, outcomes[0].model_ms if outcomes else 0.0)
+        for line in {item.line for item in items if item.window is not None}:
+            held = self._pool.window_images(line)
+            if held is not None:
+                self._metrics.window(line, held)
         return outcomes
 
 

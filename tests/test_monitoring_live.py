@@ -125,8 +125,10 @@ def stack(tmp_path_factory, openai_clip_file):
     make_bundle(openai_clip_file, root / "bundles" / "a", seed=1, threshold=0.99)
     make_bundle(openai_clip_file, root / "bundles" / "b", seed=2, threshold=None)
     registry = root / "registry.yaml"
-    # line-b's threshold makes every image anomalous, so both decisions have series.
-    registry.write_text("version: 1\nlines:\n  line-a: {bundle: bundles/a}\n  line-b: {bundle: bundles/b, threshold: 0.01}\n")
+    # line-b's threshold makes every image anomalous, so both decisions have series; line-a runs in
+    # batch zero-shot mode once its window holds 3 images (window and scoring-source series).
+    registry.write_text("version: 1\nlines:\n  line-a: {bundle: bundles/a, window: {size: 4, min_images: 3}}\n"
+                        "  line-b: {bundle: bundles/b, threshold: 0.01}\n")
     config = ServiceConfig(
         registry=str(registry), registry_check_interval_s=0.5,
         min_replicas=1, max_replicas=1, num_cpus=0.5, gateway_num_cpus=0.25, gateway_max_replicas=1,
@@ -175,7 +177,8 @@ def stack(tmp_path_factory, openai_clip_file):
                     "ray_anomalyfleet_score_bucket", "ray_anomalyfleet_batch_size_bucket", "ray_anomalyfleet_reloads_total",
                     "ray_anomalyfleet_job_images_total", "ray_anomalyfleet_job_eta_seconds", "ray_anomalyfleet_train_loss",
                     "ray_anomalyfleet_feature_stage_progress_ratio", "line:anomalyfleet_anomaly_ratio:baseline1d",
-                    "deployment:ray_serve_capacity_headroom:ratio",
+                    "deployment:ray_serve_capacity_headroom:ratio", "ray_anomalyfleet_window_images",
+                    "ray_anomalyfleet_source_images_total",
                 }
                 deadline = time.time() + 120
                 names: set[str] = set()

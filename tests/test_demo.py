@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,18 +12,33 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_runs_the_whole_story(tmp_path):
     pytest.importorskip("elpv_dataset", reason="the demo's data comes from the elpv-dataset package")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "anomalyfleet.demo", "--out", str(tmp_path), "--limit-per-class", "8",
-                             "--overlays", "4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    # A relative --out, as `make demo` gives it (the serving step once broke on relative paths).
+    result = subprocess.run([sys.executable, "-m", "anomalyfleet.demo", "--out", "demo-out", "--limit-per-class", "8",
+                             "--overlays", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    tmp_path = tmp_path / "demo-out"
     assert result.returncode == 0, result.stderr[-3000:]
-    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+    for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in result.stderr, step
     assert json.loads((tmp_path / "report.json").read_text())["images"] == 16
+    # The same 16 cells scored again with a line memory of 4 other normal cells, in its own bundle.
+    with_memory = json.loads((tmp_path / "report-line-memory.json").read_text())
+    assert with_memory["images"] == 16 and 0.0 <= with_memory["mean"]["image_auroc"] <= 1.0
+    scores = [row["score"] for row in with_memory["per_image"]]
+    assert len(scores) == 16 and all(math.isfinite(x) for x in scores) and len(set(scores)) > 1
+    zero_shot = {row["image"]: row["score"] for row in json.loads((tmp_path / "report.json").read_text())["per_image"]}
+    assert {row["image"] for row in with_memory["per_image"]} == set(zero_shot)
+    assert [row["score"] for row in with_memory["per_image"]] != [zero_shot[row["image"]] for row in with_memory["per_image"]]
+    bundle = json.loads((tmp_path / "detectors" / "elpv-line-memory" / "detector.json").read_text())
+    assert bundle["memory"]["shots"] == 4 and bundle["memory"]["fusion"]["mode"] == "fused"
+    assert not set(bundle["memory"]["info"]["images"]) & set(zero_shot)  # the memory's cells are not scored
+    summary = [line for line in result.stderr.splitlines() if line.startswith("summary:")]
+    assert len(summary) == 1 and "zero-shot" in summary[0] and "with a line memory of 4 normal cells" in summary[0]
+    assert "memory alone" in summary[0] and "prompts trained on synthetic defects" in summary[0]
     assert len(list((tmp_path / "overlays").rglob("*.png"))) == 4
     manifest = (tmp_path / "library" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 48 and (tmp_path / "library" / "contact-sheet.png").is_file()

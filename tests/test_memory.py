@@ -70,6 +70,74 @@ def test_calibration_and_top_fraction():
     assert float(top_fraction_mean(maps, 0.02)[0]) == 98.5
 
 
+
+def test_mutual_scoring_equals_the_pairwise_reference(monkeypatch):
+    """One product per pair of images, read both ways and in blocks, equals comparing every ordered
+    pair of images separately."""
+    import anomalyfleet.memory as memory_module
+
+    torch.manual_seed(4)
+    patches = torch.randn(7, 12, 8)
+    normed = F.normalize(patches, dim=-1)
+    per_other = torch.stack([torch.stack([nearest_distance(normed[i], normed[j]) for j in range(7) if j != i], dim=-1)
+                             for i in range(7)])
+    for fraction in (0.0, 0.3, 1.0):
+        keep = max(1, int(round(fraction * 6)))
+        reference = per_other.sort(dim=-1).values[..., :keep].mean(dim=-1)
+        torch.testing.assert_close(mutual_patch_scores(patches, fraction), reference, atol=1e-6, rtol=0)
+        monkeypatch.setattr(memory_module, "MUTUAL_BLOCK_ELEMENTS", 2 * 12 * 12)  # blocks of two images
+        torch.testing.assert_close(mutual_patch_scores(patches, fraction), reference, atol=1e-6, rtol=0)
+        monkeypatch.undo()
+
+
+def test_leave_one_out_coresets_equal_a_coreset_of_the_other_images():
+    """The batched search picks, for every left-out image, exactly what greedy_coreset picks from
+    the other images' patches alone; the leave-one-out scores are distances to those picks."""
+    from anomalyfleet.memory import leave_one_out_coresets, leave_one_out_scores
+
+    torch.manual_seed(5)
+    patches = torch.randn(6, 20, 8)
+    flat = F.normalize(patches, dim=-1).reshape(-1, 8)
+    rows = leave_one_out_coresets(flat, per_image=20, left_out=6, size=15, seed=3)
+    scores = leave_one_out_scores(patches, coreset=15, seed=3)
+    for i in range(6):
+        others = torch.cat([flat[: i * 20], flat[(i + 1) * 20:]])
+        picked = greedy_coreset(others, 15, seed=3)
+        assert torch.equal(rows[i], torch.where(picked < i * 20, picked, picked + 20)), i
+        brute = torch.tensor([min(1 - float(q @ m) for m in others[picked]) for q in flat[i * 20:(i + 1) * 20]])
+        torch.testing.assert_close(scores[i], brute, atol=1e-5, rtol=0)
+    # Without a coreset (or one as large as the others), each image meets all the others' patches.
+    full = leave_one_out_scores(patches)
+    torch.testing.assert_close(leave_one_out_scores(patches, coreset=100), full)
+    torch.testing.assert_close(full[2], nearest_distance(flat[40:60], torch.cat([flat[:40], flat[60:]])))
+
+
+def _textured_images(count: int, seed: int) -> torch.Tensor:
+    """Images of one 'line': 64 patches each, drawn from 50 shared texture prototypes plus noise."""
+    prototypes = F.normalize(torch.randn(50, 32, generator=torch.Generator().manual_seed(99)), dim=-1)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(50, (count, 64), generator=generator)
+    return prototypes[picks] + 0.15 * torch.randn(count, 64, 32, generator=generator)
+
+
+def test_leave_one_out_calibration_with_a_coreset_matches_new_normal_images():
+    """With a coreset, leave-one-out against the others' full patches puts normal scores too low;
+    against coresets of the others it lands where truly held-out normal images score."""
+    from anomalyfleet.memory import fit_line_memory, leave_one_out_maps, upsample_patch_scores
+
+    shots, held = _textured_images(8, seed=1), _textured_images(16, seed=2)
+    for coreset in (128, 64):
+        memory = fit_line_memory((6,), [shots], (8, 8), 8, {}, coreset=coreset, fusion=FusionSettings(mode="memory"))
+        assert memory.bank(6).features.shape[0] == coreset
+        assert "coreset of the others" in memory.info["memory_calibration"]
+        truth = MapCalibration.fit(upsample_patch_scores(memory.bank(6).patch_scores(held), (8, 8), 8))
+        before = MapCalibration.fit(leave_one_out_maps(shots, (8, 8), 8))  # the full-patch comparison
+        now = memory.memory_calibration
+        assert truth.centre - before.centre > 0.03  # the bias being fixed is real
+        assert abs(now.centre - truth.centre) < 0.25 * abs(before.centre - truth.centre)
+        assert abs(now.spread - truth.spread) < 0.15 * truth.spread
+
+
 # --- a line's memory in its bundle, in the detector's scoring, and from the CLI ---------------------
 
 import argparse  # noqa: E402
@@ -176,10 +244,13 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     memory = meta["memory"]
     assert memory["layers"] == [3] and memory["shots"] == 4 and memory["bank_sizes"] == {"3": 4 * 16}
     assert memory["fusion"]["mode"] == "fused" and memory["fusion"]["sources"] == {"prompts": True, "memory": True}
-    assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score"}
+    assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score", "fused_score"}
+    assert memory["calibration_images"] == 4 and memory["calibration"]["fused_score"]["spread"] > 0
     assert memory["built_with"]["image_size"] == 56 and memory["built_with"]["layers"] == [6]
     loaded = _load(path)
     assert isinstance(loaded.memory, LineMemory) and loaded.feature_layers == (6, 3)
+    for name, value in detector.memory.calibration_set.tensors().items():  # kept in memory.pt
+        assert torch.equal(loaded.memory.calibration_set.tensors()[name], value), name
     after = loaded.predict(images)
     assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
     with torch.inference_mode():  # the serving path's score-only call agrees with the full prediction
@@ -234,27 +305,93 @@ def test_switching_sources(tiny_detector_bundle, line_data):
     images, _ = _images(_samples(line_data[1]), plain)
     prompts = plain.predict(images)
     detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory")
+    memory = detector.memory
     memory_only = detector.predict(images)
     # Prompts only: the memory stays in the bundle but scoring is exactly the prompts'.
-    detector.memory.with_mode("prompts")
+    memory.with_mode("prompts")
     assert detector.feature_layers == (6,)
     same = detector.predict(images)
     assert np.array_equal(same.scores, prompts.scores) and np.array_equal(same.maps, prompts.maps)
     assert not np.allclose(memory_only.maps, prompts.maps)
-    # Fused at prompt weight 0 is the memory alone; at weight 1 the calibrated prompt map alone.
-    detector.memory.fusion = FusionSettings(mode="fused", prompt_weight=0.0)
-    zero = detector.predict(images)
+
+    def fused(**weights):
+        memory.configure(FusionSettings(mode="fused", **weights), sigma=detector.settings.sigma)
+        return detector.predict(images)
+
+    # All prompt weights 0: the memory's map, and its score on the line's fused-score scale.
+    zero = fused(prompt_weight=0.0, prompt_map_weight=0.0, image_evidence=0.0)
     np.testing.assert_allclose(zero.maps, memory_only.maps, atol=1e-5)
-    np.testing.assert_allclose(zero.scores, memory_only.scores, atol=1e-5)
-    detector.memory.fusion = FusionSettings(mode="fused", prompt_weight=1.0)
-    one = detector.predict(images)
-    cal = detector.memory.prompt_calibration
+    np.testing.assert_allclose(zero.scores, memory.image_calibration.apply(memory_only.scores), atol=1e-4)
+    # Prompt map weight 1: the calibrated prompt map.
+    cal, score_cal = memory.prompt_calibration, memory.score_calibration
+    one = fused(prompt_weight=0.0, prompt_map_weight=1.0, image_evidence=0.0)
     np.testing.assert_allclose(one.maps, (prompts.maps - cal.centre) / cal.spread, atol=1e-4)
-    detector.memory.fusion = FusionSettings(mode="fused", prompt_weight=0.2)
-    fused = detector.predict(images)
-    # Per pixel, the weighted sum of the two calibrated maps (smoothing is linear).
-    np.testing.assert_allclose(fused.maps, 0.8 * memory_only.maps + 0.2 * one.maps, atol=1e-4)
-    assert not np.allclose(fused.scores, memory_only.scores)
+    # Defaults: the image score averages the two sources' calibrated image scores, and each pixel
+    # averages the memory's local evidence with its image's score.
+    default = fused()
+    prompt_z = (prompts.scores - score_cal.centre) / score_cal.spread
+    np.testing.assert_allclose(default.scores, 0.5 * memory.image_calibration.apply(memory_only.scores) + 0.5 * prompt_z,
+                               atol=1e-4)
+    np.testing.assert_allclose(default.maps, 0.5 * memory_only.maps + 0.5 * default.scores[:, None, None], atol=1e-4)
+    # Inside one image the fused map ranks pixels as the memory does.
+    assert [m.argmax() for m in default.maps] == [m.argmax() for m in memory_only.maps]
+
+
+def test_fused_score_scale_is_refitted_from_the_kept_calibration_scores(tiny_detector_bundle, line_data):
+    """The patch-grid scores kept in the bundle reproduce the fused score's scale exactly as if the
+    calibration images were scored again through the detector (here with a prompt map share)."""
+    from anomalyfleet.memory import top_fraction_mean
+
+    detector = _with_memory(tiny_detector_bundle, line_data[0])
+    memory = detector.memory
+    settings = FusionSettings(prompt_map_weight=0.3, top_fraction=0.05)
+    memory.configure(settings, sigma=detector.settings.sigma)
+    used = set(memory.info["images"])
+    held = [s for s in _samples(line_data[0]) if s.image not in used]
+    assert len(held) == memory.calibration_set.memory.shape[0] == 4
+    images, _ = _images(held, detector)
+    with torch.inference_mode():
+        features = detector.extract(images)
+        memory_raw = memory.raw_maps([features.patch_features[1]], detector.image_size)
+        _, prompt_raw = detector.score_features(features)
+    local = mapping.smooth_maps(0.7 * memory.memory_calibration.apply(memory_raw)
+                                + 0.3 * memory.prompt_calibration.apply(prompt_raw), detector.settings.sigma)
+    expected = MapCalibration.fit(top_fraction_mean(torch.from_numpy(local), 0.05))
+    assert memory.image_calibration.centre == pytest.approx(expected.centre, abs=1e-5)
+    assert memory.image_calibration.spread == pytest.approx(expected.spread, abs=1e-5)
+    before = memory.image_calibration
+    memory.configure(FusionSettings(prompt_map_weight=0.3, top_fraction=0.5), sigma=detector.settings.sigma)
+    assert memory.image_calibration != before  # another top fraction, another scale
+
+
+def test_memories_from_before_the_calibration_set_score_as_they_did(tiny_detector_bundle, line_data):
+    """A memory saved without per-pair weights or calibration scores keeps its formula: map =
+    (1 - w) * memory + w * prompt map, score = its top pixels + w * the calibrated prompt score."""
+    detector = _with_memory(tiny_detector_bundle, line_data[0])
+    meta = detector.memory.metadata()
+    meta["fusion"] = {"mode": "fused", "prompt_weight": 0.2, "top_fraction": 0.01}
+    del meta["calibration"]["fused_score"]
+    tensors = {k: v for k, v in detector.memory.tensors().items() if not k.startswith("calibration_")}
+    legacy = LineMemory.from_saved(meta, tensors)
+    assert legacy.calibration_set is None and legacy.image_calibration is None
+    images, _ = _images(_samples(line_data[1]), detector)
+    with torch.inference_mode():
+        features = detector.extract(images)
+        memory_raw = legacy.raw_maps([features.patch_features[1]], detector.image_size)
+        prompt_scores, prompt_raw = detector.score_features(features)
+    from anomalyfleet.memory import top_fraction_mean
+
+    maps = mapping.smooth_maps(0.8 * legacy.memory_calibration.apply(memory_raw)
+                               + 0.2 * legacy.prompt_calibration.apply(prompt_raw), detector.settings.sigma)
+    scores = top_fraction_mean(torch.from_numpy(maps), 0.01) + 0.2 * legacy.score_calibration.apply(prompt_scores)
+    detector.memory = legacy
+    prediction = detector.predict(images)
+    np.testing.assert_allclose(prediction.maps, maps, atol=1e-6)
+    np.testing.assert_allclose(prediction.scores, scores.numpy(), atol=1e-6)
+    # Its fused weights cannot be refitted: changing them asks for a rebuild, keeping them does not.
+    legacy.configure(FusionSettings.from_dict(meta["fusion"]), sigma=4.0)
+    with pytest.raises(DataError, match="rebuild it"):
+        legacy.configure(FusionSettings(), sigma=4.0)
 
 
 def _memory_parser():
@@ -305,3 +442,107 @@ def _with_memory_of(bundle, tmp_path, normals):
 
     data = write_folder_dataset(tmp_path / f"n{normals}", normals=normals, anomalies=0, seed=6)
     return _with_memory(bundle, data)
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from anomalyfleet.cli import run
+
+    code = run(_memory_parser(), args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_memory_set_switches_mode_and_weights_without_rebuilding(tiny_detector_bundle, line_data, tmp_path, capsys):
+    from anomalyfleet.bundle import save_bundle
+
+    built = tmp_path / "line-a"
+    code, _, err = _cli(["memory", "build", "--detector", str(tiny_detector_bundle), "--data", f"folder:{line_data[0]}",
+                         "--out", str(built), "--k", "4", "--quiet"], capsys)
+    assert code == 0, err
+    calibrated = _load(built)
+    calibrated.thresholds["image"] = 1.5  # as `anomalyfleet calibrate` would leave it
+    save_bundle(calibrated, built)
+    reference = _load(built)
+    images, _ = _images(_samples(line_data[1])[:6], reference)
+    banks = reference.memory.tensors()
+
+    # To memory-only, into a new bundle: the scale changes, so the threshold goes; the input stays.
+    code, out, err = _cli(["memory", "set", "--detector", str(built), "--out", str(tmp_path / "memory-only"),
+                           "--mode", "memory"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["before"]["mode"] == "fused" and summary["fusion"]["mode"] == "memory"
+    assert summary["thresholds_dropped"] == ["image"] and "calibrate" in err
+    switched = _load(tmp_path / "memory-only")
+    assert switched.thresholds == {} and _load(built).thresholds == {"image": 1.5}
+    assert all(torch.equal(switched.memory.tensors()[k], v) for k, v in banks.items())  # not rebuilt
+    reference.memory.with_mode("memory")
+    expected, got = reference.predict(images), switched.predict(images)
+    assert np.array_equal(got.scores, expected.scores) and np.array_equal(got.maps, expected.maps)
+
+    # In place, back to fused with another prompt weight: as if configured on the loaded memory.
+    code, out, err = _cli(["memory", "set", "--detector", str(tmp_path / "memory-only"), "--mode", "fused",
+                           "--prompt-weight", "0.25"], capsys)
+    assert code == 0, err
+    again = _load(tmp_path / "memory-only")
+    assert again.memory.fusion == FusionSettings(mode="fused", prompt_weight=0.25)
+    reference.memory.configure(FusionSettings(prompt_weight=0.25), sigma=reference.settings.sigma)
+    assert again.memory.image_calibration == reference.memory.image_calibration
+    expected, got = reference.predict(images), again.predict(images)
+    assert np.array_equal(got.scores, expected.scores) and np.array_equal(got.maps, expected.maps)
+
+    # A setting the current mode does not use keeps the scale, and so the thresholds.
+    code, _, err = _cli(["memory", "set", "--detector", str(built), "--out", str(tmp_path / "kept"),
+                         "--mode", "memory"], capsys)
+    assert code == 0, err
+    kept = _load(tmp_path / "kept")
+    kept.thresholds["image"] = 0.7
+    save_bundle(kept, tmp_path / "kept")
+    code, out, err = _cli(["memory", "set", "--detector", str(tmp_path / "kept"), "--prompt-weight", "0.9"], capsys)
+    assert code == 0 and json.loads(out)["thresholds_dropped"] == []
+    assert _load(tmp_path / "kept").thresholds == {"image": 0.7}
+
+    code, _, err = _cli(["memory", "set", "--detector", str(built)], capsys)
+    assert code == 2 and "nothing to set" in err
+
+
+def test_memory_set_refuses_fused_without_calibrations(tiny_detector_bundle, tmp_path, capsys):
+    from tests.image_sets import write_folder_dataset
+
+    one = write_folder_dataset(tmp_path / "one", normals=1, anomalies=0, seed=7)
+    built = tmp_path / "one-shot"
+    code, _, err = _cli(["memory", "build", "--detector", str(tiny_detector_bundle), "--data", f"folder:{one}",
+                         "--out", str(built), "--k", "1", "--mode", "memory", "--quiet"], capsys)
+    assert code == 0, err
+    before = (built / "detector.json").read_bytes()
+    code, out, err = _cli(["memory", "set", "--detector", str(built), "--mode", "fused"], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "fused mode needs calibrations of both sources" in lines[0] and "memory map" in lines[0]
+    assert (built / "detector.json").read_bytes() == before  # untouched
+
+
+def test_memory_show_prints_the_memory_metadata(tiny_detector_bundle, line_data, tmp_path, capsys):
+    built = tmp_path / "line-a"
+    code, _, err = _cli(["memory", "build", "--detector", str(tiny_detector_bundle), "--data", f"folder:{line_data[0]}",
+                         "--out", str(built), "--k", "4", "--coreset", "40", "--quiet"], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["memory", "show", "--detector", str(built)], capsys)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["format_version"] == 2 and shown["thresholds"] == {}
+    memory = shown["memory"]
+    assert memory["shots"] == 4 and memory["coreset"] == 40 and memory["bank_sizes"] == {"3": 40}
+    assert memory["fusion"]["mode"] == "fused" and memory["calibration_images"] == 4
+    assert memory["calibration"] == _load(built).memory.metadata()["calibration"]
+    code, out, err = _cli(["memory", "show", "--detector", str(tiny_detector_bundle)], capsys)
+    assert code == 2 and "has no line memory" in err
+
+
+def test_cli_help_defaults_are_the_fusion_defaults():
+    from dataclasses import asdict
+
+    from anomalyfleet.cli_memory import FUSION_DEFAULTS
+
+    defaults = asdict(FusionSettings())
+    assert FUSION_DEFAULTS == {key: defaults[key] for key in FUSION_DEFAULTS}

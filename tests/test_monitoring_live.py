@@ -178,7 +178,7 @@ def stack(tmp_path_factory, openai_clip_file):
                     "ray_anomalyfleet_job_images_total", "ray_anomalyfleet_job_eta_seconds", "ray_anomalyfleet_train_loss",
                     "ray_anomalyfleet_feature_stage_progress_ratio", "line:anomalyfleet_anomaly_ratio:baseline1d",
                     "deployment:ray_serve_capacity_headroom:ratio", "ray_anomalyfleet_window_images",
-                    "ray_anomalyfleet_source_images_total",
+                    "ray_anomalyfleet_source_images_total", "ray_anomalyfleet_relative_score_bucket",
                 }
                 deadline = time.time() + 120
                 names: set[str] = set()

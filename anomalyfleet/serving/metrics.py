@@ -6,7 +6,10 @@ and Serve adds `deployment`, `replica` and `application` labels. Names as scrape
     ray_anomalyfleet_requests_total{line, endpoint, code}
     ray_anomalyfleet_errors_total{line, kind}          refused (401/403), bad input, unavailable ...
     ray_anomalyfleet_anomalies_total{line}
-    ray_anomalyfleet_score_bucket{line, le}             image scores
+    ray_anomalyfleet_score_bucket{line, le}             image scores of lines scored by prompts (probabilities)
+    ray_anomalyfleet_relative_score_bucket{line, source, le}   scores on a calibrated scale: line memory
+                                                        (memory, fused: 0 = typical normal, 1 = its 99th
+                                                        percentile) and rolling windows (robust z-scores)
     ray_anomalyfleet_request_latency_ms_bucket{line, endpoint, le}   end to end, in the gateway
     ray_anomalyfleet_model_latency_ms_bucket{line, le}  preprocessing + forward, in the replica
     ray_anomalyfleet_batch_size_bucket{line, le}        requests of the line in one model batch
@@ -24,6 +27,11 @@ from __future__ import annotations
 
 UNKNOWN_LINE = "_unknown"
 SCORE_BUCKETS = [round(0.05 * i, 2) for i in range(1, 21)]
+# Calibrated scores are unbounded: fine steps around the normal range (0..1), coarse ones beyond.
+# Ray accepts only positive boundaries, so every score up to 0.1 (a typical normal image is at 0)
+# shares the first bucket.
+RELATIVE_SCORE_BUCKETS = [0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, 20]
+PROBABILITY_SOURCES = ("prompts",)
 LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
@@ -46,6 +54,10 @@ class GatewayMetrics:
                                  boundaries=LATENCY_BUCKETS_MS, tag_keys=("line", "endpoint"))
         self.reloads = Counter("anomalyfleet_reloads", description="Line reloads (new bundle or registry) by result.",
                                tag_keys=("line", "result"))
+        self.relative_scores = Histogram(
+            "anomalyfleet_relative_score",
+            description="Image scores on a calibrated scale (line memory, rolling window), by line and source.",
+            boundaries=RELATIVE_SCORE_BUCKETS, tag_keys=("line", "source"))
         self.sources = Counter("anomalyfleet_source_images",
                                description="Scored images by what scored them (window, prompts, memory, fused), by line.",
                                tag_keys=("line", "source"))
@@ -59,7 +71,11 @@ class GatewayMetrics:
         self.errors.inc(count, tags={"line": line, "kind": kind})
 
     def scored(self, line: str, score: float, anomalous: bool, source: str = "prompts") -> None:
-        self.scores.observe(score, tags={"line": line})
+        # Probabilities and calibrated scores in one 0..1 histogram would blur both.
+        if source in PROBABILITY_SOURCES:
+            self.scores.observe(score, tags={"line": line})
+        else:
+            self.relative_scores.observe(score, tags={"line": line, "source": source})
         self.sources.inc(1, tags={"line": line, "source": source})
         if anomalous:
             self.anomalies.inc(1, tags={"line": line})

@@ -226,6 +226,14 @@ def line_quality() -> Board:
             [(f"histogram_quantile(0.5, sum by (line, le) (rate(ray_anomalyfleet_score_bucket{{{CL}}}[{RI}])))", "{{line}} p50"),
              (f"histogram_quantile(0.95, sum by (line, le) (rate(ray_anomalyfleet_score_bucket{{{CL}}}[{RI}])))", "{{line}} p95")],
             "none", minmax=(0, 1))
+    b.panel("Calibrated score quantiles by line (line memory, rolling window)",
+            "Lines scored by a line memory (memory, fused: 0 = a typical normal image, 1 = its 99th percentile) or "
+            "by their rolling window (robust z-scores against recent images) are not probabilities, so they have "
+            "their own histogram. Median and p95 per line and source.",
+            [(f"histogram_quantile(0.5, sum by (line, source, le) (rate(ray_anomalyfleet_relative_score_bucket{{{CL}}}[{RI}])))",
+              "{{line}} {{source}} p50"),
+             (f"histogram_quantile(0.95, sum by (line, source, le) (rate(ray_anomalyfleet_relative_score_bucket{{{CL}}}[{RI}])))",
+              "{{line}} {{source}} p95")], "none")
     b.row("Detectors")
     b.panel("Decision threshold by line",
             "The image threshold each line decides with (registry or bundle).",

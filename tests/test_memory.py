@@ -537,6 +537,11 @@ def test_memory_show_prints_the_memory_metadata(tiny_detector_bundle, line_data,
     assert memory["calibration"] == _load(built).memory.metadata()["calibration"]
     code, out, err = _cli(["memory", "show", "--detector", str(tiny_detector_bundle)], capsys)
     assert code == 2 and "has no line memory" in err
+    # 'default' names the bundled detector, as for `memory build` and `score` (which has no memory).
+    for action in (["show"], ["set", "--mode", "memory", "--out", str(tmp_path / "never")]):
+        code, out, err = _cli(["memory", *action, "--detector", "default"], capsys)
+        assert code == 2 and "default-detector has no line memory" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_help_defaults_are_the_fusion_defaults():

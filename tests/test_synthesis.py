@@ -314,3 +314,21 @@ def test_ray_options_are_validated(tmp_path, normals):
     assert parser.parse_args(["r.yaml", "--learn-gpus", "0.5"]).learn_gpus == 0.5
     with pytest.raises(SystemExit):
         parser.parse_args(["r.yaml", "--learn-gpus", "-1"])
+
+
+def test_shard_build_dirs_of_dead_workers_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from anomalyfleet.synthesis.library import SHARD_TMP_PREFIX, remove_orphaned_shard_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    orphan = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00003-pid{dead_pid}-x1y2"
+    mine = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00004-pid{os.getpid()}-a9b8"
+    unrelated = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00005-abc"  # no pid: not ours to judge
+    for directory in (orphan, mine, unrelated):
+        (directory / "shard").mkdir(parents=True)
+    assert remove_orphaned_shard_dirs(tmp_path) == [orphan]
+    assert not orphan.exists() and mine.exists() and unrelated.exists()

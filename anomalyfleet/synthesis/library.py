@@ -354,6 +354,33 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+SHARD_TMP_PREFIX = "anomalyfleet-shard-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphaned_shard_dirs(directory: str | Path | None = None) -> list[Path]:
+    """Remove local shard build directories of workers that died (a SIGKILLed actor cannot clean up).
+
+    Each directory carries its builder's pid; one whose process is gone is garbage. Called when a
+    writer starts, so a node that lost actors does not keep their half-built shards forever."""
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{SHARD_TMP_PREFIX}*-pid*-*"):
+        pid = path.name.rsplit("-pid", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class ShardWriter:
     """Makes and writes shards. One per worker; it caches each defect type's generator."""
 
@@ -367,6 +394,8 @@ class ShardWriter:
         self.device = device
         self.defects = {d.name: d for d in recipe.defects}
         self._generators: dict[str, Any] = {}
+        if self.remote:
+            remove_orphaned_shard_dirs()
 
     def generator(self, defect: str):
         if defect not in self._generators:
@@ -397,7 +426,7 @@ class ShardWriter:
 
     def _write_remote(self, shard: ShardPlan) -> dict:
         """Build the shard in a local temporary directory, then upload it, its manifest.json last."""
-        tmp = Path(tempfile.mkdtemp(prefix=f"anomalyfleet-shard-{shard.shard_id}-"))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{SHARD_TMP_PREFIX}{shard.shard_id}-pid{os.getpid()}-"))
         try:
             info = self._build(shard, tmp / "shard")
             storage.put_tree(tmp / "shard", storage.join(self.root, SHARDS, shard.shard_id))

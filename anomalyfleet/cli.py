@@ -21,6 +21,11 @@ def default_detector_path() -> Path:
     return Path(str(resources.files("anomalyfleet").joinpath("assets/default-detector")))
 
 
+def resolve_detector(name: str | None) -> str:
+    """A --detector argument as every command reads it: 'default' (or none) is the bundled detector."""
+    return str(default_detector_path()) if name in (None, DEFAULT_DETECTOR) else name
+
+
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
@@ -42,7 +47,7 @@ def _load_detector(args, path: str | None):
     from anomalyfleet.device import select_device
 
     device = select_device(args.device)
-    bundle = str(default_detector_path()) if path in (None, DEFAULT_DETECTOR) else path
+    bundle = resolve_detector(path)
     spec = parse_backbone(args.backbone) if getattr(args, "backbone", None) else None
     detector = load_bundle(
         bundle, device=device, backbone_spec=spec,
@@ -123,7 +128,7 @@ def cmd_score(args) -> int:
     if args.ray:
         from anomalyfleet.bulk_scoring import BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score
 
-        bundle = str(default_detector_path()) if args.detector in (None, DEFAULT_DETECTOR) else args.detector
+        bundle = resolve_detector(args.detector)
         config = BulkScoreConfig(inputs=resolve_inputs([f"images={args.images}"], None, bundle), output=args.out,
                                  batch_size=args.batch_size, actors=args.actors, write_maps=not args.no_maps,
                                  device=args.device).validate()

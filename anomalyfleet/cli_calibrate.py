@@ -28,12 +28,12 @@ def cmd_calibrate(args) -> int:
     from anomalyfleet.backbones import parse_backbone
     from anomalyfleet.bundle import load_bundle, save_bundle
     from anomalyfleet.calibration import apply_calibration, calibrate_scores, detector_scores, write_report
-    from anomalyfleet.cli import DEFAULT_DETECTOR, default_detector_path
+    from anomalyfleet.cli import resolve_detector
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.device import select_device
 
     samples = parse_data_specs(args.data)
-    bundle = str(default_detector_path()) if args.detector == DEFAULT_DETECTOR else args.detector
+    bundle = resolve_detector(args.detector)
     spec = parse_backbone(args.backbone) if args.backbone else None
     # The bundle's own settings and fp32: the thresholds must fit the scores the service computes.
     detector = load_bundle(bundle, device=select_device(args.device), backbone_spec=spec)

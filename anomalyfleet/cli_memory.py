@@ -52,12 +52,13 @@ def _recalibrate_note(dropped: dict, bundle) -> None:
 def cmd_memory_build(args) -> int:
     from anomalyfleet.backbones import parse_backbone
     from anomalyfleet.bundle import load_bundle, save_bundle
+    from anomalyfleet.cli import resolve_detector
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.device import select_device
     from anomalyfleet.memory import FusionSettings, build_line_memory
 
     samples = parse_data_specs(args.data)
-    bundle = _bundle_path(args.detector)
+    bundle = resolve_detector(args.detector)
     spec = parse_backbone(args.backbone) if args.backbone else None
     # The bundle's own settings and fp32: the memory must match the features the service computes.
     detector = load_bundle(bundle, device=select_device(args.device), backbone_spec=spec)
@@ -87,13 +88,6 @@ def cmd_memory_build(args) -> int:
     return 0
 
 
-def _bundle_path(name: str) -> str:
-    """A bundle argument as the other commands read it: 'default' is the detector in the package."""
-    from anomalyfleet.cli import DEFAULT_DETECTOR, default_detector_path
-
-    return str(default_detector_path()) if name == DEFAULT_DETECTOR else name
-
-
 def _load_with_memory(bundle: str, args):
     from anomalyfleet.backbones import parse_backbone
     from anomalyfleet.bundle import load_bundle
@@ -110,6 +104,7 @@ def cmd_memory_set(args) -> int:
     from dataclasses import replace
 
     from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.cli import resolve_detector
     from anomalyfleet.errors import ConfigError
 
     changes = _given(args)
@@ -118,7 +113,7 @@ def cmd_memory_set(args) -> int:
     if not changes:
         raise ConfigError("nothing to set: give --mode, --prompt-weight, --prompt-map-weight, --image-evidence "
                           "or --top-fraction")
-    bundle = _bundle_path(args.detector)
+    bundle = resolve_detector(args.detector)
     out = args.out or bundle
     detector = _load_with_memory(bundle, args)
     memory = detector.memory
@@ -137,9 +132,10 @@ def cmd_memory_set(args) -> int:
 
 def cmd_memory_show(args) -> int:
     from anomalyfleet.bundle import read_bundle_metadata
+    from anomalyfleet.cli import resolve_detector
     from anomalyfleet.errors import BundleError
 
-    bundle = _bundle_path(args.detector)
+    bundle = resolve_detector(args.detector)
     meta = read_bundle_metadata(bundle)
     if not meta.get("memory"):
         raise BundleError(f"{bundle} has no line memory; build one with `anomalyfleet memory build`")

@@ -81,8 +81,46 @@ class PatchMemory:
         return cls(features=state["features"], layer=int(state["layer"]), grid=tuple(state["grid"]), shots=int(state["shots"]))
 
 
-# Largest temporary similarity block in mutual scoring (float32 elements, 64 MB).
+# Largest temporary similarity block in image-to-image comparisons (float32 elements, 64 MB):
+# bounds memory for large batches and wide rolling windows.
 MUTUAL_BLOCK_ELEMENTS = 1 << 24
+
+
+def nearest_both(queries: Tensor, window: Tensor, max_elements: int | None = None) -> tuple[Tensor, Tensor]:
+    """Nearest-patch cosine distances between images, both ways, from one product per block.
+
+    queries (B, P, D) and window (N, Q, D), L2-normalised. Returns `to_window` (B, N, P): each query
+    patch's distance to the nearest patch of each window image, and `from_window` (N, B, Q): each
+    window patch's distance to the nearest patch of each query image. Blocks hold at most
+    `max_elements` similarities (default `MUTUAL_BLOCK_ELEMENTS`).
+    """
+    max_elements = MUTUAL_BLOCK_ELEMENTS if max_elements is None else max_elements
+    b_all, p, d = queries.shape
+    n_all, q = window.shape[0], window.shape[1]
+    to_window = queries.new_empty(b_all, n_all, p)
+    from_window = queries.new_empty(n_all, b_all, q)
+    n_step = max(1, min(n_all, max_elements // (p * q)))
+    b_step = max(1, min(b_all, max_elements // (p * q * n_step)))
+    for b0 in range(0, b_all, b_step):
+        block_q = queries[b0:b0 + b_step]
+        b = block_q.shape[0]
+        for n0 in range(0, n_all, n_step):
+            block_w = window[n0:n0 + n_step]
+            n = block_w.shape[0]
+            sim = (block_q.reshape(b * p, d) @ block_w.reshape(n * q, d).t()).view(b, p, n, q)
+            to_window[b0:b0 + b, n0:n0 + n] = (1.0 - sim.amax(dim=3)).permute(0, 2, 1)
+            from_window[n0:n0 + n, b0:b0 + b] = (1.0 - sim.amax(dim=1)).permute(1, 0, 2)
+    return to_window, from_window
+
+
+def smallest_mean(distances: Tensor, fraction: float, others: int, dim: int) -> Tensor:
+    """Mean of the smallest `round(fraction * others)` (at least one) values along `dim`.
+
+    `others` is the number of real comparisons; any further entries along `dim` must be +inf (an
+    image's distance to itself), which the smallest ones never include.
+    """
+    keep = max(1, int(round(fraction * others)))
+    return distances.topk(keep, dim=dim, largest=False).values.mean(dim=dim)
 
 
 def mutual_patch_scores(patches: Tensor, fraction: float = 0.3) -> Tensor:
@@ -93,22 +131,17 @@ def mutual_patch_scores(patches: Tensor, fraction: float = 0.3) -> Tensor:
     appear in a minority of the images do not make normal patches look anomalous. Each pair of
     images shares one similarity product, read both ways (half the work of one per direction).
     """
-    batch, per_image, width = patches.shape
+    batch, per_image, _ = patches.shape
     if batch < 2:
         raise ValueError("mutual scoring needs at least two images of the same line")
     normed = F.normalize(patches.float(), dim=-1)
-    flat = normed.reshape(batch * per_image, width)
-    step = max(1, MUTUAL_BLOCK_ELEMENTS // (per_image * per_image))
     per_other = torch.empty(batch, per_image, batch, device=patches.device)
     per_other.diagonal(dim1=0, dim2=2).fill_(float("inf"))  # an image is not compared with itself
     for i in range(batch - 1):
-        for j0 in range(i + 1, batch, step):
-            j1 = min(batch, j0 + step)
-            sim = (normed[i] @ flat[j0 * per_image:j1 * per_image].t()).view(per_image, j1 - j0, per_image)
-            per_other[i, :, j0:j1] = 1.0 - sim.amax(dim=2)
-            per_other[j0:j1, :, i] = 1.0 - sim.amax(dim=0)
-    keep = max(1, int(round(fraction * (batch - 1))))
-    return per_other.sort(dim=-1).values[..., :keep].mean(dim=-1)
+        to_later, from_later = nearest_both(normed[i:i + 1], normed[i + 1:])
+        per_other[i, :, i + 1:] = to_later[0].t()
+        per_other[i + 1:, :, i] = from_later[:, 0]
+    return smallest_mean(per_other, fraction, batch - 1, dim=-1)
 
 
 def upsample_patch_scores(scores: Tensor, grid: tuple[int, int], size: int) -> Tensor:

@@ -25,7 +25,7 @@ a slightly different score later: the scale follows the line, it is not frozen.
 Memory, bounded at construction: `size * P * D` feature floats plus `size * size * P` cached
 distances (P patches per image, D feature width), float32, on the window's device; see
 `state_bytes`. Scoring B images costs one (B*P) x (size*P) similarity product, done in blocks of at
-most `MAX_SIM_ELEMENTS`.
+most `anomalyfleet.memory.MUTUAL_BLOCK_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -38,49 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomalyfleet.maps import smooth_maps
-from anomalyfleet.memory import MapCalibration, top_fraction_mean, upsample_patch_scores
+from anomalyfleet.memory import (
+    MapCalibration, nearest_both, smallest_mean, top_fraction_mean, upsample_patch_scores,
+)
 
-# Largest temporary similarity block (float32 elements, 64 MB): bounds memory for wide windows.
-MAX_SIM_ELEMENTS = 1 << 24
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 # Least image-score spread, in calibrated map units (1 = the reference pixels' median-to-q99 range):
 # a window of near-identical images has a MAD near zero, and noise would then read as many sigmas.
 SPREAD_FLOOR = 0.05
-
-
-def nearest_both(queries: Tensor, window: Tensor, max_elements: int = MAX_SIM_ELEMENTS) -> tuple[Tensor, Tensor]:
-    """Nearest-patch cosine distances between images, both ways, from one product per block.
-
-    queries (B, P, D) and window (N, Q, D), L2-normalised. Returns `to_window` (B, N, P): each query
-    patch's distance to the nearest patch of each window image, and `from_window` (N, B, Q): each
-    window patch's distance to the nearest patch of each query image.
-    """
-    b_all, p, d = queries.shape
-    n_all, q = window.shape[0], window.shape[1]
-    to_window = queries.new_empty(b_all, n_all, p)
-    from_window = queries.new_empty(n_all, b_all, q)
-    n_step = max(1, min(n_all, max_elements // (p * q)))
-    b_step = max(1, min(b_all, max_elements // (p * q * n_step)))
-    for b0 in range(0, b_all, b_step):
-        block_q = queries[b0:b0 + b_step]
-        b = block_q.shape[0]
-        for n0 in range(0, n_all, n_step):
-            block_w = window[n0:n0 + n_step]
-            n = block_w.shape[0]
-            sim = (block_q.reshape(b * p, d) @ block_w.reshape(n * q, d).t()).view(b, p, n, q)
-            to_window[b0:b0 + b, n0:n0 + n] = (1.0 - sim.amax(dim=3)).permute(0, 2, 1)
-            from_window[n0:n0 + n, b0:b0 + b] = (1.0 - sim.amax(dim=1)).permute(1, 0, 2)
-    return to_window, from_window
-
-
-def smallest_mean(distances: Tensor, fraction: float, others: int, dim: int) -> Tensor:
-    """Mean of the smallest `round(fraction * others)` (at least one) values along `dim`.
-
-    `others` is the number of real comparisons; any further entries along `dim` must be +inf (an
-    image's distance to itself), which the smallest ones never include.
-    """
-    keep = max(1, int(round(fraction * others)))
-    return distances.topk(keep, dim=dim, largest=False).values.mean(dim=dim)
 
 
 @dataclass(frozen=True)

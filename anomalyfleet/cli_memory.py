@@ -14,7 +14,7 @@ _weight = in_range(0.0, 1.0, "a weight")
 _fraction = in_range(0.0, 1.0, "a top fraction", low_open=True)
 # FusionSettings' defaults, for help texts only (the parser is built without importing torch);
 # tests check they agree.
-FUSION_DEFAULTS = {"prompt_weight": 0.5, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01}
+FUSION_DEFAULTS = {"prompt_weight": 0.1, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01}
 # Options that set a FusionSettings field, shared by `build` and `set`: only those given are applied.
 FUSION_OPTIONS = (
     ("--prompt-weight", "prompt_weight", _weight,

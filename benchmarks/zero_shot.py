@@ -13,8 +13,8 @@ Line memory rows (`--memory-layer`), k normal training images per draw (seeds 10
 next 32 normals calibrating, exactly as `memory build` draws them: memory only, fused with the
 prompts (`fit_line_memory` + `LineMemory.fuse`, the code the detector runs), fusion variants
 (`--fusion-variants`), batch mutual scoring; then the product path end to end (`--bundle-k`):
-`build_line_memory`, a bundle saved and loaded, `Detector.predict_features`. No weight is chosen
-on these labels. `--synthetic` adds a second table: the same sources and fusions on procedural
+`build_line_memory`, a bundle saved and loaded, `Detector.predict_features`. The default fusion
+weights were chosen on three products' labels, these among them (benchmarks/line_memory_products.py). `--synthetic` adds a second table: the same sources and fusions on procedural
 defects (Perlin, CutPaste, scar) pasted into each draw's held-out normal images, a check that
 needs no defect label of the line.
 
@@ -98,12 +98,13 @@ BATCH = 32
 
 
 def fusion_variants() -> list[tuple[str, object]]:
-    """The fused rules compared: the default, one change at a time, and the rule it replaced."""
+    """The fused rules compared: the default, one change at a time, and the rules it replaced."""
     from anomalyfleet.memory import FusionSettings
 
-    return [("prompt map at equal weight (v=0.5)", FusionSettings(prompt_map_weight=0.5)),
+    return [("equal weights (w=0.5), the previous default", FusionSettings(prompt_weight=0.5)),
+            ("prompt map share v=0.1", FusionSettings(prompt_map_weight=0.1)),
             ("no image evidence in the map (a=0)", FusionSettings(image_evidence=0.0)),
-            ("previous rule (w=0.2 on map and score, picked on this test set)", "legacy")]
+            ("w=0.2 on map and score, no image scale (the first rule)", "legacy")]
 
 
 def configure(memory, fusion, sigma: float) -> None:
@@ -193,7 +194,9 @@ def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: 
     test_prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test_table)))
     test_patches = test_table.patch_features[:, li].float()
     rows = []
-    settings = [("memory", FusionSettings(mode="memory")), ("fused", FusionSettings())]
+    settings = [("memory", FusionSettings(mode="memory")),
+                ("memory, raw map (a=0)", FusionSettings(mode="memory", image_evidence=0.0)),
+                ("fused", FusionSettings())]
     for k in ks:
         named = settings + ([(f"fused, {n}", f) for n, f in fusion_variants()] if variants and k > 1 else [])
         results: dict[str, list[dict]] = {}
@@ -205,12 +208,13 @@ def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: 
                 configure(memory, fusion, sigma)
                 scores, maps, fuse_seconds = fuse_timed(memory, raw, test_prompts, sigma)
                 results.setdefault(name, []).append(report_for(test_table, scores, maps))
-                prompt_seconds = test_prompts.seconds if name != "memory" else 0.0
+                prompt_seconds = 0.0 if name.startswith("memory") else test_prompts.seconds
                 seconds[name] = seconds.get(name, 0.0) + (map_seconds + fuse_seconds + prompt_seconds) / DRAWS
         for name, _ in named:
-            label = "memory only" if name == "memory" else name
+            label = name.replace("memory", "memory only", 1) if name.startswith("memory") else name
+            alone = name.startswith("memory")
             rows.append(mean_row(f"{label}, k={k} (mean of {DRAWS} draws)",
-                                 str(layer) + ("" if name == "memory" else " + prompts"), results[name], seconds[name]))
+                                 str(layer) + ("" if alone else " + prompts"), results[name], seconds[name]))
     # Batch zero-shot: mutual scoring inside seeded batches of 32 unlabelled test images.
     start = time.perf_counter()
     order = torch.randperm(len(test_table), generator=torch.Generator().manual_seed(3))
@@ -276,6 +280,7 @@ def synthetic_rows(detector: Detector, train: list, train_table: FeatureTable, a
     train_prompts = PromptOutputs(detector, prompt_table, normals, keep_raw=False)
     wanted = map_layers + ([layer] if layer not in map_layers else [])  # prompt map layers first, as extract does
     named = [("prompts only", FusionSettings(mode="prompts")), ("memory only", FusionSettings(mode="memory")),
+             ("memory only, raw map (a=0)", FusionSettings(mode="memory", image_evidence=0.0)),
              ("fused", FusionSettings())] + [(f"fused, {n}", f) for n, f in fusion_variants()]
     rows = []
     for k in ks:
@@ -309,7 +314,7 @@ def synthetic_rows(detector: Detector, train: list, train_table: FeatureTable, a
                 inputs = {"synthetic": {"labels": labels, "scores": scores, "masks": all_masks, "maps": maps}}
                 results.setdefault(name, []).append(metrics.evaluate(inputs)["mean"])
         for name, _ in named:
-            layers = "prompts" if name == "prompts only" else str(layer) + ("" if name == "memory only" else " + prompts")
+            layers = "prompts" if name == "prompts only" else str(layer) + ("" if name.startswith("memory") else " + prompts")
             rows.append(mean_row(f"synthetic: {name}, k={k} ({DRAWS} draws)", layers, results[name], None))
     return rows
 

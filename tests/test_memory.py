@@ -304,7 +304,7 @@ def test_switching_sources(tiny_detector_bundle, line_data):
     plain = _load(tiny_detector_bundle)
     images, _ = _images(_samples(line_data[1]), plain)
     prompts = plain.predict(images)
-    detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory")
+    detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory", image_evidence=0.0)
     memory = detector.memory
     memory_only = detector.predict(images)
     # Prompts only: the memory stays in the bundle but scoring is exactly the prompts'.
@@ -314,27 +314,44 @@ def test_switching_sources(tiny_detector_bundle, line_data):
     assert np.array_equal(same.scores, prompts.scores) and np.array_equal(same.maps, prompts.maps)
     assert not np.allclose(memory_only.maps, prompts.maps)
 
-    def fused(**weights):
-        memory.configure(FusionSettings(mode="fused", **weights), sigma=detector.settings.sigma)
+    def configured(mode="fused", **weights):
+        memory.configure(FusionSettings(mode=mode, **weights), sigma=detector.settings.sigma)
         return detector.predict(images)
 
     # All prompt weights 0: the memory's map, and its score on the line's fused-score scale.
-    zero = fused(prompt_weight=0.0, prompt_map_weight=0.0, image_evidence=0.0)
+    zero = configured(prompt_weight=0.0, prompt_map_weight=0.0, image_evidence=0.0)
     np.testing.assert_allclose(zero.maps, memory_only.maps, atol=1e-5)
-    np.testing.assert_allclose(zero.scores, memory.image_calibration.apply(memory_only.scores), atol=1e-4)
+    memory_z = memory.image_calibration.apply(memory_only.scores)
+    np.testing.assert_allclose(zero.scores, memory_z, atol=1e-4)
+    # The memory alone with image evidence (its default): the same calibrated score, mixed into its map.
+    evidence = configured(mode="memory")
+    assert memory.fusion.image_evidence == 0.5
+    np.testing.assert_allclose(evidence.scores, memory_z, atol=1e-4)
+    np.testing.assert_allclose(evidence.maps, 0.5 * memory_only.maps + 0.5 * memory_z[:, None, None], atol=1e-4)
     # Prompt map weight 1: the calibrated prompt map.
     cal, score_cal = memory.prompt_calibration, memory.score_calibration
-    one = fused(prompt_weight=0.0, prompt_map_weight=1.0, image_evidence=0.0)
+    one = configured(prompt_weight=0.0, prompt_map_weight=1.0, image_evidence=0.0)
     np.testing.assert_allclose(one.maps, (prompts.maps - cal.centre) / cal.spread, atol=1e-4)
-    # Defaults: the image score averages the two sources' calibrated image scores, and each pixel
-    # averages the memory's local evidence with its image's score.
-    default = fused()
+    # Defaults: the image score is 0.9 of the memory's calibrated score and 0.1 of the prompts',
+    # and each pixel averages the memory's local evidence with its image's score.
+    default = configured()
     prompt_z = (prompts.scores - score_cal.centre) / score_cal.spread
-    np.testing.assert_allclose(default.scores, 0.5 * memory.image_calibration.apply(memory_only.scores) + 0.5 * prompt_z,
-                               atol=1e-4)
+    np.testing.assert_allclose(default.scores, 0.9 * memory_z + 0.1 * prompt_z, atol=1e-4)
     np.testing.assert_allclose(default.maps, 0.5 * memory_only.maps + 0.5 * default.scores[:, None, None], atol=1e-4)
     # Inside one image the fused map ranks pixels as the memory does.
     assert [m.argmax() for m in default.maps] == [m.argmax() for m in memory_only.maps]
+
+
+def test_memory_mode_without_a_score_scale_keeps_its_own_map(tiny_detector_bundle, tmp_path):
+    """One normal image and nothing to calibrate on: memory mode cannot rescale the image score,
+    so the bundle records no image evidence instead of claiming it."""
+    from tests.image_sets import write_folder_dataset
+
+    data = write_folder_dataset(tmp_path / "one", normals=1, anomalies=0, seed=6)
+    detector = _with_memory(tiny_detector_bundle, data, mode="memory")
+    assert detector.memory.image_calibration is None
+    assert detector.memory.fusion.image_evidence == 0.0
+    assert detector.memory.metadata()["fusion"]["image_evidence"] == 0.0
 
 
 def test_fused_score_scale_is_refitted_from_the_kept_calibration_scores(tiny_detector_bundle, line_data):

@@ -12,6 +12,18 @@ MODES = ("fused", "memory", "prompts")
 DEFAULT_MODE = "fused"
 _weight = in_range(0.0, 1.0, "a weight")
 _fraction = in_range(0.0, 1.0, "a top fraction", low_open=True)
+# memory_tuning's choices, for the parser (built without importing torch); tests check they agree.
+TUNING_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+
+
+def weight_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers in [0, 1], got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers in [0, 1], got {text!r}")
+    return values
 # FusionSettings' defaults, for help texts only (the parser is built without importing torch);
 # tests check they agree.
 FUSION_DEFAULTS = {"prompt_weight": 0.1, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01}
@@ -130,6 +142,45 @@ def cmd_memory_set(args) -> int:
     return 0
 
 
+def cmd_memory_tune(args) -> int:
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.cli import resolve_detector
+    from anomalyfleet.data import parse_data_specs
+    from anomalyfleet.device import select_device
+    from anomalyfleet.memory_tuning import DEFAULT_WEIGHTS, tune_fusion
+
+    samples = parse_data_specs(args.data)
+    bundle = resolve_detector(args.detector)
+    detector = _load_with_memory(bundle, args)
+    detector.to(select_device(args.device))
+    memory = detector.memory
+    before = memory.fusion
+    best, candidates = tune_fusion(detector, samples, weights=args.weights or DEFAULT_WEIGHTS, metric=args.metric,
+                                   batch_size=args.batch_size, progress=not args.quiet)
+    table = {c.name: {k: c.report.get(k) for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro")}
+             for c in candidates}
+    used = len({s.image for s in samples} - set(memory.info.get("images", [])))
+    summary = {"bundle": bundle, "metric": args.metric, "images": used, "candidates": table,
+               "chosen": best.name, "fusion": best.fusion.to_dict()}
+    if not args.dry_run:
+        out = args.out or bundle
+        memory.configure(best.fusion, sigma=detector.settings.sigma)
+        detector.with_settings()  # the memory's checks for the mode it is now in
+        memory.info["tuned"] = {"metric": args.metric, "data": list(args.data), "chosen": best.name,
+                                "candidates": table}
+        dropped = _drop_thresholds(detector) if memory.fusion.score_scale() != before.score_scale() else {}
+        detector.to("cpu")
+        save_bundle(detector, out)
+        summary.update(out=str(out), thresholds_dropped=sorted(dropped))
+    print(json.dumps(summary, indent=2))
+    value = best.report[args.metric]
+    print(f"{best.name}: {args.metric} {value:.4f} on {used} labelled images"
+          + ("" if args.dry_run else f" -> {summary['out']}"), file=sys.stderr)
+    if not args.dry_run:
+        _recalibrate_note(dropped, summary["out"])
+    return 0
+
+
 def cmd_memory_show(args) -> int:
     from anomalyfleet.bundle import read_bundle_metadata
     from anomalyfleet.cli import resolve_detector
@@ -197,10 +248,33 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
     m.set_defaults(func=cmd_memory_set)
 
+    t = sub.add_parser(
+        "tune",
+        help="choose the fusion (prompt weight, or one source alone) on labelled images of the line",
+        description="Scores the labelled images once (the memory's own images are left out), compares the "
+                    "prompts alone, the memory alone and the fused detector at each weight on --metric, and "
+                    "writes the best into the bundle (ties go to the smaller prompt weight). Needs normal and "
+                    "defective images; with only a few defects, several weights often tie.",
+    )
+    t.add_argument("--detector", required=True, help="bundle with a line memory")
+    t.add_argument("--data", action="append", required=True, metavar="SPEC",
+                   help="labelled images of the line (folder:PATH with normal/ and defect folders, mvtec:PATH ...)")
+    t.add_argument("--out", default=None, help="output bundle (default: the input bundle, replaced atomically)")
+    t.add_argument("--weights", type=weight_list, default=None,
+                   help="prompt weights to compare, 0 meaning the memory alone (default 0,0.05,0.1,0.2,0.3,0.5)")
+    t.add_argument("--metric", choices=TUNING_METRICS, default="image_auroc",
+                   help="what to maximise (pixel metrics need masks; default image_auroc)")
+    t.add_argument("--dry-run", action="store_true", help="print the comparison, write nothing")
+    t.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_memory_tune)
+
     s = sub.add_parser("show", help="print a bundle's line memory (layers, sizes, calibrations, fusion) as JSON")
     s.add_argument("--detector", required=True, help="bundle with a line memory")
     s.set_defaults(func=cmd_memory_show)
     return p
 
 
-__all__ = ["add_memory_command", "cmd_memory_build", "cmd_memory_set", "cmd_memory_show"]
+__all__ = ["add_memory_command", "cmd_memory_build", "cmd_memory_set", "cmd_memory_show", "cmd_memory_tune"]

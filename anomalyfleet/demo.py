@@ -161,7 +161,7 @@ def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, 
           file=sys.stderr)
     report = evaluate_detector(detector.to(device), samples, per_image=True, progress=False)
     atomic_write_bytes(out / "report-line-memory.json", json.dumps(report, indent=2).encode())
-    # The memory alone as well: where the prompts transfer poorly to a product, it can beat the fusion.
+    # The memory alone as well, to show what the prompts add on this product (little: they transfer poorly to cells).
     memory.with_mode("memory")
     alone = evaluate_detector(detector, samples, progress=False)
     detector.memory = None

@@ -31,6 +31,7 @@ class Candidate:
     name: str
     fusion: FusionSettings
     report: dict
+    scores: np.ndarray  # image scores of the tuning images
 
 
 @dataclass
@@ -88,11 +89,17 @@ def source_outputs(detector, samples: Sequence[Sample], batch_size: int = 8, pro
                          memory_raw=torch.cat(memory_raw), prompt_scores=torch.cat(scores), prompt_raw=torch.cat(prompt_raw))
 
 
+def candidate_name(fusion: FusionSettings) -> str:
+    return fusion.mode if fusion.mode != "fused" else f"fused w={fusion.prompt_weight:g}"
+
+
 def candidate_settings(base: FusionSettings, weights: Sequence[float]) -> list[tuple[str, FusionSettings]]:
     """The prompts alone, the memory alone (w = 0) and the fused detector at each other weight,
-    keeping the bundle's map share, image evidence and top fraction."""
+    keeping the bundle's map share, image evidence and top fraction; the bundle's own setting is
+    always among them (it is the reference a candidate must beat)."""
+    own = {"memory": 0.0, "prompts": None, "fused": base.prompt_weight}[base.mode]
     out = [("prompts", replace(base, mode="prompts"))]
-    for w in sorted(set(float(x) for x in weights)):
+    for w in sorted(set(float(x) for x in weights) | ({own} if own is not None else set())):
         if w == 0.0:
             out.append(("memory", replace(base, mode="memory")))
         else:
@@ -100,7 +107,8 @@ def candidate_settings(base: FusionSettings, weights: Sequence[float]) -> list[t
     return out
 
 
-def evaluate_candidate(detector, outputs: SourceOutputs, fusion: FusionSettings) -> dict:
+def evaluate_candidate(detector, outputs: SourceOutputs, fusion: FusionSettings) -> tuple[dict, np.ndarray]:
+    """(metrics report, image scores) of one fusion setting on the tuning images."""
     memory, sigma = detector.memory, detector.settings.sigma
     if fusion.mode == "prompts":
         scores, maps = outputs.prompt_scores.numpy(), smooth_maps(outputs.prompt_raw, sigma)
@@ -113,23 +121,44 @@ def evaluate_candidate(detector, outputs: SourceOutputs, fusion: FusionSettings)
     entry = {"labels": outputs.labels, "scores": scores}
     if outputs.masks is not None:
         entry.update(masks=outputs.masks, maps=maps)
-    return metrics.evaluate({"line": entry})["mean"]
+    return metrics.evaluate({"line": entry})["mean"], np.asarray(scores)
+
+
+def auroc_gain_lower_bound(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray, confidence: float,
+                           resamples: int = 2000, seed: int = 0) -> float:
+    """One-sided lower confidence bound of AUROC(scores) - AUROC(reference) on the same images:
+    a paired bootstrap, normals and defects resampled separately, from the (defect, normal) pair
+    comparisons of both score sets (one matrix product per side, no loop over resamples)."""
+    defect, normal = labels == 1, labels == 0
+
+    def wins(values: np.ndarray) -> np.ndarray:
+        a, b = values[defect][:, None], values[normal][None, :]
+        return (a > b) + 0.5 * (a == b)
+
+    diff = wins(np.asarray(scores, dtype=np.float64)) - wins(np.asarray(reference, dtype=np.float64))
+    d, n = diff.shape
+    rng = np.random.default_rng(seed)
+    count_d = rng.multinomial(d, np.full(d, 1.0 / d), size=resamples)
+    count_n = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    gains = ((count_d @ diff) * count_n).sum(axis=1) / (d * n)
+    return float(np.quantile(gains, 1.0 - confidence))
 
 
 def tune_fusion(detector, samples: Sequence[Sample], weights: Sequence[float] = DEFAULT_WEIGHTS,
-                metric: str = "image_auroc", batch_size: int = 8,
+                metric: str = "image_auroc", confidence: float = 0.95, batch_size: int = 8,
                 progress: bool = True) -> tuple[Candidate, list[Candidate]]:
-    """(best, all candidates) on the labelled `samples`; the memory is left at its settings.
+    """(chosen, all candidates) on the labelled `samples`; the memory is left at its settings.
 
-    Ties go to the smaller prompt weight (the memory before any fused weight, prompts alone last):
-    with a handful of defects many weights rank the images identically, and the one closer to the
-    memory alone changes least elsewhere.
+    See `choose_candidate`: the bundle's own setting stays unless the images show, at
+    `confidence`, that another is better (image AUROC), or another simply scores higher (other metrics).
     """
     memory = detector.memory
     if memory is None:
         raise DataError("this bundle has no line memory to tune; build one with `anomalyfleet memory build`")
     if metric not in TUNING_METRICS:
         raise DataError(f"metric must be one of {', '.join(TUNING_METRICS)}, got {metric!r}")
+    if not 0.0 <= confidence < 1.0:
+        raise DataError(f"confidence must be in [0, 1), got {confidence}")
     if not memory.can_fuse or memory.calibration_set is None:
         raise DataError("this memory keeps no calibration of both sources, so fused weights cannot be compared; "
                         "rebuild it with at least two normal images (anomalyfleet memory build)")
@@ -141,17 +170,34 @@ def tune_fusion(detector, samples: Sequence[Sample], weights: Sequence[float] = 
     candidates = []
     try:
         for name, fusion in candidate_settings(before, weights):
-            candidates.append(Candidate(name, fusion, evaluate_candidate(detector, outputs, fusion)))
+            candidates.append(Candidate(name, fusion, *evaluate_candidate(detector, outputs, fusion)))
     finally:
         memory.configure(before, detector.settings.sigma)
-    return choose_candidate(candidates, metric), candidates
+    reference = next(c for c in candidates if c.name == candidate_name(before))
+    return choose_candidate(candidates, metric, outputs.labels, reference, confidence), candidates
 
 
-def choose_candidate(candidates: list[Candidate], metric: str) -> Candidate:
-    """The best candidate on `metric`, ties to the smaller prompt weight (memory alone first,
-    prompts alone last); `candidates` in `candidate_settings` order."""
+def choose_candidate(candidates: list[Candidate], metric: str, labels: np.ndarray | None = None,
+                     reference: Candidate | None = None, confidence: float = 0.0) -> Candidate:
+    """The candidate to use; `candidates` in `candidate_settings` order.
+
+    Without a reference (or confidence 0): the best on `metric`, ties to the smaller prompt weight
+    (memory alone first, prompts alone last). With one, on image AUROC: the best of the candidates
+    whose gain over the reference has a positive lower bound at `confidence` (paired bootstrap),
+    else the reference. With a handful of labelled defects the ranking of weights is mostly noise
+    (benchmarks/line_memory_products.py measures it); this keeps a bundle from moving on noise.
+    """
     ranked = [c for c in candidates if c.report.get(metric) is not None]
     if not ranked:
         raise DataError(f"{metric} could not be computed on these images")
     order = {c.name: i for i, c in enumerate(candidates[1:] + candidates[:1])}
-    return max(ranked, key=lambda c: (round(c.report[metric], 9), -order[c.name]))
+
+    def best_of(pool: list[Candidate]) -> Candidate:
+        return max(pool, key=lambda c: (round(c.report[metric], 9), -order[c.name]))
+
+    best = best_of(ranked)
+    if reference is None or confidence <= 0 or metric != "image_auroc" or best is reference:
+        return best
+    better = [c for c in ranked if c is not reference and c.report[metric] > reference.report[metric]
+              and auroc_gain_lower_bound(labels, c.scores, reference.scores, confidence) > 0]
+    return best_of(better) if better else reference

@@ -583,13 +583,15 @@ def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported
     bundle = save_bundle(detector.to("cpu"), tmp_path / "line")
     data = [f"folder:{line_data[1]}", f"folder:{line_data[0]}"]  # the memory's own images are left out
     code, out, err = _cli(["memory", "tune", "--detector", str(bundle), "--data", data[0], "--data", data[1],
-                           "--weights", "0,0.3,1", "--out", str(tmp_path / "tuned"), "--quiet"], capsys)
+                           "--weights", "0,0.3,1", "--confidence", "0", "--out", str(tmp_path / "tuned"), "--quiet"],
+                          capsys)
     assert code == 0, err
     summary = json.loads(out)
     table = summary["candidates"]
-    assert list(table) == ["prompts", "memory", "fused w=0.3", "fused w=1"]
+    # The bundle's own weight (the default 0.1) is always a candidate.
+    assert list(table) == ["prompts", "memory", "fused w=0.1", "fused w=0.3", "fused w=1"]
     assert summary["images"] == 12 + 8 - 4
-    order = ["memory", "fused w=0.3", "fused w=1", "prompts"]  # ties go to the smaller prompt weight
+    order = ["memory", "fused w=0.1", "fused w=0.3", "fused w=1", "prompts"]  # ties: the smaller prompt weight
     expected = max(order, key=lambda name: (round(table[name]["image_auroc"], 9), -order.index(name)))
     assert summary["chosen"] == expected
     tuned = _load(tmp_path / "tuned")
@@ -640,3 +642,33 @@ def test_tuning_metric_names_agree():
     from anomalyfleet.memory_tuning import TUNING_METRICS
 
     assert parser_metrics == TUNING_METRICS
+
+
+def test_auroc_gain_bound_keeps_the_reference_on_noise_and_moves_on_evidence():
+    from anomalyfleet.metrics import image_auroc
+    from anomalyfleet.memory_tuning import Candidate, auroc_gain_lower_bound, choose_candidate
+
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 40 + [0] * 160)
+    signal = labels + rng.normal(0, 1.0, labels.size)
+    assert auroc_gain_lower_bound(labels, signal, signal, 0.95) == 0.0  # no difference, no gain
+    strong = labels * 3.0 + rng.normal(0, 1.0, labels.size)
+    gain = image_auroc(labels, strong) - image_auroc(labels, signal)
+    bound = auroc_gain_lower_bound(labels, strong, signal, 0.95)
+    assert 0 < bound < gain
+    # The bootstrap is centred on the observed gain.
+    assert auroc_gain_lower_bound(labels, strong, signal, 0.5) == pytest.approx(gain, abs=0.01)
+
+    def candidate(name, scores):
+        return Candidate(name, FusionSettings(), {"image_auroc": image_auroc(labels, scores)}, scores)
+
+    reference = candidate("fused w=0.1", signal)
+    # Slightly better by chance (a little noise on the reference's scores): the reference stays.
+    nudged = candidate("fused w=0.2", signal + rng.normal(0, 0.05, labels.size))
+    pool = [candidate("prompts", rng.normal(size=labels.size)), reference, nudged]
+    if nudged.report["image_auroc"] > reference.report["image_auroc"]:
+        assert choose_candidate(pool, "image_auroc", labels, reference, 0.0) is nudged
+    assert choose_candidate(pool, "image_auroc", labels, reference, 0.95) is reference
+    # Clearly better: it is chosen.
+    clear = candidate("memory", strong)
+    assert choose_candidate([pool[0], clear, reference, nudged], "image_auroc", labels, reference, 0.95) is clear

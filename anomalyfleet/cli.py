@@ -125,6 +125,9 @@ def cmd_train(args) -> int:
 def cmd_score(args) -> int:
     from anomalyfleet.scoring import list_images, score_images
 
+    if args.ray and args.batch_zero_shot:
+        raise ConfigError("--batch-zero-shot scores groups of files against each other in one process; "
+                          "it does not run on Ray Data (drop --ray)")
     if args.ray:
         from anomalyfleet.bulk_scoring import BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score
 
@@ -140,8 +143,10 @@ def cmd_score(args) -> int:
     path = score_images(
         detector, images, args.out, batch_size=args.batch_size,
         write_maps=not args.no_maps, write_overlays=not args.no_overlays, progress=not args.quiet,
+        batch_zero_shot=args.batch_zero_shot,
     )
-    print(f"scored {len(images)} images -> {path}", file=sys.stderr)
+    how = f" by batch zero-shot in groups of up to {args.batch_zero_shot}" if args.batch_zero_shot else ""
+    print(f"scored {len(images)} images{how} -> {path}", file=sys.stderr)
     return 0
 
 
@@ -232,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-maps", action="store_true")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--ray", action="store_true", help="score on Ray Data into Parquet parts (resumable; see bulk-score)")
+    p.add_argument("--batch-zero-shot", type=_positive_int, default=None, metavar="G",
+                   help="no normal image needed: score the images against each other in groups of up to G "
+                        "(robust z-scores within each group, most images of a group must be normal)")
     p.add_argument("--actors", type=_positive_int, default=1, help="with --ray: scoring actors")
     _add_override_options(p)
     _add_runtime_options(p)

@@ -197,6 +197,14 @@ class RollingWindow:
         scores = ((top - cal.score_centre) / cal.score_spread).astype(np.float32)
         return WindowScores(scores=scores, maps=maps, images=self.count)
 
+    def score_held(self) -> WindowScores:
+        """Calibrated scores and maps of the held images themselves, oldest first: each against the
+        others, on the scale those same scores give (a closed batch scored as MuSc scores one)."""
+        if self.count < 3:
+            raise ValueError(f"scoring the held images needs at least 3 of them, got {self.count}")
+        self.fit()
+        return self._calibrated(self.reference_patch_scores())
+
     def score(self, patches: Tensor) -> WindowScores:
         """Calibrated scores and maps of (B, P, D) patches; nothing is added. Needs `ready`."""
         if not self.ready:

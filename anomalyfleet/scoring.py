@@ -109,8 +109,13 @@ def score_images(
     write_maps: bool = True,
     write_overlays: bool = True,
     progress: bool = True,
+    batch_zero_shot: int | None = None,
 ) -> Path:
     """Score files and write `scores.jsonl`, `maps/<name>.npy`, `overlays/<name>.png` under out_dir.
+
+    With `batch_zero_shot` = G, the files are scored against each other in groups of about G
+    (`anomalyfleet.batch_zero_shot`), not by the bundle's prompts or memory: scores are robust
+    z-scores within each group, so the bundle's thresholds do not apply to them.
 
     Every file is written atomically and the JSONL last, so a crash never leaves a results file
     that points to maps that are not there. An s3:// `out_dir` gets the same files, uploaded with
@@ -118,22 +123,33 @@ def score_images(
     """
     if storage.is_remote(out_dir):
         with tempfile.TemporaryDirectory(prefix="anomalyfleet-scores-") as tmp:
-            local = score_images(detector, images, tmp, batch_size, write_maps, write_overlays, progress)
+            local = score_images(detector, images, tmp, batch_size, write_maps, write_overlays, progress,
+                                 batch_zero_shot)
             write_manifest(local.parent)
             storage.put_tree(local.parent, str(out_dir))
         return storage.join(str(out_dir), "scores.jsonl")
     out_dir = storage.parse(out_dir).path
     samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
     names = _unique_names(images)
-    threshold = detector.thresholds.get("image")
+    if batch_zero_shot:
+        from anomalyfleet.batch_zero_shot import predict_samples_batch_zero_shot
+
+        threshold = None
+        batches = predict_samples_batch_zero_shot(detector, samples, group_size=batch_zero_shot,
+                                                  batch_size=batch_size, progress=progress)
+    else:
+        threshold = detector.thresholds.get("image")
+        batches = predict_samples(detector, samples, batch_size=batch_size, progress=progress)
     records = []
     position = 0
-    for scored in predict_samples(detector, samples, batch_size=batch_size, progress=progress):
+    for group, scored in enumerate(batches):
         for row, sample in enumerate(scored.samples):
             name = names[position]
             position += 1
             score = float(scored.prediction.scores[row])
             record = {"image": sample.image, "score": score}
+            if batch_zero_shot:
+                record.update(source="batch", group=group, group_size=len(scored.samples))
             if threshold is not None:
                 record.update(threshold=float(threshold), anomalous=bool(score >= threshold))
             amap = scored.prediction.maps[row].astype(np.float32)

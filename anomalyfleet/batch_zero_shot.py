@@ -1,0 +1,84 @@
+"""Batch zero-shot scoring of files: a line's unlabelled images scored against each other.
+
+What the service's rolling window does for a stream, for a closed set of files (CLI `score
+--batch-zero-shot G`): the images are split into groups of about G in the given order, and every
+image is scored by mutual comparison with the other images of its group (`RollingWindow.score_held`),
+on the group's own scale: a map of 1 is the group's 99th-percentile pixel, a score of z is z robust
+standard deviations above the group's median image. No normal image, no prompt and no label is
+used, so it works on a product nobody has collected normals of, as long as most images of each
+group are normal. A group's scores depend on its other images, so a file scored in another
+group can get a slightly different score.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from anomalyfleet.data import AnomalyDataset, Sample
+from anomalyfleet.detector import Detector, Prediction
+from anomalyfleet.errors import DataError
+from anomalyfleet.memory import default_memory_layers
+from anomalyfleet.rolling_window import RollingWindow
+from anomalyfleet.scoring import ScoredBatch
+
+MIN_GROUP = 3  # the fewest images whose leave-one-out scores give a median and a spread
+# The smallest group size a caller may ask for: with G >= 2 * MIN_GROUP - 1, splitting any count of
+# at least MIN_GROUP images into ceil(count / G) near-equal groups leaves none below MIN_GROUP.
+MIN_GROUP_SIZE = 2 * MIN_GROUP - 1
+
+
+def batch_layer(detector: Detector) -> int:
+    """The feature block compared: the line memory's when the bundle has one, else the middle block."""
+    if detector.memory is not None:
+        return detector.memory.layers[0]
+    return default_memory_layers(detector.backbone.num_layers)[0]
+
+
+def group_bounds(count: int, group_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive groups of near-equal size, none above `group_size` and none
+    below MIN_GROUP (a short remainder is spread over the other groups, not left alone)."""
+    if count < MIN_GROUP:
+        raise DataError(f"batch zero-shot scoring compares images with each other and needs at least {MIN_GROUP}, "
+                        f"got {count}")
+    if group_size < MIN_GROUP_SIZE:
+        raise DataError(f"batch zero-shot groups need room for at least {MIN_GROUP_SIZE} images, got {group_size}")
+    groups = -(-count // group_size)
+    edges = np.linspace(0, count, groups + 1).round().astype(int)
+    bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    assert all(MIN_GROUP <= b - a <= group_size for a, b in bounds), bounds
+    return bounds
+
+
+def predict_samples_batch_zero_shot(
+    detector: Detector,
+    samples: Sequence[Sample],
+    group_size: int = 64,
+    batch_size: int = 8,
+    fraction: float = 0.3,
+    progress: bool = True,
+) -> Iterator[ScoredBatch]:
+    """One `ScoredBatch` per group: robust z-scores and calibrated maps (see the module docstring)."""
+    layer = batch_layer(detector)
+    bar = tqdm(total=len(samples), desc="batch zero-shot", unit="img", disable=not progress)
+    for start, stop in group_bounds(len(samples), group_size):
+        group = list(samples[start:stop])
+        dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
+        window = RollingWindow(size=len(group), grid=detector.backbone.grid, image_size=detector.image_size,
+                               min_images=MIN_GROUP, fraction=fraction, sigma=detector.settings.sigma,
+                               device=detector.device)
+        masks = []
+        with torch.inference_mode():
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                features = detector.extract(batch["image"].to(detector.device), layers=(layer,))
+                window.add(features.patch_features[0])
+                masks.append((batch["mask"][:, 0] > 0.5).numpy())
+                bar.update(batch["image"].shape[0])
+            result = window.score_held()
+        yield ScoredBatch(samples=group, prediction=Prediction(scores=result.scores, maps=result.maps),
+                          masks=np.concatenate(masks))
+    bar.close()

@@ -45,6 +45,9 @@ class BulkScoreConfig:
     write_maps: bool = True
     device: str = "auto"
     job_name: str = "bulk-score"  # the `job` label of the progress metrics
+    # Batch zero-shot mode: score each shard's images against each other in groups of at most this
+    # many (anomalyfleet.batch_zero_shot), robust z-scores flagged from Z_THRESHOLD; None: the bundles.
+    batch_zero_shot: int | None = None
 
     def validate(self) -> "BulkScoreConfig":
         if not self.inputs:
@@ -56,6 +59,12 @@ class BulkScoreConfig:
             raise ConfigError("shard size, batch size and actors must be at least 1")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
             raise ConfigError("actor resources cannot be negative")
+        if self.batch_zero_shot is not None:
+            from anomalyfleet.batch_zero_shot import MIN_GROUP_SIZE
+
+            if self.batch_zero_shot < MIN_GROUP_SIZE or self.shard_size < MIN_GROUP_SIZE:
+                raise ConfigError(f"batch zero-shot needs groups and shards with room for at least {MIN_GROUP_SIZE} "
+                                  f"images (got groups of {self.batch_zero_shot}, shards of {self.shard_size})")
         return self
 
 
@@ -66,12 +75,15 @@ class Shard:
     bundle: str
     threshold: float | None
     images: list[str] = field(default_factory=list)
+    batch_zero_shot: int | None = None
 
     @property
     def digest(self) -> str:
         # The part name carries the shard's content, so a changed prefix never reuses a stale part.
-        payload = json.dumps([self.bundle, self.threshold, self.images]).encode()
-        return hashlib.sha256(payload).hexdigest()[:10]
+        what = [self.bundle, self.threshold, self.images]
+        if self.batch_zero_shot is not None:  # parts written before the mode existed keep their names
+            what.append(self.batch_zero_shot)
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
     def part_uri(self, output: str) -> str:
         return storage.join(output, "parts", self.line, f"part-{self.index:05d}-{self.digest}.parquet")
@@ -121,8 +133,17 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
     shards = []
     for item in config.inputs:
         images = list_line_images(item.images)
-        for index, start in enumerate(range(0, len(images), config.shard_size)):
-            shards.append(Shard(item.line, index, item.bundle, item.threshold, images[start : start + config.shard_size]))
+        if config.batch_zero_shot is None:
+            bounds = [(start, start + config.shard_size) for start in range(0, len(images), config.shard_size)]
+            threshold = item.threshold
+        else:
+            from anomalyfleet.batch_zero_shot import group_bounds
+            from anomalyfleet.rolling_window import Z_THRESHOLD
+
+            # Near-equal shards, so no shard is left with too few images to compare with each other.
+            bounds, threshold = group_bounds(len(images), config.shard_size), Z_THRESHOLD
+        for index, (start, stop) in enumerate(bounds):
+            shards.append(Shard(item.line, index, item.bundle, threshold, images[start:stop], config.batch_zero_shot))
     return shards
 
 
@@ -159,8 +180,6 @@ class ShardScorer:
         return self.detectors[bundle]
 
     def score_shard(self, shard: Shard) -> dict:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         import torch
 
         from anomalyfleet.data.transforms import preprocess_image
@@ -168,6 +187,9 @@ class ShardScorer:
         detector, version = self._detector(shard.bundle)
         rows = {name: [] for name in COLUMNS}
         rows["error"] = []
+        if shard.batch_zero_shot is not None:
+            self._score_batch_zero_shot(shard, detector, version, rows)
+            return self._write_part(shard, rows)
         text = None
         for start in range(0, len(shard.images), self.batch_size):
             uris = shard.images[start : start + self.batch_size]
@@ -183,23 +205,64 @@ class ShardScorer:
                     scores[i] = float(prediction.scores[row])
                     maps[i] = prediction.maps[row].astype(np.float32)
             for i, uri in enumerate(uris):
-                ok = i in scores
-                map_uri = None
-                if ok and self.write_maps:
-                    map_uri = storage.join(self.output, "maps", shard.line, f"{shard.index:05d}-{start + i:05d}.npy")
-                    buffer = io.BytesIO()
-                    np.save(buffer, maps[i])
-                    storage.write_bytes(map_uri, buffer.getvalue())
-                rows["line"].append(shard.line)
-                rows["image"].append(uri)
-                rows["score"].append(scores.get(i, float("nan")))
-                rows["threshold"].append(shard.threshold)
-                rows["anomalous"].append(bool(ok and shard.threshold is not None and scores[i] >= shard.threshold))
-                rows["map_uri"].append(map_uri)
-                rows["detector_version"].append(version)
-                rows["width"].append(images[i].width if ok else None)
-                rows["height"].append(images[i].height if ok else None)
-                rows["error"].append(None if ok else "corrupt, empty or not an image")
+                self._add_row(rows, shard, version, start + i, uri, images[i], scores.get(i), maps.get(i))
+        return self._write_part(shard, rows)
+
+    def _add_row(self, rows: dict, shard: Shard, version: str, position: int, uri: str, image, score: float | None,
+                 amap: np.ndarray | None, error: str = "corrupt, empty or not an image") -> None:
+        ok = score is not None
+        map_uri = None
+        if ok and self.write_maps:
+            map_uri = storage.join(self.output, "maps", shard.line, f"{shard.index:05d}-{position:05d}.npy")
+            buffer = io.BytesIO()
+            np.save(buffer, amap)
+            storage.write_bytes(map_uri, buffer.getvalue())
+        rows["line"].append(shard.line)
+        rows["image"].append(uri)
+        rows["score"].append(score if ok else float("nan"))
+        rows["threshold"].append(shard.threshold)
+        rows["anomalous"].append(bool(ok and shard.threshold is not None and score >= shard.threshold))
+        rows["map_uri"].append(map_uri)
+        rows["detector_version"].append(version)
+        rows["width"].append(image.width if ok else None)
+        rows["height"].append(image.height if ok else None)
+        rows["error"].append(None if ok else error)
+
+    def _score_batch_zero_shot(self, shard: Shard, detector, version: str, rows: dict) -> None:
+        """The shard's readable images scored against each other in near-equal groups; unreadable
+        ones are error rows (and too few readable ones to compare: every row an error)."""
+        import torch
+
+        from anomalyfleet.batch_zero_shot import MIN_GROUP, batch_layer, group_bounds
+        from anomalyfleet.data.transforms import preprocess_image
+        from anomalyfleet.rolling_window import RollingWindow
+
+        images = [_read_image(u) for u in shard.images]
+        good = [i for i, im in enumerate(images) if im is not None]
+        scores, maps = {}, {}
+        if len(good) >= MIN_GROUP:
+            layer = batch_layer(detector)
+            for start, stop in group_bounds(len(good), shard.batch_zero_shot):
+                members = good[start:stop]
+                window = RollingWindow(size=len(members), grid=detector.backbone.grid, image_size=detector.image_size,
+                                       min_images=MIN_GROUP, sigma=detector.settings.sigma, device=detector.device)
+                for b in range(0, len(members), self.batch_size):
+                    batch = torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std)
+                                         for i in members[b:b + self.batch_size]])
+                    with torch.inference_mode():
+                        window.add(detector.extract(batch.to(detector.device), layers=(layer,)).patch_features[0])
+                result = window.score_held()
+                for row, i in enumerate(members):
+                    scores[i], maps[i] = float(result.scores[row]), result.maps[row].astype(np.float32)
+        few = f"only {len(good)} readable images in this shard: batch zero-shot needs {MIN_GROUP} to compare"
+        for i, uri in enumerate(shard.images):
+            error = "corrupt, empty or not an image" if images[i] is None else few
+            self._add_row(rows, shard, version, i, uri, images[i], scores.get(i), maps.get(i), error)
+
+    def _write_part(self, shard: Shard, rows: dict) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         table = pa.table({
             **rows,
             "score": pa.array(rows["score"], pa.float64()),
@@ -312,6 +375,9 @@ def add_bulk_arguments(parser) -> None:
     parser.add_argument("--no-maps", action="store_true", help="scores only, no .npy maps")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--job-name", default="bulk-score", help="label of the job's progress metrics")
+    parser.add_argument("--batch-zero-shot", type=int, default=None, metavar="G",
+                        help="no normal image needed: score each shard's images against each other in groups of "
+                             "up to G (robust z-scores, anomalous from z = 3) instead of by the bundles")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -321,6 +387,7 @@ def config_from_args(args) -> BulkScoreConfig:
         inputs=inputs, output=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
         actors=args.actors, num_gpus_per_actor=args.gpus_per_actor, num_cpus_per_actor=args.cpus_per_actor,
         write_maps=not args.no_maps, device=args.device, job_name=args.job_name,
+        batch_zero_shot=args.batch_zero_shot,
     ).validate()
 
 

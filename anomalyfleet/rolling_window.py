@@ -46,6 +46,9 @@ MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard
 # Least image-score spread, in calibrated map units (1 = the reference pixels' median-to-q99 range):
 # a window of near-identical images has a MAD near zero, and noise would then read as many sigmas.
 SPREAD_FLOOR = 0.05
+# Default image threshold on the robust z-scale: about 1 % of normal images above it on the Magnetic
+# Tile stream (benchmarks/results-rolling-window.md).
+Z_THRESHOLD = 3.0
 
 
 @dataclass(frozen=True)

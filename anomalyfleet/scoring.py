@@ -115,7 +115,7 @@ def score_images(
 
     With `batch_zero_shot` = G, the files are scored against each other in groups of about G
     (`anomalyfleet.batch_zero_shot`), not by the bundle's prompts or memory: scores are robust
-    z-scores within each group, so the bundle's thresholds do not apply to them.
+    z-scores within each group, flagged from z = 3 (the bundle's thresholds are on another scale).
 
     Every file is written atomically and the JSONL last, so a crash never leaves a results file
     that points to maps that are not there. An s3:// `out_dir` gets the same files, uploaded with
@@ -133,8 +133,9 @@ def score_images(
     names = _unique_names(images)
     if batch_zero_shot:
         from anomalyfleet.batch_zero_shot import predict_samples_batch_zero_shot
+        from anomalyfleet.rolling_window import Z_THRESHOLD
 
-        threshold = None
+        threshold = Z_THRESHOLD  # the bundle's thresholds are on its own scale, not on z
         batches = predict_samples_batch_zero_shot(detector, samples, group_size=batch_zero_shot,
                                                   batch_size=batch_size, progress=progress)
     else:

@@ -133,3 +133,40 @@ def test_killed_job_resumes_without_gaps_or_repeats(tmp_path, openai_clip_file):
     assert all(abs(r["score"] - expected[Path(r["image"]).name]) < 1e-5 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lines"]["line"]["images"] == 12 and summary["shards_scored_now"] == 12 - len(done_before)
+
+
+def test_batch_zero_shot_on_ray_data_matches_the_cli_and_keeps_corrupt_rows(ray_local, tmp_path, openai_clip_file):
+    """Bulk batch zero-shot with one shard per line groups images exactly as `score --batch-zero-shot`
+    does, so the scores agree; several near-equal shards each score on their own; a corrupt file
+    is an error row and the other images of its shard are still compared with each other."""
+    data = write_folder_dataset(tmp_path / "line", normals=9, anomalies=3, size=48, seed=3)
+    images = tmp_path / "images"
+    images.mkdir()
+    for kind in ("normal", "anomaly"):
+        for path in sorted((data / kind).iterdir()):
+            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=1, threshold=0.5)
+    cli_out = tmp_path / "cli"
+    assert main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(cli_out), "--quiet",
+                 "--device", "cpu", "--no-maps", "--no-overlays", "--batch-zero-shot", "5"]) == 0
+    expected = {Path(r["image"]).name: r for r in map(json.loads, (cli_out / "scores.jsonl").read_text().splitlines())}
+    out = str(tmp_path / "bulk")
+    assert main(["bulk-score", "--detector", str(bundle), "--input", f"line={images}", "--out", out,
+                 "--batch-zero-shot", "5", "--quiet", "--device", "cpu", "--no-maps"]) == 0
+    rows = {Path(r["image"]).name: r for r in _parts(out)}
+    assert set(rows) == set(expected)
+    for name, record in expected.items():
+        assert abs(rows[name]["score"] - record["score"]) < 1e-5, name
+        assert rows[name]["threshold"] == 3.0 and rows[name]["anomalous"] == (record["score"] >= 3.0)
+
+    (images / "zz-corrupt.png").write_bytes(b"not a png")
+    out = str(tmp_path / "bulk-shards")
+    assert main(["bulk-score", "--detector", str(bundle), "--input", f"line={images}", "--out", out,
+                 "--batch-zero-shot", "5", "--shard-size", "6", "--quiet", "--device", "cpu", "--no-maps"]) == 0
+    rows = _parts(out)
+    assert len(rows) == 13
+    bad = [r for r in rows if r["error"]]
+    assert [Path(r["image"]).name for r in bad] == ["zz-corrupt.png"] and np.isnan(bad[0]["score"])
+    assert all(np.isfinite(r["score"]) for r in rows if not r["error"])
+    summary = json.loads(storage.read_bytes(storage.join(out, "summary.json")))
+    assert summary["shards"] == 3 and summary["lines"]["line"]["errors"] == 1

@@ -18,11 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from anomalyfleet.errors import ConfigError
 from anomalyfleet.serving.auth import TokenGrant
 
+from anomalyfleet.rolling_window import Z_THRESHOLD  # noqa: E402
+
 CONFIG_ENV = "ANOMALYFLEET_SERVE_CONFIG"
 REGISTRY_ENV = "ANOMALYFLEET_REGISTRY"
 FIELD_ENV_PREFIX = "ANOMALYFLEET_SERVE_"
 WINDOW_MAX_SIZE = 128
-WINDOW_THRESHOLD = 3.0
+WINDOW_THRESHOLD = Z_THRESHOLD
 WINDOW_PIXEL_THRESHOLD = 2.0
 
 

@@ -195,6 +195,14 @@ def cmd_memory_show(args) -> int:
     return 0
 
 
+def _add_feature_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that run the backbone over images."""
+    parser.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def add_memory_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "memory",
@@ -227,10 +235,7 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--calibration-images", type=int, default=32,
                    help="normal images outside the memory that calibrate the scales (default 32)")
     b.add_argument("--seed", type=int, default=0, help="seed of the draw of memory images and the coreset")
-    b.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
-    b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
-    b.add_argument("--batch-size", type=positive_int, default=8)
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_feature_options(b)
     b.set_defaults(func=cmd_memory_build)
 
     m = sub.add_parser(
@@ -269,10 +274,7 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
                    help="image AUROC: keep the bundle's setting unless another beats it at this one-sided "
                         "confidence (paired bootstrap); 0 takes the best value (default 0.95)")
     t.add_argument("--dry-run", action="store_true", help="print the comparison, write nothing")
-    t.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
-    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
-    t.add_argument("--batch-size", type=positive_int, default=8)
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_feature_options(t)
     t.set_defaults(func=cmd_memory_tune)
 
     s = sub.add_parser("show", help="print a bundle's line memory (layers, sizes, calibrations, fusion) as JSON")

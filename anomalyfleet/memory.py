@@ -188,6 +188,8 @@ def top_fraction_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
 # --- a line's memory inside a detector ------------------------------------------------------------
 
 FUSION_MODES = ("fused", "memory", "prompts")
+# Version of the fusion formulas a bundle records; 2: memory mode mixes its image score into its map.
+FUSION_RULES = 2
 
 
 @dataclass(frozen=True)
@@ -249,16 +251,20 @@ class FusionSettings:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "prompt_weight": self.prompt_weight, "top_fraction": self.top_fraction,
                 "prompt_map_weight": self.prompt_map_weight, "image_evidence": self.image_evidence,
-                "sources": self.sources}
+                "sources": self.sources, "rules": FUSION_RULES}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionSettings":
         weight = float(data.get("prompt_weight", 0.2))
+        mode = str(data.get("mode", "fused"))
+        evidence = float(data.get("image_evidence", 0.0))
+        if mode == "memory" and int(data.get("rules", 1)) < 2:
+            # Before rules 2, memory mode ignored the stored image evidence: its scores and maps,
+            # and the thresholds set on them, stay as they were.
+            evidence = 0.0
         # Bundles from before the per-pair weights used one weight for the map and the score.
-        return cls(mode=str(data.get("mode", "fused")), prompt_weight=weight,
-                   top_fraction=float(data.get("top_fraction", 0.01)),
-                   prompt_map_weight=float(data.get("prompt_map_weight", weight)),
-                   image_evidence=float(data.get("image_evidence", 0.0)))
+        return cls(mode=mode, prompt_weight=weight, top_fraction=float(data.get("top_fraction", 0.01)),
+                   prompt_map_weight=float(data.get("prompt_map_weight", weight)), image_evidence=evidence)
 
 
 @dataclass

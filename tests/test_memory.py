@@ -141,6 +141,7 @@ def test_leave_one_out_calibration_with_a_coreset_matches_new_normal_images():
 # --- a line's memory in its bundle, in the detector's scoring, and from the CLI ---------------------
 
 import argparse  # noqa: E402
+from dataclasses import replace  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -574,8 +575,6 @@ def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported
                                                                                  tmp_path, capsys):
     """`memory tune` ranks the candidates on labelled images from one feature pass; the bundle it
     writes, scored end to end, reproduces the chosen candidate's metrics (fusion rerun == full path)."""
-    from dataclasses import replace
-
     from anomalyfleet.bundle import save_bundle
     from anomalyfleet.evaluation import evaluate_detector
 
@@ -672,3 +671,25 @@ def test_auroc_gain_bound_keeps_the_reference_on_noise_and_moves_on_evidence():
     # Clearly better: it is chosen.
     clear = candidate("memory", strong)
     assert choose_candidate([pool[0], clear, reference, nudged], "image_auroc", labels, reference, 0.95) is clear
+
+
+def test_memory_mode_bundles_from_before_rules_2_score_as_they_did(tiny_detector_bundle, line_data):
+    """Memory mode ignored the stored image evidence before rules 2: such a bundle loads with none,
+    so its scores (and the thresholds set on them) do not change under it."""
+    detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory")
+    meta = detector.memory.metadata()
+    assert meta["fusion"]["rules"] == 2 and meta["fusion"]["image_evidence"] == 0.5
+    old = dict(meta, fusion={k: v for k, v in meta["fusion"].items() if k != "rules"})
+    legacy = LineMemory.from_saved(old, detector.memory.tensors())
+    assert legacy.fusion.image_evidence == 0.0
+    again = LineMemory.from_saved(meta, detector.memory.tensors())
+    assert again.fusion == detector.memory.fusion
+    images, _ = _images(_samples(line_data[1]), detector)
+    new_scores = detector.predict(images).scores
+    detector.memory = legacy
+    raw = detector.predict(images)
+    assert not np.allclose(raw.scores, new_scores)
+    detector.memory = again.configure(replace(again.fusion, image_evidence=0.0), detector.settings.sigma)
+    same = detector.predict(images)
+    np.testing.assert_allclose(raw.scores, same.scores, atol=1e-6)
+    np.testing.assert_allclose(raw.maps, same.maps, atol=1e-6)

@@ -693,3 +693,17 @@ def test_memory_mode_bundles_from_before_rules_2_score_as_they_did(tiny_detector
     same = detector.predict(images)
     np.testing.assert_allclose(raw.scores, same.scores, atol=1e-6)
     np.testing.assert_allclose(raw.maps, same.maps, atol=1e-6)
+
+
+def test_eval_warns_when_image_evidence_meets_a_defect_heavy_set(tiny_detector_bundle, line_data, tmp_path, capsys):
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.cli import main
+
+    bundle = save_bundle(_with_memory(tiny_detector_bundle, line_data[0]).to("cpu"), tmp_path / "line")
+    args = ["eval", "--detector", str(bundle), "--data", f"folder:{line_data[1]}", "--quiet"]
+    assert main(args) == 0
+    assert "50% of these images are defective" in capsys.readouterr().err
+    code, _, err = _cli(["memory", "set", "--detector", str(bundle), "--image-evidence", "0"], capsys)
+    assert code == 0, err
+    assert main(args) == 0
+    assert "defective" not in capsys.readouterr().err

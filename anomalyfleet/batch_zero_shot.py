@@ -12,7 +12,7 @@ group can get a slightly different score.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from anomalyfleet.data import AnomalyDataset, Sample
 from anomalyfleet.detector import Detector, Prediction
 from anomalyfleet.errors import DataError
 from anomalyfleet.memory import default_memory_layers
-from anomalyfleet.rolling_window import RollingWindow
+from anomalyfleet.rolling_window import RollingWindow, WindowScores
 from anomalyfleet.scoring import ScoredBatch
 
 MIN_GROUP = 3  # the fewest images whose leave-one-out scores give a median and a spread
@@ -54,6 +54,18 @@ def group_bounds(count: int, group_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def score_group(detector: Detector, batches: Iterable[torch.Tensor], size: int, fraction: float = 0.3) -> WindowScores:
+    """Scores and maps of one group of `size` preprocessed images, given in batches, each image
+    against the group's others on the group's own scale (`RollingWindow.score_held`)."""
+    layer = batch_layer(detector)
+    window = RollingWindow(size=size, grid=detector.backbone.grid, image_size=detector.image_size,
+                           min_images=MIN_GROUP, fraction=fraction, sigma=detector.settings.sigma, device=detector.device)
+    with torch.inference_mode():
+        for images in batches:
+            window.add(detector.extract(images.to(detector.device), layers=(layer,)).patch_features[0])
+        return window.score_held()
+
+
 def predict_samples_batch_zero_shot(
     detector: Detector,
     samples: Sequence[Sample],
@@ -63,22 +75,19 @@ def predict_samples_batch_zero_shot(
     progress: bool = True,
 ) -> Iterator[ScoredBatch]:
     """One `ScoredBatch` per group: robust z-scores and calibrated maps (see the module docstring)."""
-    layer = batch_layer(detector)
     bar = tqdm(total=len(samples), desc="batch zero-shot", unit="img", disable=not progress)
     for start, stop in group_bounds(len(samples), group_size):
         group = list(samples[start:stop])
         dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
-        window = RollingWindow(size=len(group), grid=detector.backbone.grid, image_size=detector.image_size,
-                               min_images=MIN_GROUP, fraction=fraction, sigma=detector.settings.sigma,
-                               device=detector.device)
         masks = []
-        with torch.inference_mode():
+
+        def images():
             for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                features = detector.extract(batch["image"].to(detector.device), layers=(layer,))
-                window.add(features.patch_features[0])
                 masks.append((batch["mask"][:, 0] > 0.5).numpy())
                 bar.update(batch["image"].shape[0])
-            result = window.score_held()
+                yield batch["image"]
+
+        result = score_group(detector, images(), len(group), fraction)
         yield ScoredBatch(samples=group, prediction=Prediction(scores=result.scores, maps=result.maps),
                           masks=np.concatenate(masks))
     bar.close()

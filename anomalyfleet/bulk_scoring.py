@@ -233,25 +233,19 @@ class ShardScorer:
         ones are error rows (and too few readable ones to compare: every row an error)."""
         import torch
 
-        from anomalyfleet.batch_zero_shot import MIN_GROUP, batch_layer, group_bounds
+        from anomalyfleet.batch_zero_shot import MIN_GROUP, group_bounds, score_group
         from anomalyfleet.data.transforms import preprocess_image
-        from anomalyfleet.rolling_window import RollingWindow
 
         images = [_read_image(u) for u in shard.images]
         good = [i for i, im in enumerate(images) if im is not None]
         scores, maps = {}, {}
         if len(good) >= MIN_GROUP:
-            layer = batch_layer(detector)
             for start, stop in group_bounds(len(good), shard.batch_zero_shot):
                 members = good[start:stop]
-                window = RollingWindow(size=len(members), grid=detector.backbone.grid, image_size=detector.image_size,
-                                       min_images=MIN_GROUP, sigma=detector.settings.sigma, device=detector.device)
-                for b in range(0, len(members), self.batch_size):
-                    batch = torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std)
-                                         for i in members[b:b + self.batch_size]])
-                    with torch.inference_mode():
-                        window.add(detector.extract(batch.to(detector.device), layers=(layer,)).patch_features[0])
-                result = window.score_held()
+                batches = (torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std)
+                                        for i in members[b:b + self.batch_size]])
+                           for b in range(0, len(members), self.batch_size))
+                result = score_group(detector, batches, len(members))
                 for row, i in enumerate(members):
                     scores[i], maps[i] = float(result.scores[row]), result.maps[row].astype(np.float32)
         few = f"only {len(good)} readable images in this shard: batch zero-shot needs {MIN_GROUP} to compare"

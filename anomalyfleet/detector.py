@@ -156,11 +156,13 @@ class Detector(nn.Module):
     @property
     def feature_layers(self) -> tuple[int, ...]:
         """Layers `extract` returns: the prompt map layers, then memory layers not among them."""
-        layers = tuple(self.settings.layers)
         memory = self.active_memory
-        if memory is None:
-            return layers
-        return layers + tuple(layer for layer in memory.layers if layer not in layers)
+        return self.layers_with(() if memory is None else memory.layers)
+
+    def layers_with(self, extra: Sequence[int]) -> tuple[int, ...]:
+        """The prompt map layers, then the layers of `extra` not among them (one feature pass for both)."""
+        layers = tuple(self.settings.layers)
+        return layers + tuple(layer for layer in extra if layer not in layers)
 
     # --- properties -----------------------------------------------------------------------------
     @property

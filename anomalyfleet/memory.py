@@ -664,7 +664,7 @@ def build_line_memory(
     chosen = [normals[i] for i in order[:k]]
     held = [normals[i] for i in order[k:k + calibration_images]]
     map_layers = tuple(detector.settings.layers)
-    wanted = map_layers + tuple(layer for layer in layers if layer not in map_layers)
+    wanted = detector.layers_with(layers)
     index = [wanted.index(layer) for layer in layers]
 
     dataset = AnomalyDataset(chosen + held, image_size=detector.image_size, mean=detector.mean, std=detector.std)

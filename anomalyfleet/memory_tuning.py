@@ -66,7 +66,7 @@ def source_outputs(detector, samples: Sequence[Sample], batch_size: int = 8, pro
     from anomalyfleet.data import AnomalyDataset
 
     memory = detector.memory
-    layers = detector.feature_layers
+    layers = detector.layers_with(memory.layers)  # the memory's layers in every mode, prompts-only too
     dataset = AnomalyDataset(list(samples), image_size=detector.image_size, mean=detector.mean, std=detector.std)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     memory_raw, scores, prompt_raw, masks = [], [], [], []

@@ -707,3 +707,19 @@ def test_eval_warns_when_image_evidence_meets_a_defect_heavy_set(tiny_detector_b
     assert code == 0, err
     assert main(args) == 0
     assert "defective" not in capsys.readouterr().err
+
+
+def test_memory_tune_works_on_a_bundle_in_prompts_mode(tiny_detector_bundle, line_data, tmp_path, capsys):
+    """A bundle switched to prompts-only still holds its memory; tuning extracts the memory's
+    block all the same and can switch the bundle back to the memory."""
+    from anomalyfleet.bundle import save_bundle
+
+    detector = _with_memory(tiny_detector_bundle, line_data[0], mode="prompts")
+    assert detector.memory.layers[0] not in detector.feature_layers  # scoring does not extract it
+    bundle = save_bundle(detector.to("cpu"), tmp_path / "line")
+    code, out, err = _cli(["memory", "tune", "--detector", str(bundle), "--data", f"folder:{line_data[1]}",
+                           "--weights", "0", "--confidence", "0", "--dry-run", "--quiet"], capsys)
+    assert code == 0, err
+    table = json.loads(out)["candidates"]
+    assert list(table) == ["prompts", "memory"]
+    assert table["memory"]["image_auroc"] != table["prompts"]["image_auroc"]

@@ -422,14 +422,13 @@ class LineMemory(torch.nn.Module):
                 and fusion.score_scale() != self.fusion.score_scale():
             raise DataError("this memory was built before fused scores were calibrated per line and cannot refit "
                             "them; rebuild it with anomalyfleet memory build")
+        self.fusion = fusion
         if self.calibration_set is not None:
-            self.fusion = fusion
             self.image_calibration = self.fit_image_calibration(sigma)
         if fusion.mode == "memory" and fusion.image_evidence > 0 and self.image_calibration is None:
             # No normal image beyond the memory's single one: there is no scale to put the image
             # score on, so the map stays the memory's own (recorded, not silently ignored).
-            fusion = replace(fusion, image_evidence=0.0)
-        self.fusion = fusion
+            self.fusion = replace(fusion, image_evidence=0.0)
         return self
 
     # --- persistence: tensors in memory.pt, the rest in detector.json ---------------------------

@@ -59,6 +59,11 @@ def tuning_images(detector, samples: Sequence[Sample]) -> list[Sample]:
     return kept
 
 
+def defects_have_masks(samples: Sequence[Sample]) -> bool:
+    """Pixel metrics need a mask for every defective image (normals count as all-normal)."""
+    return all(s.mask is not None for s in samples if int(s.label) == 1)
+
+
 def source_outputs(detector, samples: Sequence[Sample], batch_size: int = 8, progress: bool = True) -> SourceOutputs:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -84,8 +89,7 @@ def source_outputs(detector, samples: Sequence[Sample], batch_size: int = 8, pro
             bar.update(batch["image"].shape[0])
     bar.close()
     labels = np.array([int(s.label) for s in samples])
-    with_masks = all(s.mask is not None for s in samples if int(s.label) == 1)
-    return SourceOutputs(labels=labels, masks=torch.cat(masks).numpy() if with_masks else None,
+    return SourceOutputs(labels=labels, masks=torch.cat(masks).numpy() if defects_have_masks(samples) else None,
                          memory_raw=torch.cat(memory_raw), prompt_scores=torch.cat(scores), prompt_raw=torch.cat(prompt_raw))
 
 
@@ -163,18 +167,26 @@ def tune_fusion(detector, samples: Sequence[Sample], weights: Sequence[float] = 
         raise DataError("this memory keeps no calibration of both sources, so fused weights cannot be compared; "
                         "rebuild it with at least two normal images (anomalyfleet memory build)")
     kept = tuning_images(detector, samples)
-    if metric in ("pixel_auroc", "aupro") and not all(s.mask is not None for s in kept if int(s.label) == 1):
+    if metric in ("pixel_auroc", "aupro") and not defects_have_masks(kept):
         raise DataError(f"{metric} needs a mask for every defective image; use image_auroc or image_ap")
-    before = memory.fusion
     outputs = source_outputs(detector, kept, batch_size=batch_size, progress=progress)
+    candidates, reference = compare_candidates(detector, outputs, weights)
+    return choose_candidate(candidates, metric, outputs.labels, reference, confidence), candidates
+
+
+def compare_candidates(detector, outputs: SourceOutputs,
+                       weights: Sequence[float] = DEFAULT_WEIGHTS) -> tuple[list[Candidate], Candidate]:
+    """(every candidate evaluated, the one that is the memory's current setting); the memory is
+    left at that setting."""
+    memory = detector.memory
+    before = memory.fusion
     candidates = []
     try:
         for name, fusion in candidate_settings(before, weights):
             candidates.append(Candidate(name, fusion, *evaluate_candidate(detector, outputs, fusion)))
     finally:
         memory.configure(before, detector.settings.sigma)
-    reference = next(c for c in candidates if c.name == candidate_name(before))
-    return choose_candidate(candidates, metric, outputs.labels, reference, confidence), candidates
+    return candidates, next(c for c in candidates if c.name == candidate_name(before))
 
 
 def choose_candidate(candidates: list[Candidate], metric: str, labels: np.ndarray | None = None,

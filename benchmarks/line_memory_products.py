@@ -96,8 +96,7 @@ def variants(weights: list[float]) -> list[tuple[str, object]]:
 def tuning_rows(detector, memory, raw: torch.Tensor, prompts, labels: np.ndarray, defects: int, draw: int) -> dict:
     """Image AUROC on the images not used for tuning: the tuned choice, the default, each source."""
     from anomalyfleet.memory import FusionSettings
-    from anomalyfleet.memory_tuning import (DEFAULT_WEIGHTS, Candidate, SourceOutputs, candidate_name,
-                                            candidate_settings, choose_candidate, evaluate_candidate)
+    from anomalyfleet.memory_tuning import SourceOutputs, choose_candidate, compare_candidates, evaluate_candidate
 
     rng = np.random.default_rng(1000 + draw)
     bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
@@ -109,12 +108,11 @@ def tuning_rows(detector, memory, raw: torch.Tensor, prompts, labels: np.ndarray
         return SourceOutputs(labels=labels[index], masks=None, memory_raw=raw[index_t],
                              prompt_scores=prompts.scores[index_t], prompt_raw=prompts.raw[index_t])
 
-    detector.memory = memory  # evaluate_candidate fuses with the detector's memory and smoothing
+    detector.memory = memory  # the candidates fuse with the detector's memory and smoothing
     try:
         on_tune = outputs(tune)
-        candidates = [Candidate(name, fusion, *evaluate_candidate(detector, on_tune, fusion))
-                      for name, fusion in candidate_settings(FusionSettings(), DEFAULT_WEIGHTS)]
-        reference = next(c for c in candidates if c.name == candidate_name(FusionSettings()))
+        memory.configure(FusionSettings(), detector.settings.sigma)  # the reference: the default
+        candidates, reference = compare_candidates(detector, on_tune)
         best = choose_candidate(candidates, "image_auroc")
         guarded = choose_candidate(candidates, "image_auroc", on_tune.labels, reference, 0.95)
         on_rest = outputs(rest)

@@ -297,7 +297,7 @@ def test_serve_line_switches_from_the_bundle_to_its_window(tmp_path, openai_clip
         r = requests.post(f"{base}/v1/lines/press-7/score-batch?return_map=true", files=files, timeout=60)
         assert r.status_code == 200, r.text
         for result in r.json()["results"]:
-            assert result["source"] == "window" and result["window"] == {"images": 6, "size": 6, "min_images": 4}
+            assert result["source"] == "window" and result["window"] == {"images": 6, "size": 6, "min_images": 4, "shared": False}
             assert result["anomalous"] == (result["score"] >= 3.5)
             assert result["map_scale"] == 4.0 and result["pixel_threshold"] == 2.0 and result["map_png"]
         # A window block the line's backbone lacks: a JSON reason, and the other line keeps serving.
@@ -315,3 +315,78 @@ def test_serve_line_switches_from_the_bundle_to_its_window(tmp_path, openai_clip
             time.sleep(1)
         else:
             pytest.fail("window series missing:\n" + "\n".join(s for s in text.splitlines() if "window" in s or "source" in s))
+
+
+@pytest.mark.slow
+def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(tmp_path, openai_clip_file):
+    """Two scorer replicas, a line with `shared: true`: killing every scorer replica halfway keeps
+    the window (the per-replica default starts again from zero), the new replicas add to it, and
+    the scores equal one window fed the same images in order."""
+    requests = pytest.importorskip("requests")
+    import ray
+
+    from anomalyfleet.data.transforms import load_image
+    from anomalyfleet.serving.config import ServiceConfig
+    from anomalyfleet.serving.inputs import model_pixels
+    from anomalyfleet.serving.registry import manifest_version
+    from anomalyfleet.serving.service import WINDOW_NAMESPACE, DetectorPool, ScoreItem
+    from anomalyfleet.serving.window_keeper import actor_name
+    from tests.image_sets import write_folder_dataset
+    from tests.ray_serve_helpers import local_serve, make_bundle
+    from tests.s3server import free_port
+
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundles" / "a", seed=1, layers=(6,), threshold=0.5)
+    data = write_folder_dataset(tmp_path / "parts", normals=8, anomalies=2)
+    images = sorted((data / "normal").glob("*.png")) + sorted((data / "anomaly").glob("*.png"))
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("version: 1\nlines:\n"
+                        "  press-7: {bundle: bundles/a, window: {size: 6, min_images: 3, shared: true}}\n")
+    config = ServiceConfig(registry=str(registry), min_replicas=2, max_replicas=2, num_cpus=0.5,
+                           gateway_num_cpus=0.25, gateway_max_replicas=1, max_batch_size=1)
+
+    def score(base: str, image) -> dict:
+        r = requests.post(f"{base}/v1/lines/press-7/score", data=image.read_bytes(),
+                          headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def scorer_replicas() -> set[tuple[str, str]]:
+        return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                if "DetectorScorer" in a["name"]}
+
+    with local_serve(config, free_port(), free_port(), include_dashboard=False) as base:
+        served = [score(base, image) for image in images[:4]]
+        # Serve routes a multiplexed model's requests to the replica that has it loaded, so these may
+        # all have gone to one replica: kill both, and the rest must be scored by new ones.
+        scorers = scorer_replicas()
+        assert len(scorers) == 2, scorers
+        for name, namespace in scorers:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        deadline = time.time() + 120
+        while len(scorer_replicas() - scorers) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert not scorer_replicas() & scorers and len(scorer_replicas()) == 2, "Serve did not replace the replicas"
+        served += [score(base, image) for image in images[4:9]]
+        assert [b["window"]["images"] for b in served] == [0, 1, 2, 3, 4, 5, 6, 6, 6]
+        assert [b["source"] for b in served] == ["prompts"] * 3 + ["window"] * 6
+        assert all(b["window"]["shared"] for b in served)
+        keeper = ray.get_actor(actor_name("press-7"), namespace=WINDOW_NAMESPACE)
+        assert ray.get(keeper.images.remote()) == 6
+        # The window's actor dies: the line is scored by its bundle meanwhile (no error), and a fresh
+        # actor starts an empty window.
+        ray.kill(keeper, no_restart=True)
+        outages = [score(base, images[9]) for _ in range(3)]
+        assert all(b["source"] == "prompts" for b in outages)
+        fills = [b["window"]["images"] for b in outages if "window" in b]  # none where the old actor was asked
+        assert fills == list(range(len(fills)))
+        fresh = ray.get_actor(actor_name("press-7"), namespace=WINDOW_NAMESPACE)
+        assert ray.get(fresh.images.remote()) == len(fills)
+
+    # The same images through one pool-held window, in the same order: the same scores.
+    pool = DetectorPool("cpu")
+    loaded = pool.load(f"{bundle}#{manifest_version(bundle)}")
+    settings = WindowSettings(size=6, min_images=3, shared=True)
+    local = [pool.run(loaded, [ScoreItem("press-7", model_pixels(load_image(p), 56), False, settings)])[0]
+             for p in images[:9]]
+    assert [o.source for o in local] == [b["source"] for b in served]
+    assert np.allclose([o.score for o in local], [b["score"] for b in served], atol=1e-4)

@@ -86,8 +86,9 @@ class DefectBox(BaseModel):
 
 
 class WindowFill(BaseModel):
-    images: int = Field(description="images in the scoring replica's window of the line when this one was scored "
-                                    "(itself not among them); each replica keeps its own window")
+    images: int = Field(description="images in the line's window when this one was scored (itself not among "
+                                    "them): the scoring replica's own window, or the line's shared one")
+    shared: bool = Field(False, description="one window for the line across replicas (window.shared)")
     size: int
     min_images: int = Field(description="images the window needs before it scores")
 
@@ -430,7 +431,7 @@ class Gateway:
         }
         if state.window is not None and outcome.window_images is not None:
             result["window"] = {"images": outcome.window_images, "size": state.window.size,
-                                "min_images": state.window.min_images}
+                                "min_images": state.window.min_images, "shared": state.window.shared}
         if want_map and outcome.map is not None:
             amap = outcome.map
             result.update(
@@ -569,6 +570,7 @@ def build_app(config: ServiceConfig):
         max_models_per_replica=config.max_models_per_replica,
         torch_threads=config.torch_threads,
         device="auto",
+        window_num_cpus=config.window_num_cpus,
     )
     gateway = Gateway.options(
         autoscaling_config={

@@ -37,7 +37,8 @@ class WindowSettings(BaseModel):
 
     Until `min_images` images have arrived the line is scored by its bundle (prompts, or its line
     memory); see `anomalyfleet.rolling_window` for the scoring and its scale, and
-    `anomalyfleet.serving.service` for where windows live (one per scorer replica).
+    `anomalyfleet.serving.service` for where windows live (one per scorer replica, or one per line
+    with `shared: true`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -65,6 +66,10 @@ class WindowSettings(BaseModel):
     # window's own pixels; normal pixels above 2: about 0.05% on that stream); the map PNG spans
     # twice this level.
     pixel_threshold: float = Field(WINDOW_PIXEL_THRESHOLD, gt=0.0)
+    # One window for the line, held by a Ray actor every scorer replica sends its images to, instead
+    # of one per replica: the same window whichever replica takes a request, kept through replica
+    # restarts and scale-downs (see anomalyfleet.serving.window_keeper). Costs one hop per batch.
+    shared: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> "WindowSettings":
@@ -102,6 +107,9 @@ class ServiceConfig(BaseModel):
     # Torch threads per scorer replica; None uses the CPUs Ray grants the replica (at least 1), so
     # replicas sharing a machine do not oversubscribe its cores.
     torch_threads: int | None = Field(None, ge=1)
+    # CPUs reserved for each shared-window actor (lines with `window: {shared: true}`). 0 packs them
+    # beside the replicas; a window scores in tens of milliseconds per image on one core.
+    window_num_cpus: float = Field(0.0, ge=0)
     # How many detectors one replica keeps loaded (LRU); backbones are shared between them.
     max_models_per_replica: int = Field(4, ge=1)
 

@@ -17,7 +17,8 @@ and Serve adds `deployment`, `replica` and `application` labels. Names as scrape
     ray_anomalyfleet_line_threshold{line}               the decision threshold in force
     ray_anomalyfleet_source_images_total{line, source}  images by what scored them: window, prompts, memory, fused
     ray_anomalyfleet_window_images{line}                images in a scorer replica's rolling window of the line
-                                                        (one series per replica: each keeps its own window)
+                                                        (one series per replica: each keeps its own window,
+                                                        or reports the line's shared one)
 
 Label values come from the registry, never from the URL: an unknown line is recorded as
 `_unknown`, so a client cannot grow the series without bound.

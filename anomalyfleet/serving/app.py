@@ -571,6 +571,8 @@ def build_app(config: ServiceConfig):
         torch_threads=config.torch_threads,
         device="auto",
         window_num_cpus=config.window_num_cpus,
+        window_state=config.window_state,
+        window_snapshot_every=config.window_snapshot_every,
     )
     gateway = Gateway.options(
         autoscaling_config={

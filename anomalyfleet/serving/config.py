@@ -110,6 +110,12 @@ class ServiceConfig(BaseModel):
     # CPUs reserved for each shared-window actor (lines with `window: {shared: true}`). 0 packs them
     # beside the replicas; a window scores in tens of milliseconds per image on one core.
     window_num_cpus: float = Field(0.0, ge=0)
+    # Where shared windows keep snapshots (a directory or an s3:// prefix; one file per line), so a
+    # line's window survives its actor and a restart of the Ray cluster. None: in memory only.
+    window_state: str | None = None
+    # New images between two snapshots of a shared window (one file write each; a window of 32
+    # ViT-S/14 images at 224 px is about 13 MB).
+    window_snapshot_every: int = Field(8, ge=1)
     # How many detectors one replica keeps loaded (LRU); backbones are shared between them.
     max_models_per_replica: int = Field(4, ge=1)
 

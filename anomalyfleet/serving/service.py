@@ -306,11 +306,13 @@ class DetectorScorer:
 
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                  max_models_per_replica: int = 4, torch_threads: int | None = None, device: str = "auto",
-                 window_num_cpus: float = 0.0):
+                 window_num_cpus: float = 0.0, window_state: str | None = None, window_snapshot_every: int = 8):
         # Threads follow the CPUs Ray granted this replica (a serve config may change them), and
         # "auto" picks CUDA only when Ray made a GPU visible to it.
         torch.set_num_threads(torch_threads or _granted_cpus())
-        self._pool = DetectorPool(device, SharedWindows(num_cpus=window_num_cpus, namespace=WINDOW_NAMESPACE))
+        shared = SharedWindows(num_cpus=window_num_cpus, namespace=WINDOW_NAMESPACE, state=window_state,
+                               snapshot_every=window_snapshot_every)
+        self._pool = DetectorPool(device, shared)
         # One worker: the pool is single-threaded by design, and torch already uses the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyfleet-model")
         self._metrics = ScorerMetrics()

@@ -208,42 +208,58 @@ def test_registry_window_settings_are_checked_once_with_clear_reasons(window, me
 # --- shared windows' keeper and its snapshots (no Ray) ------------------------------------------------
 
 
-def _spec(settings: WindowSettings, key: str = "backbone-a"):
+def _spec(settings: WindowSettings, backbone: str = "backbone-a"):
     from anomalyfleet.serving.window_keeper import WindowSpec
 
-    return WindowSpec(key=(key, settings), settings=settings, grid=(8, 8), image_size=32, sigma=1.0)
+    return WindowSpec(features_key=(backbone, 32, 4, None, 6), settings=settings, grid=(8, 8), image_size=32, sigma=1.0)
 
 
-def test_window_snapshot_restores_the_same_window_and_refuses_other_settings(tmp_path):
+def test_window_snapshot_restores_the_same_window_and_refuses_other_features(tmp_path, caplog):
     from anomalyfleet.serving.window_keeper import WindowKeeper
 
     line = _synthetic_line(normal=12, defective=2, seed=4)
     settings = WindowSettings(size=8, min_images=4)
-    state = str(tmp_path / "windows" / "press-7.pt")
-    keeper = WindowKeeper(state_uri=state, snapshot_every=3)
+    state = tmp_path / "windows" / "press-7.pt"
+    keeper = WindowKeeper(state_uri=str(state), snapshot_every=3)
     for i in range(7):
         keeper.score_then_add(_spec(settings), line[i:i + 1])
-    assert (tmp_path / "windows" / "press-7.pt").is_file()  # written at 3 and 6 images
-    # A new keeper (a restarted actor) starts from the snapshot: the 6 images of the last one.
-    restored = WindowKeeper(state_uri=state, snapshot_every=3)
+    keeper.flush()
+    # Written in the background at 3 and 6 images (or at 7, when the write at 3 was still going on at 6).
+    saved = torch.load(state, weights_only=True)["features"]
+    n = len(saved)
+    assert n in (6, 7) and torch.allclose(saved, F.normalize(line[:n], dim=-1), atol=1e-6)
+    # A new keeper (a restarted actor) starts from the snapshot: the same images as the last one.
+    restored = WindowKeeper(state_uri=str(state), snapshot_every=3)
     scored, held = restored.score_then_add(_spec(settings), line[7:8])
-    assert held == 6
+    assert held == n
     reference = WindowKeeper()
-    for i in range(6):
+    for i in range(n):
         reference.score_then_add(_spec(settings), line[i:i + 1])
     expected, _ = reference.score_then_add(_spec(settings), line[7:8])
     assert scored is not None and np.allclose(scored.scores, expected.scores, atol=1e-5)
     assert np.allclose(scored.maps, expected.maps, atol=1e-5)
-    # A snapshot taken under another backbone or other settings is not used.
-    other = WindowKeeper(state_uri=state)
-    assert other.score_then_add(_spec(settings, key="backbone-b"), line[8:9]) == (None, 0)
+    # Other scoring settings restore the same images (the newest ones when the window is smaller) ...
+    smaller = WindowSettings(size=4, min_images=3, threshold=5.0)
+    assert WindowKeeper(state_uri=str(state)).score_then_add(_spec(smaller), line[8:9])[1] == 4
+    # ... and so does a live window whose settings change: features are kept, not thrown away.
+    assert restored.score_then_add(_spec(smaller), line[8:9])[1] == 4
+    # A snapshot taken with another backbone (other features) is not used.
+    with caplog.at_level("INFO", logger="ray.serve"):
+        assert WindowKeeper(state_uri=str(state)).score_then_add(_spec(settings, "backbone-b"), line[8:9]) == (None, 0)
+    assert "taken with other features" in caplog.text
     # A corrupt snapshot is logged and skipped, never fatal; a failing write does not stop scoring.
-    (tmp_path / "windows" / "press-7.pt").write_bytes(b"not a snapshot")
-    assert WindowKeeper(state_uri=state).score_then_add(_spec(settings), line[8:9]) == (None, 0)
+    state.write_bytes(b"not a snapshot")
+    caplog.clear()
+    assert WindowKeeper(state_uri=str(state)).score_then_add(_spec(settings), line[8:9]) == (None, 0)
+    assert "is unreadable" in caplog.text
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("x")
     unwritable = WindowKeeper(state_uri=str(blocked / "press-7.pt"), snapshot_every=1)
+    caplog.clear()
     assert unwritable.score_then_add(_spec(settings), line[:2]) == (None, 0) and unwritable.images() == 2
+    unwritable.flush()
+    assert "could not save the window snapshot" in caplog.text
+    assert unwritable.score_then_add(_spec(settings), line[2:3]) == (None, 2)  # and it goes on
 
 
 # --- the scorer pool (no Ray) ---------------------------------------------------------------------------
@@ -292,8 +308,11 @@ def test_pool_scores_with_the_bundle_until_the_window_fills(tmp_path, openai_cli
     block = reference.extract(images, layers=(3,)).patch_features[0]
     window = pool.window("w", settings, loaded)
     assert torch.allclose(window.held(), F.normalize(block, dim=-1), atol=1e-4)
-    # New settings start the line's window afresh; a block the backbone lacks is refused.
-    assert pool.window("w", WindowSettings(size=6, min_images=3), loaded).count == 0
+    # New scoring settings keep the held images; another block (other features) starts afresh; a
+    # block the backbone lacks is refused.
+    assert pool.window("w", WindowSettings(size=6, min_images=3, threshold=4.0), loaded).count == 5
+    assert pool.window("w", WindowSettings(size=4, min_images=3), loaded).count == 4
+    assert pool.window("w", WindowSettings(size=4, min_images=3, layer=2), loaded).count == 0
     with pytest.raises(ConfigError, match="window layer 9 is outside 1..6"):
         pool.window_layer(WindowSettings(layer=9), loaded.detector)
 
@@ -409,20 +428,36 @@ def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(
         while len(scorer_replicas() - scorers) < 2 and time.time() < deadline:
             time.sleep(0.5)
         assert not scorer_replicas() & scorers and len(scorer_replicas()) == 2, "Serve did not replace the replicas"
+        from ray import serve
+
+        while time.time() < deadline:  # and until Serve routes to them
+            states = serve.status().applications["anomalyfleet"].deployments["DetectorScorer"].replica_states
+            if states.get("RUNNING", 0) == 2:
+                break
+            time.sleep(0.5)
         served += [score(base, image) for image in images[4:9]]
         assert [b["window"]["images"] for b in served] == [0, 1, 2, 3, 4, 5, 6, 6, 6]
         assert [b["source"] for b in served] == ["prompts"] * 3 + ["window"] * 6
         assert all(b["window"]["shared"] for b in served)
-        keeper = ray.get_actor(actor_name("press-7"), namespace=WINDOW_NAMESPACE)
+        keeper = ray.get_actor(actor_name("anomalyfleet", "press-7"), namespace=WINDOW_NAMESPACE)
         assert ray.get(keeper.images.remote()) == 6
         # The window's actor dies: a call that reaches the dead actor is scored by the bundle (no
         # error), and the fresh actor starts from the line's snapshot (taken at every image here).
+        snapshot = tmp_path / "windows" / f"{actor_name('anomalyfleet', 'press-7')}.pt"
+        deadline = time.time() + 30
+        while time.time() < deadline:  # written from a background thread after every image here
+            if snapshot.is_file() and len(torch.load(snapshot, weights_only=True)["features"]) == 6:
+                break
+            time.sleep(0.2)
         ray.kill(keeper, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(keeper.images.remote(), timeout=30)
         outages = [score(base, images[9]) for _ in range(3)]
-        assert all(b["source"] == "prompts" and "window" not in b for b in outages if b["source"] != "window")
+        assert all(b["source"] == "window" or "window" not in b for b in outages)
         assert any(b["source"] == "window" for b in outages), outages
         assert all(b["window"]["images"] == 6 for b in outages if b["source"] == "window")
-        assert (tmp_path / "windows" / f"{actor_name('press-7')}.pt").is_file()
+        fresh = ray.get_actor(actor_name("anomalyfleet", "press-7"), namespace=WINDOW_NAMESPACE)
+        assert fresh._actor_id != keeper._actor_id  # a new actor, restored from the snapshot
 
     # The same images through one pool-held window, in the same order: the same scores.
     pool = DetectorPool("cpu")

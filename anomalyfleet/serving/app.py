@@ -573,6 +573,7 @@ def build_app(config: ServiceConfig):
         window_num_cpus=config.window_num_cpus,
         window_state=config.window_state,
         window_snapshot_every=config.window_snapshot_every,
+        window_timeout_s=config.window_timeout_s,
     )
     gateway = Gateway.options(
         autoscaling_config={

@@ -107,11 +107,16 @@ class ServiceConfig(BaseModel):
     # Torch threads per scorer replica; None uses the CPUs Ray grants the replica (at least 1), so
     # replicas sharing a machine do not oversubscribe its cores.
     torch_threads: int | None = Field(None, ge=1)
-    # CPUs reserved for each shared-window actor (lines with `window: {shared: true}`). 0 packs them
-    # beside the replicas; a window scores in tens of milliseconds per image on one core.
+    # CPUs reserved for each shared-window actor (lines with `window: {shared: true}`). With 0 the
+    # actor reserves nothing and its work (tens of milliseconds per image on one core) goes uncounted
+    # by Ray's scheduler; reserve 1 on busy clusters.
     window_num_cpus: float = Field(0.0, ge=0)
-    # Where shared windows keep snapshots (a directory or an s3:// prefix; one file per line), so a
-    # line's window survives its actor and a restart of the Ray cluster. None: in memory only.
+    # How long a replica waits for a shared window's actor before scoring the batch with the line's
+    # bundle instead.
+    window_timeout_s: float = Field(10.0, gt=0)
+    # Where shared windows keep snapshots (an s3:// prefix, or a directory every node sees; one file
+    # per application and line), so a line's window survives its actor and a restart of the Ray
+    # cluster. None: in memory only.
     window_state: str | None = None
     # New images between two snapshots of a shared window (one file write each; a window of 32
     # ViT-S/14 images at 224 px is about 13 MB).

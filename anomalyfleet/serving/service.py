@@ -55,7 +55,8 @@ logger = logging.getLogger("ray.serve")
 _PUBLISH_RETRIES = 5
 _PUBLISH_WAIT_S = 0.05
 # Shared window actors live here, apart from Serve's own actors: `ray list actors` finds them by
-# name (anomalyfleet-window-<line>), and deleting the Serve application does not remove them.
+# name (anomalyfleet-window-<application>-<line>); deleting the Serve application does not remove
+# them (`ray kill` them by name, or leave them: a redeployed application picks them up again).
 WINDOW_NAMESPACE = "anomalyfleet"
 
 
@@ -113,6 +114,15 @@ def _granted_cpus() -> int:
         return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     except Exception:  # outside a Ray worker
         return 1
+
+
+def _application_name() -> str:
+    """The Serve application this replica belongs to: shared windows are kept per application, so
+    two applications on one cluster (staging and production) never share a line's window."""
+    try:
+        return serve.get_replica_context().app_name or "default"
+    except Exception:  # outside a Serve replica
+        return "default"
 
 
 def parse_model_id(model_id: str) -> tuple[str, str]:
@@ -191,9 +201,9 @@ class DetectorPool:
         DPAM depth and the block, not on the prompts: republishing a line's prompts or memory on
         the same backbone keeps its window."""
         detector = loaded.detector
-        key = (loaded.backbone_key, detector.image_size, detector.settings.dpam_layers, detector.precision,
-               detector.settings.sigma, self.window_layer(settings, detector), settings)
-        return WindowSpec(key, settings, detector.backbone.grid, detector.image_size, detector.settings.sigma)
+        features_key = (loaded.backbone_key, detector.image_size, detector.settings.dpam_layers, detector.precision,
+                        self.window_layer(settings, detector))
+        return WindowSpec(features_key, settings, detector.backbone.grid, detector.image_size, detector.settings.sigma)
 
     def window(self, line: str, settings: WindowSettings, loaded: LoadedDetector) -> RollingWindow:
         """The line's window held by this pool, started afresh when anything its features depend on
@@ -211,11 +221,14 @@ class DetectorPool:
                       patches: torch.Tensor) -> tuple[WindowScores | None, int | None]:
         spec = self.window_spec(settings, loaded)
         if settings.shared and self._shared is not None:
+            self._windows.pop(line, None)  # a line switched to a shared window frees its local one
             try:
                 return self._shared.score_then_add(line, spec, patches)
             except WindowUnavailable as exc:
                 logger.warning("%s; scoring with the line's bundle", exc)
                 return None, None
+        if self._shared is not None:
+            self._shared.forget(line)
         return self._windows.setdefault(line, WindowKeeper(self.device)).score_then_add(spec, patches)
 
     # --- scoring --------------------------------------------------------------------------------
@@ -306,12 +319,14 @@ class DetectorScorer:
 
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                  max_models_per_replica: int = 4, torch_threads: int | None = None, device: str = "auto",
-                 window_num_cpus: float = 0.0, window_state: str | None = None, window_snapshot_every: int = 8):
+                 window_num_cpus: float = 0.0, window_state: str | None = None, window_snapshot_every: int = 8,
+                 window_timeout_s: float = 10.0):
         # Threads follow the CPUs Ray granted this replica (a serve config may change them), and
         # "auto" picks CUDA only when Ray made a GPU visible to it.
         torch.set_num_threads(torch_threads or _granted_cpus())
-        shared = SharedWindows(num_cpus=window_num_cpus, namespace=WINDOW_NAMESPACE, state=window_state,
-                               snapshot_every=window_snapshot_every)
+        shared = SharedWindows(app=_application_name(), namespace=WINDOW_NAMESPACE, num_cpus=window_num_cpus,
+                               state=window_state, snapshot_every=window_snapshot_every,
+                               timeout_s=window_timeout_s)
         self._pool = DetectorPool(device, shared)
         # One worker: the pool is single-threaded by design, and torch already uses the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyfleet-model")

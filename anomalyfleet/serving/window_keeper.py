@@ -3,16 +3,19 @@
 A window kept by a replica is fast (no hop) but private: with several replicas each holds its own
 sample of the line, and a replica that restarts or is scaled down loses it. A line whose window is
 `shared` (`WindowSettings.shared`) is held by a named, detached Ray actor, `anomalyfleet-window-
-<line>`, that every scorer replica sends the line's patch features to. The actor scores them and
-adds them to the one window in the order they arrive, so every replica sees the same window,
-scores do not depend on which replica took a request, and the window outlives replica restarts,
-autoscaling and redeployments of the application (not a restart of the Ray cluster).
+<application>-<line>` in namespace `anomalyfleet`, that every scorer replica of the application
+sends the line's patch features to. The actor scores them and adds them to the one window in the
+order they arrive, so every replica sees the same window, scores do not depend on which replica took
+a request, and the window outlives replica restarts, autoscaling and redeployments. The actor keeps
+the code and settings it was created with until it is killed (`ray kill` by name): it then restarts
+from its snapshot on the next request.
 
-If the actor cannot be reached (it died, or its node did), the replica scores that batch with the
-line's bundle, logs why, and asks for the actor again on the next batch. A fresh actor starts from
-the line's last snapshot when the service has a `window_state` location (a directory or an s3://
-prefix; one file per line, rewritten atomically every `window_snapshot_every` images), so the window
-survives the actor and even the Ray cluster; without one it starts empty and fills again.
+If the actor cannot be reached within `timeout_s` (it died, its node did, or it is still waiting for
+resources), the replica scores that batch with the line's bundle and logs why; on the next batch it
+asks for the actor again, and a dead actor's successor starts from the line's last snapshot when
+the service has a `window_state` location (a directory on a filesystem every node sees, or an s3://
+prefix; one file per line, rewritten atomically every `window_snapshot_every` images, from a
+background thread). Without one, the successor starts empty and fills again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +35,31 @@ from anomalyfleet.serving.config import WindowSettings
 logger = logging.getLogger("ray.serve")
 
 ACTOR_PREFIX = "anomalyfleet-window-"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+# What a window's scores depend on besides its features; thresholds and `shared` are not among them,
+# so changing those keeps the window.
+SCORING_FIELDS = ("size", "min_images", "fraction", "top_fraction")
 
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Everything a line's window is built from. `key` names what its features depend on
-    (backbone, image size, DPAM depth, precision, smoothing, block, settings): a window built
-    under another key is started afresh."""
+    """Everything a line's window is built from.
 
-    key: tuple
+    `features_key` names what the held features depend on (backbone, image size, DPAM depth,
+    precision, block): held images carry over to a window with other scoring settings, and a
+    snapshot is restored, only under the same features key. `key` adds the scoring settings (and
+    smoothing): a window under another key is rebuilt.
+    """
+
+    features_key: tuple
     settings: WindowSettings
     grid: tuple[int, int]
     image_size: int
     sigma: float
+
+    @property
+    def key(self) -> tuple:
+        return (self.features_key, self.sigma, tuple(getattr(self.settings, f) for f in SCORING_FIELDS))
 
     def build(self, device: str | torch.device) -> RollingWindow:
         s = self.settings
@@ -53,11 +67,16 @@ class WindowSpec:
                              sigma=self.sigma, top_fraction=s.top_fraction, device=device)
 
 
-class WindowKeeper:
-    """One line's window and the key it was built under; as a Ray actor, the shared window.
+def key_digest(key: tuple | None) -> str:
+    """A key as text that is the same in every process (its parts are strings, numbers and None)."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()
 
-    With `state_uri`, the held images are saved there every `snapshot_every` new images, and a
-    window built under the same key starts from that snapshot.
+
+class WindowKeeper:
+    """One line's window and the spec it was built under; as a Ray actor, the shared window.
+
+    With `state_uri`, the held images are saved there every `snapshot_every` new images, and a new
+    window under the same features key starts from that snapshot.
     """
 
     def __init__(self, device: str | torch.device = "cpu", torch_threads: int | None = None,
@@ -65,18 +84,24 @@ class WindowKeeper:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
-        self.key: tuple | None = None
+        self.spec: WindowSpec | None = None
         self.window: RollingWindow | None = None
         self.state_uri = state_uri
         self.snapshot_every = max(1, int(snapshot_every))
         self._saved_at = 0
+        self._writer: threading.Thread | None = None
 
     def window_for(self, spec: WindowSpec) -> RollingWindow:
-        if self.window is None or self.key != spec.key:
-            self.window, self.key = spec.build(self.device), spec.key
-            self._saved_at = 0
-            if self.state_uri is not None:
-                self._restore(spec)
+        if self.window is not None and self.spec is not None and self.spec.key == spec.key:
+            return self.window
+        old, old_spec = self.window, self.spec
+        self.window, self.spec, self._saved_at = spec.build(self.device), spec, 0
+        if old is not None and old_spec is not None and old_spec.features_key == spec.features_key:
+            if old.count:  # same features, other scoring settings: keep the images (newest if smaller)
+                self.window.add(old.held())
+        elif self.state_uri is not None:
+            self._restore(spec)
+        self._saved_at = self.window.added
         return self.window
 
     def score_then_add(self, spec: WindowSpec, patches: Tensor) -> tuple[WindowScores | None, int]:
@@ -85,26 +110,44 @@ class WindowKeeper:
         held = window.count
         scored = window.score_then_add(patches)
         if self.state_uri is not None and window.added - self._saved_at >= self.snapshot_every:
-            self.save()
+            self.save(background=True)
         return scored, held
 
     def images(self) -> int:
         return 0 if self.window is None else self.window.count
 
     # --- snapshots ------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Write the held images (oldest first) under the window's key; a failed write is logged,
-        never raised: scoring goes on, and the next snapshot tries again."""
+    def save(self, background: bool = False) -> bool:
+        """Write the held images (oldest first) under the window's features key. In the background
+        the write overlaps the next requests; a snapshot is skipped while the previous one is still
+        being written. A failed write is logged, never raised, and the next one comes a whole
+        `snapshot_every` later (no retry storm while storage is down). True when a write started."""
+        if self.window is None or self.spec is None or self.state_uri is None:
+            return False
+        if self._writer is not None and self._writer.is_alive():
+            return False
+        buffer = io.BytesIO()
+        torch.save({"format": SNAPSHOT_FORMAT, "features_key": key_digest(self.spec.features_key),
+                    "added": self.window.added, "features": self.window.held().cpu()}, buffer)
+        self._saved_at = self.window.added
+        if background:
+            self._writer = threading.Thread(target=self._write, args=(buffer.getvalue(),), daemon=True,
+                                            name="anomalyfleet-window-snapshot")
+            self._writer.start()
+        else:
+            self._write(buffer.getvalue())
+        return True
+
+    def flush(self) -> None:
+        """Wait for a background snapshot to finish."""
+        if self._writer is not None:
+            self._writer.join()
+
+    def _write(self, data: bytes) -> None:
         from anomalyfleet import storage
 
-        if self.window is None or self.state_uri is None:
-            return
-        buffer = io.BytesIO()
-        torch.save({"format": SNAPSHOT_FORMAT, "key": key_digest(self.key), "added": self.window.added,
-                    "features": self.window.held().cpu()}, buffer)
         try:
-            storage.write_bytes(self.state_uri, buffer.getvalue())
-            self._saved_at = self.window.added
+            storage.write_bytes(self.state_uri, data)
         except Exception as exc:  # storage down, credentials: keep serving from memory
             logger.warning("could not save the window snapshot %s: %s", self.state_uri, exc)
 
@@ -121,75 +164,83 @@ class WindowKeeper:
             return
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            usable = state.get("format") == SNAPSHOT_FORMAT and state.get("key") == key_digest(spec.key)
-            features = state["features"] if usable else None
+            if state.get("format") != SNAPSHOT_FORMAT or state.get("features_key") != key_digest(spec.features_key):
+                logger.info("window snapshot %s was taken with other features; starting empty", self.state_uri)
+                return
+            features = state["features"]
+            if len(features):
+                self.window.add(features)  # normalised already; adding rebuilds the distance cache
         except Exception as exc:
+            self.window.reset()
             logger.warning("window snapshot %s is unreadable (starting empty): %s", self.state_uri, exc)
             return
-        if features is None:
-            logger.info("window snapshot %s was taken under other settings; starting empty", self.state_uri)
-            return
-        if len(features):
-            self.window.add(features)  # normalised already; adding rebuilds the distance cache
-        self._saved_at = self.window.added
-
-
-def key_digest(key: tuple | None) -> str:
-    """A window key as text that stays the same across processes (the key's parts are plain values
-    and pydantic settings, whose reprs are deterministic)."""
-    return hashlib.sha256(repr(key).encode()).hexdigest()
+        logger.info("window restored from %s: %d images", self.state_uri, self.window.count)
 
 
 class WindowUnavailable(RuntimeError):
     """A shared window's actor could not be reached; the caller scores with the bundle instead."""
 
 
-def actor_name(line: str) -> str:
-    # Registry line names are free text; actor names are kept to a safe alphabet.
-    return ACTOR_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", line)
+def actor_name(app: str, line: str) -> str:
+    # Line names are restricted by the registry (registry.LINE_NAME), Serve application names are not.
+    safe_app = "".join(c if c.isalnum() or c in "_.-" else "_" for c in app)
+    return f"{ACTOR_PREFIX}{safe_app}-{line}"
 
 
 class SharedWindows:
-    """Handles to the per-line window actors, created on first use (`get_if_exists`, so replicas
-    racing to create one all end up with the same actor)."""
+    """Handles to one application's per-line window actors, created on first use (`get_if_exists`,
+    so replicas racing to create one all end up with the same actor)."""
 
-    def __init__(self, num_cpus: float = 0.0, namespace: str | None = None, state: str | None = None,
-                 snapshot_every: int = 8):
-        self.num_cpus = float(num_cpus)
+    def __init__(self, app: str, namespace: str, num_cpus: float = 0.0, state: str | None = None,
+                 snapshot_every: int = 8, timeout_s: float = 10.0):
+        self.app = app
         self.namespace = namespace
+        self.num_cpus = float(num_cpus)
         self.state = state  # where the lines' snapshots go (directory or s3:// prefix), if anywhere
         self.snapshot_every = snapshot_every
+        self.timeout_s = timeout_s
         self._handles: dict[str, object] = {}
         self._images: dict[str, int] = {}
+
+    def state_uri(self, line: str) -> str | None:
+        from anomalyfleet import storage
+
+        return None if self.state is None else storage.join(self.state, actor_name(self.app, line) + ".pt")
 
     def _handle(self, line: str):
         import ray
 
         handle = self._handles.get(line)
         if handle is None:
-            threads = max(1, int(self.num_cpus)) if self.num_cpus >= 1 else 1
+            threads = max(1, int(self.num_cpus))
             handle = ray.remote(WindowKeeper).options(
-                name=actor_name(line), namespace=self.namespace, get_if_exists=True, lifetime="detached",
-                num_cpus=self.num_cpus, max_concurrency=1,
+                name=actor_name(self.app, line), namespace=self.namespace, get_if_exists=True,
+                lifetime="detached", num_cpus=self.num_cpus, max_concurrency=1,
             ).remote("cpu", threads, self.state_uri(line), self.snapshot_every)
             self._handles[line] = handle
         return handle
 
-    def state_uri(self, line: str) -> str | None:
-        from anomalyfleet import storage
-
-        return None if self.state is None else storage.join(self.state, actor_name(line) + ".pt")
-
     def score_then_add(self, line: str, spec: WindowSpec, patches: Tensor) -> tuple[WindowScores | None, int]:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+        ref = None
         try:
             # Contiguous CPU float32: what the window normalises to anyway, and cheap to ship.
             payload = patches.detach().to("cpu", torch.float32).contiguous()
-            scored, held = ray.get(self._handle(line).score_then_add.remote(spec, payload))
-        except (RayActorError, RayTaskError) as exc:
-            self._handles.pop(line, None)
+            ref = self._handle(line).score_then_add.remote(spec, payload)
+            scored, held = ray.get(ref, timeout=self.timeout_s)
+        except RayTaskError as exc:  # the actor is up but refused these features: keep the handle
+            raise WindowUnavailable(f"shared window of line {line!r} failed: {exc}") from exc
+        except GetTimeoutError as exc:
+            # The call may still run later and add these images; cancelling a queued call avoids that.
+            try:
+                ray.cancel(ref)
+            except Exception:
+                pass
+            raise WindowUnavailable(f"shared window of line {line!r} did not answer in {self.timeout_s:g} s") from exc
+        except (RayActorError, RayError) as exc:
+            self._handles.pop(line, None)  # dead: the next call gets (or creates) the line's actor anew
             raise WindowUnavailable(f"shared window of line {line!r} unavailable: {exc}") from exc
         self._images[line] = min(spec.settings.size, held + patches.shape[0])
         return scored, held
@@ -197,6 +248,9 @@ class SharedWindows:
     def images(self, line: str) -> int | None:
         """The line's window fill as of this replica's last call (None before its first)."""
         return self._images.get(line)
+
+    def forget(self, line: str) -> None:
+        self._images.pop(line, None)
 
 
 __all__ = ["SharedWindows", "WindowKeeper", "WindowSpec", "WindowUnavailable", "actor_name", "key_digest"]

@@ -467,3 +467,35 @@ def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(
              for p in images[:9]]
     assert [o.source for o in local] == [b["source"] for b in served]
     assert np.allclose([o.score for o in local], [b["score"] for b in served], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_window_snapshot_round_trip_through_s3_and_a_dead_endpoint(s3_env, monkeypatch, caplog):
+    """Snapshots on a real S3 server (SeaweedFS): saved and restored; then, with the endpoint gone,
+    the keeper logs the failed write and keeps scoring from memory."""
+    import time as clock
+
+    from anomalyfleet.serving.window_keeper import WindowKeeper
+
+    line = _synthetic_line(normal=8, defective=0, seed=6)
+    settings = WindowSettings(size=8, min_images=3)
+    uri = s3_env.uri(f"windows/{clock.time_ns()}/anomalyfleet-window-app-press-7.pt")
+    keeper = WindowKeeper(state_uri=uri, snapshot_every=4)
+    for i in range(4):
+        keeper.score_then_add(_spec(settings), line[i:i + 1])
+    keeper.flush()
+    restored = WindowKeeper(state_uri=uri)
+    assert restored.score_then_add(_spec(settings), line[4:5])[1] == 4
+    assert torch.allclose(restored.window.held()[:4], keeper.window.held(), atol=1e-6)
+
+    monkeypatch.setenv("ANOMALYFLEET_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("ANOMALYFLEET_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("ANOMALYFLEET_S3_CONNECT_TIMEOUT", "1")
+    offline = WindowKeeper(state_uri=uri, snapshot_every=1)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        assert offline.score_then_add(_spec(settings), line[:3]) == (None, 0)  # the read fails: empty
+        offline.flush()
+        scored, held = offline.score_then_add(_spec(settings), line[3:4])
+        offline.flush()
+    assert held == 3 and scored is not None and np.isfinite(scored.scores).all()
+    assert "could not read the window snapshot" in caplog.text and "could not save the window snapshot" in caplog.text

@@ -54,12 +54,18 @@ def group_bounds(count: int, group_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def group_window(detector: Detector, size: int, fraction: float = 0.3) -> RollingWindow:
+    """An empty window for one group of `size` images: add the group's features at `batch_layer`,
+    then `score_held` scores each image against the others."""
+    return RollingWindow(size=size, grid=detector.backbone.grid, image_size=detector.image_size,
+                         min_images=MIN_GROUP, fraction=fraction, sigma=detector.settings.sigma, device=detector.device)
+
+
 def score_group(detector: Detector, batches: Iterable[torch.Tensor], size: int, fraction: float = 0.3) -> WindowScores:
     """Scores and maps of one group of `size` preprocessed images, given in batches, each image
     against the group's others on the group's own scale (`RollingWindow.score_held`)."""
     layer = batch_layer(detector)
-    window = RollingWindow(size=size, grid=detector.backbone.grid, image_size=detector.image_size,
-                           min_images=MIN_GROUP, fraction=fraction, sigma=detector.settings.sigma, device=detector.device)
+    window = group_window(detector, size, fraction)
     with torch.inference_mode():
         for images in batches:
             window.add(detector.extract(images.to(detector.device), layers=(layer,)).patch_features[0])

@@ -15,8 +15,9 @@ For each k, three draws of k memory images plus the next 32 normals for calibrat
 `memory build` draws them (benchmarks/zero_shot.py `draw_memory`); every row runs the code the
 detector runs (`fit_line_memory`, `LineMemory.fuse`). Rows: the prompts alone, the memory alone
 with its raw map (a = 0) and with image evidence (a = 0.5, the default), and the fused detector at
-each prompt weight w (v = 0, a = 0.5). Then the default fused detector minus the best single
-source, per metric; positive means the fusion wins.
+each prompt weight w (v = 0, a = 0.5); and, for lines without normal images, batch zero-shot mode
+(each test image against the others of its group of at most 32, three seeded orders). Then the
+default fused detector minus the best single source, per metric; positive means the fusion wins.
 
 With masks (Magnetic Tile), image evidence is also measured at several shares of defective images
 in the test set (normals or defects subsampled, seeded): it lifts every pixel of an image with a
@@ -79,6 +80,34 @@ def report(labels: np.ndarray, masks: np.ndarray | None, scores: np.ndarray, map
     if masks is not None:
         entry.update(masks=masks, maps=maps)
     return metrics.evaluate({"line": entry})["mean"]
+
+
+BATCH_GROUP = 32
+BATCH_ROW = f"batch zero-shot ({BATCH_GROUP})"
+
+
+def batch_rows(detector, patches: torch.Tensor, labels: np.ndarray, masks: np.ndarray | None) -> dict:
+    """Batch zero-shot mode (no normal image): the test images in a seeded order, split into near-equal
+    groups of at most BATCH_GROUP, each image scored against its group's others (`score --batch-zero-shot`'s
+    code from cached features); mean over DRAWS orders."""
+    from anomalyfleet.batch_zero_shot import group_bounds, group_window
+
+    size = detector.image_size
+    reports = []
+    for draw in range(DRAWS):
+        order = torch.from_numpy(np.random.default_rng(3000 + draw).permutation(len(labels)))
+        scores = np.zeros(len(labels), np.float32)
+        maps = np.zeros((len(labels), size, size), np.float32) if masks is not None else None
+        for start, stop in group_bounds(len(labels), BATCH_GROUP):
+            index = order[start:stop]
+            window = group_window(detector, len(index))
+            window.add(patches[index])
+            held = window.score_held()
+            scores[index.numpy()] = held.scores
+            if maps is not None:
+                maps[index.numpy()] = held.maps
+        reports.append(report(labels, masks, scores, maps))
+    return {m: _mean([r[m] for r in reports]) for m in METRICS}
 
 
 def variants(weights: list[float]) -> list[tuple[str, object]]:
@@ -173,6 +202,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     test_prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test)))
     sigma = detector.settings.sigma
     prompts = report(labels, masks, test_prompts.scores.numpy(), smooth_maps(test_prompts.raw, sigma))
+    batch = batch_rows(detector, test_table.patch_features[:, all_layers.index(layer)].float(), labels, masks)
     describe = f"{product}: {len(pool)} normal images to draw from, test {len(test)} ({int(labels.sum())} defective)"
     rows, summary, tuned, evidence_table = [], {}, [], []
     test_patches = test_table.patch_features[:, li].float()
@@ -194,7 +224,8 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
             for defects in tune_defects:
                 tuning.setdefault(defects, []).append(
                     tuning_rows(detector, memory, raw, test_prompts, labels, defects, draw))
-        means = {"prompts": prompts} | {name: {m: _mean([r[m] for r in rs]) for m in METRICS} for name, rs in results.items()}
+        means = {"prompts": prompts, BATCH_ROW: batch} | {name: {m: _mean([r[m] for r in rs]) for m in METRICS}
+                                                         for name, rs in results.items()}
         for name, values in means.items():
             rows.append([product, str(k), name, *(_fmt(values[m]) for m in METRICS)])
         default = next(name for name, _ in named if name.endswith("(default)"))

@@ -153,7 +153,9 @@ def quality_table(args) -> list[str]:
         arms = [("untrained prompts (floor)", "none", None),
                 ("real defects", f"{TRAIN_DEFECTS} ({len(real_defects)}) + {len(train_normals)} normals", real_train),
                 ("synthetic library", f"perlin/cutpaste/scar ({len(library)}) + {len(train_normals)} normals",
-                 synthetic_train)]
+                 synthetic_train),
+                ("real + synthetic", f"both ({len(real_defects) + len(library)}) + {len(train_normals)} normals",
+                 real_train + library)]
         rows = []
         for name, data, samples in arms:
             detector = Detector.create(spec, seed=config.seed, backbone=base.backbone)

@@ -206,8 +206,8 @@ class DetectorPool:
         return WindowSpec(features_key, settings, detector.backbone.grid, detector.image_size, detector.settings.sigma)
 
     def window(self, line: str, settings: WindowSettings, loaded: LoadedDetector) -> RollingWindow:
-        """The line's window held by this pool, started afresh when anything its features depend on
-        has changed."""
+        """The line's window held by this pool: rebuilt when its settings change, keeping its images
+        unless what its features depend on changed too (`WindowKeeper.window_for`)."""
         keeper = self._windows.setdefault(line, WindowKeeper(self.device))
         return keeper.window_for(self.window_spec(settings, loaded))
 

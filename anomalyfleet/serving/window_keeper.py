@@ -89,7 +89,9 @@ class WindowKeeper:
         self.state_uri = state_uri
         self.snapshot_every = max(1, int(snapshot_every))
         self._saved_at = 0
-        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending: bytes | None = None  # the newest snapshot not yet written
+        self._writer: threading.Thread | None = None  # set while snapshots are being written
 
     def window_for(self, spec: WindowSpec) -> RollingWindow:
         if self.window is not None and self.spec is not None and self.spec.key == spec.key:
@@ -119,29 +121,43 @@ class WindowKeeper:
     # --- snapshots ------------------------------------------------------------------------------
     def save(self, background: bool = False) -> bool:
         """Write the held images (oldest first) under the window's features key. In the background
-        the write overlaps the next requests; a snapshot is skipped while the previous one is still
-        being written. A failed write is logged, never raised, and the next one comes a whole
-        `snapshot_every` later (no retry storm while storage is down). True when a write started."""
+        the write overlaps the next requests; snapshots asked for while one is being written
+        replace each other, and the newest is written next, so the last state always lands. A
+        failed write is logged, never raised, and the next one comes a whole `snapshot_every` later
+        (no retry storm while storage is down). True when a snapshot was taken."""
         if self.window is None or self.spec is None or self.state_uri is None:
-            return False
-        if self._writer is not None and self._writer.is_alive():
             return False
         buffer = io.BytesIO()
         torch.save({"format": SNAPSHOT_FORMAT, "features_key": key_digest(self.spec.features_key),
                     "added": self.window.added, "features": self.window.held().cpu()}, buffer)
         self._saved_at = self.window.added
-        if background:
-            self._writer = threading.Thread(target=self._write, args=(buffer.getvalue(),), daemon=True,
-                                            name="anomalyfleet-window-snapshot")
-            self._writer.start()
-        else:
+        if not background:
             self._write(buffer.getvalue())
+            return True
+        with self._lock:
+            self._pending = buffer.getvalue()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._drain, daemon=True, name="anomalyfleet-window-snapshot")
+                self._writer.start()
         return True
 
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                data, self._pending = self._pending, None
+                if data is None:
+                    self._writer = None
+                    return
+            self._write(data)
+
     def flush(self) -> None:
-        """Wait for a background snapshot to finish."""
-        if self._writer is not None:
-            self._writer.join()
+        """Wait until every snapshot asked for is written."""
+        while True:
+            with self._lock:
+                writer = self._writer
+            if writer is None:
+                return
+            writer.join()
 
     def _write(self, data: bytes) -> None:
         from anomalyfleet import storage

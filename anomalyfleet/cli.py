@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalyfleet.cli_bundle import add_bundle_commands
 
     add_bundle_commands(sub)
+
+    from anomalyfleet.cli_windows import add_windows_commands
+
+    add_windows_commands(sub)
     return parser
 
 

@@ -284,6 +284,15 @@ def test_snapshots_asked_for_during_a_slow_write_are_coalesced_and_the_newest_la
     assert 2 <= len(writes) < 7  # skipped the stale ones, not the last
 
 
+def test_windows_cli_refuses_an_unreachable_cluster_in_one_line(capsys):
+    from anomalyfleet.cli import main
+    from tests.s3server import free_port
+
+    assert main(["windows", "list", "--address", f"127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in err[0]
+
+
 # --- the scorer pool (no Ray) ---------------------------------------------------------------------------
 
 
@@ -521,3 +530,54 @@ def test_window_snapshot_round_trip_through_s3_and_a_dead_endpoint(s3_env, monke
         offline.flush()
     assert held == 3 and scored is not None and np.isfinite(scored.scores).all()
     assert "could not read the window snapshot" in caplog.text and "could not save the window snapshot" in caplog.text
+
+
+@pytest.mark.slow
+def test_windows_cli_lists_and_restarts_shared_windows(tmp_path, capsys, monkeypatch):
+    """`anomalyfleet windows list|restart` on a local Ray: a line's shared window shows its fill and
+    snapshot location; restart stops the actor, the next call falls back, the one after gets a new
+    actor that starts from the snapshot."""
+    import json
+
+    import ray
+
+    from anomalyfleet.cli import main
+    from anomalyfleet.serving.service import WINDOW_NAMESPACE
+    from anomalyfleet.serving.window_keeper import SharedWindows, WindowUnavailable, actor_name
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        shared = SharedWindows(app="app", namespace=WINDOW_NAMESPACE, state=str(tmp_path / "windows"), snapshot_every=2)
+        line = _synthetic_line(normal=6, defective=0, seed=8)
+        settings = WindowSettings(size=8, min_images=3)
+        for i in range(4):
+            shared.score_then_add("press-7", _spec(settings), line[i:i + 1])
+        assert main(["windows", "list", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        name = actor_name("app", "press-7")
+        assert [r["actor"] for r in rows] == [name]
+        assert rows[0]["label"] == "app/press-7" and rows[0]["images"] == 4 and rows[0]["size"] == 8
+        assert rows[0]["state"].endswith(f"{name}.pt")
+
+        assert main(["windows", "restart", "no-such-window"]) == 2
+        assert "no shared window actor named no-such-window" in capsys.readouterr().err
+        old = ray.get_actor(name, namespace=WINDOW_NAMESPACE)
+        snapshot, deadline = tmp_path / "windows" / f"{name}.pt", time.time() + 30
+        while time.time() < deadline:  # the snapshot at 4 images is written in the background
+            if snapshot.is_file() and len(torch.load(snapshot, weights_only=True)["features"]) == 4:
+                break
+            time.sleep(0.1)
+        assert main(["windows", "restart", name]) == 0
+        deadline = time.time() + 30
+        with pytest.raises(ray.exceptions.RayActorError):
+            while time.time() < deadline:  # ray.kill takes effect asynchronously
+                ray.get(old.images.remote(), timeout=30)
+                time.sleep(0.2)
+        with pytest.raises(WindowUnavailable):
+            shared.score_then_add("press-7", _spec(settings), line[4:5])
+        _, held = shared.score_then_add("press-7", _spec(settings), line[4:5])
+        assert held == 4  # a new actor, from the snapshot
+        assert ray.get_actor(name, namespace=WINDOW_NAMESPACE)._actor_id != old._actor_id
+    finally:
+        ray.shutdown()

@@ -56,7 +56,7 @@ _PUBLISH_RETRIES = 5
 _PUBLISH_WAIT_S = 0.05
 # Shared window actors live here, apart from Serve's own actors: `ray list actors` finds them by
 # name (anomalyfleet-window-<application>-<line>); deleting the Serve application does not remove
-# them (`ray kill` them by name, or leave them: a redeployed application picks them up again).
+# them (`anomalyfleet windows restart` stops them; a redeployed application picks them up again).
 WINDOW_NAMESPACE = "anomalyfleet"
 
 

@@ -7,8 +7,8 @@ sample of the line, and a replica that restarts or is scaled down loses it. A li
 sends the line's patch features to. The actor scores them and adds them to the one window in the
 order they arrive, so every replica sees the same window, scores do not depend on which replica took
 a request, and the window outlives replica restarts, autoscaling and redeployments. The actor keeps
-the code and settings it was created with until it is killed (`ray kill` by name): it then restarts
-from its snapshot on the next request.
+the code and settings it was created with until it is stopped (`anomalyfleet windows restart`): the
+next request of its line then starts a new one, from its snapshot.
 
 If the actor cannot be reached within `timeout_s` (it died, its node did, or it is still waiting for
 resources), the replica scores that batch with the line's bundle and logs why; on the next batch it
@@ -80,7 +80,8 @@ class WindowKeeper:
     """
 
     def __init__(self, device: str | torch.device = "cpu", torch_threads: int | None = None,
-                 state_uri: str | None = None, snapshot_every: int = 8):
+                 state_uri: str | None = None, snapshot_every: int = 8, label: str | None = None):
+        self.label = label  # application and line, for `anomalyfleet windows list`
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
@@ -117,6 +118,15 @@ class WindowKeeper:
 
     def images(self) -> int:
         return 0 if self.window is None else self.window.count
+
+    def describe(self) -> dict:
+        """What an operator needs to see of a shared window (`anomalyfleet windows list`)."""
+        window = self.window
+        return {"label": self.label, "images": self.images(), "added": 0 if window is None else window.added,
+                "size": None if window is None else window.size,
+                "min_images": None if window is None else window.min_images,
+                "state": self.state_uri, "snapshot_every": self.snapshot_every if self.state_uri else None,
+                "saved_at": self._saved_at if self.state_uri else None}
 
     # --- snapshots ------------------------------------------------------------------------------
     def save(self, background: bool = False) -> bool:
@@ -232,7 +242,7 @@ class SharedWindows:
             handle = ray.remote(WindowKeeper).options(
                 name=actor_name(self.app, line), namespace=self.namespace, get_if_exists=True,
                 lifetime="detached", num_cpus=self.num_cpus, max_concurrency=1,
-            ).remote("cpu", threads, self.state_uri(line), self.snapshot_every)
+            ).remote("cpu", threads, self.state_uri(line), self.snapshot_every, f"{self.app}/{line}")
             self._handles[line] = handle
         return handle
 

@@ -208,8 +208,13 @@ class DetectorPool:
     def window(self, line: str, settings: WindowSettings, loaded: LoadedDetector) -> RollingWindow:
         """The line's window held by this pool: rebuilt when its settings change, keeping its images
         unless what its features depend on changed too (`WindowKeeper.window_for`)."""
-        keeper = self._windows.setdefault(line, WindowKeeper(self.device))
-        return keeper.window_for(self.window_spec(settings, loaded))
+        return self._local_keeper(line).window_for(self.window_spec(settings, loaded))
+
+    def _local_keeper(self, line: str) -> WindowKeeper:
+        keeper = self._windows.get(line)
+        if keeper is None:  # created once per line, not on every batch
+            keeper = self._windows[line] = WindowKeeper(self.device)
+        return keeper
 
     def window_images(self, line: str) -> int | None:
         keeper = self._windows.get(line)
@@ -229,7 +234,7 @@ class DetectorPool:
                 return None, None
         if self._shared is not None:
             self._shared.forget(line)
-        return self._windows.setdefault(line, WindowKeeper(self.device)).score_then_add(spec, patches)
+        return self._local_keeper(line).score_then_add(spec, patches)
 
     # --- scoring --------------------------------------------------------------------------------
     def run(self, loaded: LoadedDetector, items: list[ScoreItem]) -> list[ScoreOutcome]:

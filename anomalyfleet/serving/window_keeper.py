@@ -98,7 +98,7 @@ class WindowKeeper:
         if self.window is not None and self.spec is not None and self.spec.key == spec.key:
             return self.window
         old, old_spec = self.window, self.spec
-        self.window, self.spec, self._saved_at = spec.build(self.device), spec, 0
+        self.window, self.spec = spec.build(self.device), spec
         if old is not None and old_spec is not None and old_spec.features_key == spec.features_key:
             if old.count:  # same features, other scoring settings: keep the images (newest if smaller)
                 self.window.add(old.held())

@@ -78,6 +78,7 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
     An s3:// target is written locally first and uploaded with its manifest last; for versioned,
     immutable publication use `anomalyfleet.storage.BundleRegistry`.
     """
+    check_bundle_target(path)
     if storage.is_remote(path):
         with tempfile.TemporaryDirectory(prefix="anomalyfleet-bundle-") as tmp:
             local = save_bundle(detector, Path(tmp) / "bundle", training)
@@ -106,6 +107,35 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def check_bundle_target(target: str | Path) -> None:
+    """Raise BundleError unless a bundle may be written at `target`: nothing there yet, an empty
+    directory, or a bundle (which is replaced). A mistyped --out must never delete someone's files;
+    commands call this before their work, so they fail before hours of training, not after."""
+    if storage.is_remote(target):
+        _check_replaceable_prefix(str(target))
+        return
+    path = storage.parse(target).path
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and ((path / DETECTOR_JSON).is_file() or not any(path.iterdir())):
+        return
+    kind = "directory" if path.is_dir() else "file"
+    raise BundleError(f"{path} exists and is not a detector bundle (a {kind}); refusing to replace it: "
+                      "choose another output path")
+
+
+def _check_replaceable_prefix(uri: str) -> None:
+    prefix = uri.rstrip("/") + "/"
+    names = []
+    for info in storage.list_objects(uri.rstrip("/")):
+        names.append(info.uri.removeprefix(prefix))
+        if len(names) > 1000:
+            break
+    if names and DETECTOR_JSON not in names:
+        raise BundleError(f"{uri} holds {len(names)}{'+' if len(names) > 1000 else ''} objects and no detector bundle; "
+                          "refusing to write over them: choose another output prefix")
 
 
 def _local_bundle_dir(path: str) -> Path:

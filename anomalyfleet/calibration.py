@@ -325,9 +325,16 @@ def plot_png(report: dict, width: int = 720, height: int = 440) -> bytes:
 
 
 def write_report(report: dict, json_path: str | Path, png_path: str | Path) -> None:
+    """The plot, then the JSON that names it; each atomically (a local temporary file renamed, or one
+    S3 upload)."""
+    from anomalyfleet import storage
+
     report = dict(report, plot=str(png_path))
-    atomic_write_bytes(png_path, plot_png(report))
-    atomic_write_bytes(json_path, json.dumps(report, indent=2).encode())
+    for path, data in ((png_path, plot_png(report)), (json_path, json.dumps(report, indent=2).encode())):
+        if storage.is_remote(path):
+            storage.write_bytes(path, data)
+        else:
+            atomic_write_bytes(path, data)
 
 
 __all__ = [

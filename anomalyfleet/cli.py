@@ -80,13 +80,14 @@ def _checkpoint_mirror(checkpoint_dir: str):
 
 def cmd_train(args) -> int:
     from anomalyfleet.backbones import parse_backbone
-    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.bundle import check_bundle_target, save_bundle
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.detector import Detector
     from anomalyfleet.device import select_device
     from anomalyfleet.prompts import PromptConfig
     from anomalyfleet.training import TrainConfig, train_prompts
 
+    check_bundle_target(args.out)
     if args.workers:
         from anomalyfleet.distributed.cli_args import run_from_args
 
@@ -175,9 +176,10 @@ def cmd_eval(args) -> int:
 
 def cmd_import_checkpoint(args) -> int:
     from anomalyfleet.backbones import create_backbone, default_settings, parse_backbone
-    from anomalyfleet.bundle import import_reference_checkpoint, save_bundle
+    from anomalyfleet.bundle import check_bundle_target, import_reference_checkpoint, save_bundle
     from anomalyfleet.detector import DetectorSettings
 
+    check_bundle_target(args.out)
     spec = parse_backbone(args.backbone)
     backbone = create_backbone(spec, args.image_size)
     defaults = default_settings(spec, backbone.num_layers, backbone.patch_size)

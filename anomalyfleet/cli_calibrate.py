@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,24 +15,44 @@ _recall = in_range(0.0, 1.0, "a target recall", low_open=True)
 _batch = positive_int
 
 
-def report_paths(out: str | Path, report: str | None) -> tuple[Path, Path]:
-    """`<out>.calibration.json/.png` beside the bundle, or `<report>.json/.png` when given."""
+def report_paths(out: str | Path, report: str | None) -> tuple[str, str]:
+    """`<out>.calibration.json/.png` beside the bundle, or `<report>.json/.png` when given (paths or
+    s3:// URIs, kept as strings so that a URI keeps its double slash)."""
     if report:
-        base = Path(report)
-        base = base.with_suffix("") if base.suffix.lower() in (".json", ".png") else base
-        return base.with_name(base.name + ".json"), base.with_name(base.name + ".png")
-    out = Path(out)
-    return out.with_name(out.name + ".calibration.json"), out.with_name(out.name + ".calibration.png")
+        base = str(report)
+        if base.lower().endswith((".json", ".png")):
+            base = base[: base.rindex(".")]
+        return base + ".json", base + ".png"
+    base = str(out).rstrip("/") + ".calibration"
+    return base + ".json", base + ".png"
+
+
+def check_report_dir(path: str) -> None:
+    """Fail before the work, not after it with the bundle already written, when the report cannot be
+    written: its nearest existing ancestor must be a writable directory."""
+    from anomalyfleet import storage
+    from anomalyfleet.errors import ConfigError
+
+    if storage.is_remote(path):
+        return
+    ancestor = Path(path).parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the calibration report {path}: {ancestor} is not a writable directory")
 
 
 def cmd_calibrate(args) -> int:
     from anomalyfleet.backbones import parse_backbone
-    from anomalyfleet.bundle import load_bundle, save_bundle
+    from anomalyfleet.bundle import check_bundle_target, load_bundle, save_bundle
     from anomalyfleet.calibration import apply_calibration, calibrate_scores, detector_scores, write_report
     from anomalyfleet.cli import resolve_detector
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.device import select_device
 
+    check_bundle_target(args.out)
+    json_path, png_path = report_paths(args.out, args.report)
+    check_report_dir(json_path)
     samples = parse_data_specs(args.data)
     bundle = resolve_detector(args.detector)
     spec = parse_backbone(args.backbone) if args.backbone else None
@@ -41,7 +62,6 @@ def cmd_calibrate(args) -> int:
     calibration = calibrate_scores(scores, labels, false_alarm_rate=args.false_alarm_rate, target_recall=args.target_recall)
     apply_calibration(detector, calibration, data=args.data)
     save_bundle(detector.to("cpu"), args.out)
-    json_path, png_path = report_paths(args.out, args.report)
     report = dict(calibration.report, bundle_in=bundle, bundle_out=str(args.out), data=list(args.data))
     write_report(report, json_path, png_path)
     summary = {"bundle": str(args.out), "chosen": calibration.chosen, "threshold": calibration.threshold,

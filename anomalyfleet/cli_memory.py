@@ -63,12 +63,13 @@ def _recalibrate_note(dropped: dict, bundle) -> None:
 
 def cmd_memory_build(args) -> int:
     from anomalyfleet.backbones import parse_backbone
-    from anomalyfleet.bundle import load_bundle, save_bundle
+    from anomalyfleet.bundle import check_bundle_target, load_bundle, save_bundle
     from anomalyfleet.cli import resolve_detector
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.device import select_device
     from anomalyfleet.memory import FusionSettings, build_line_memory
 
+    check_bundle_target(args.out)
     samples = parse_data_specs(args.data)
     bundle = resolve_detector(args.detector)
     spec = parse_backbone(args.backbone) if args.backbone else None
@@ -115,7 +116,7 @@ def _load_with_memory(bundle: str, args):
 def cmd_memory_set(args) -> int:
     from dataclasses import replace
 
-    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.bundle import check_bundle_target, save_bundle
     from anomalyfleet.cli import resolve_detector
     from anomalyfleet.errors import ConfigError
 
@@ -127,6 +128,7 @@ def cmd_memory_set(args) -> int:
                           "or --top-fraction")
     bundle = resolve_detector(args.detector)
     out = args.out or bundle
+    check_bundle_target(out)
     detector = _load_with_memory(bundle, args)
     memory = detector.memory
     before = memory.fusion
@@ -143,7 +145,7 @@ def cmd_memory_set(args) -> int:
 
 
 def cmd_memory_tune(args) -> int:
-    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.bundle import check_bundle_target, save_bundle
     from anomalyfleet.cli import resolve_detector
     from anomalyfleet.data import parse_data_specs
     from anomalyfleet.device import select_device
@@ -151,6 +153,8 @@ def cmd_memory_tune(args) -> int:
 
     samples = parse_data_specs(args.data)
     bundle = resolve_detector(args.detector)
+    if not args.dry_run:
+        check_bundle_target(args.out or bundle)
     detector = _load_with_memory(bundle, args)
     detector.to(select_device(args.device))
     memory = detector.memory

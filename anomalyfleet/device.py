@@ -8,13 +8,19 @@ import torch
 
 
 def select_device(preference: str = "auto") -> torch.device:
+    from anomalyfleet.errors import ConfigError
+
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from anomalyfleet.errors import ConfigError
-
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    try:
+        device = torch.device(preference)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {preference!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {preference} was asked for but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {preference}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

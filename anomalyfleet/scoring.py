@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,8 @@ from anomalyfleet import storage
 from anomalyfleet.data import AnomalyDataset, Sample
 from anomalyfleet.data.transforms import load_image
 from anomalyfleet.detector import Detector, Prediction
-from anomalyfleet.errors import DataError
-from anomalyfleet.manifest import atomic_write_bytes, write_manifest
+from anomalyfleet.errors import ConfigError, DataError
+from anomalyfleet.manifest import atomic_write_bytes, default_mode, write_manifest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -117,9 +119,10 @@ def score_images(
     (`anomalyfleet.batch_zero_shot`), not by the bundle's prompts or memory: scores are robust
     z-scores within each group, flagged from z = 3 (the bundle's thresholds are on another scale).
 
-    Every file is written atomically and the JSONL last, so a crash never leaves a results file
-    that points to maps that are not there. An s3:// `out_dir` gets the same files, uploaded with
-    a manifest last once all are written.
+    Everything is written to a staging directory beside `out_dir` and moved in only once every
+    image has been scored, the JSONL last: a failure (a corrupt image, a full disk) leaves `out_dir`
+    as it was, with no half set of maps and no results file that points to maps that are not there.
+    An s3:// `out_dir` gets the same files, uploaded with a manifest last once all are written.
     """
     if storage.is_remote(out_dir):
         with tempfile.TemporaryDirectory(prefix="anomalyfleet-scores-") as tmp:
@@ -129,6 +132,34 @@ def score_images(
             storage.put_tree(local.parent, str(out_dir))
         return storage.join(str(out_dir), "scores.jsonl")
     out_dir = storage.parse(out_dir).path
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output {out_dir} exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(staging, default_mode(directory=True))
+    try:
+        _score_into(detector, images, staging, batch_size, write_maps, write_overlays, progress, batch_zero_shot)
+        _move_results(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "scores.jsonl"
+
+
+def _move_results(staging: Path, out_dir: Path) -> None:
+    """Into a new `out_dir` by one rename; into an existing one file by file, the JSONL last."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    for sub in ("maps", "overlays"):
+        if (staging / sub).is_dir():
+            (out_dir / sub).mkdir(exist_ok=True)
+            for item in (staging / sub).iterdir():
+                os.replace(item, out_dir / sub / item.name)
+    os.replace(staging / "scores.jsonl", out_dir / "scores.jsonl")
+
+
+def _score_into(detector: Detector, images: Sequence[Path], out_dir: Path, batch_size: int, write_maps: bool,
+                write_overlays: bool, progress: bool, batch_zero_shot: int | None) -> None:
     samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
     names = _unique_names(images)
     if batch_zero_shot:
@@ -166,7 +197,6 @@ def score_images(
             records.append(record)
     payload = "".join(json.dumps(r) + "\n" for r in records).encode()
     atomic_write_bytes(out_dir / "scores.jsonl", payload)
-    return out_dir / "scores.jsonl"
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:

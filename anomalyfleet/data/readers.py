@@ -194,6 +194,18 @@ def read_folder(root: Path, options: _Options) -> list[Sample]:
     return samples
 
 
+def _library_row_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected an object, got {type(row).__name__}"
+    if not isinstance(row.get("image"), str) or not row["image"]:
+        return "'image' must be a relative path"
+    if row.get("mask") is not None and not isinstance(row["mask"], str):
+        return "'mask' must be a relative path or null"
+    if row.get("label", 1) not in (0, 1) or isinstance(row.get("label"), bool):
+        return f"'label' must be 0 or 1, got {row.get('label')!r}"
+    return None
+
+
 def read_library(root: Path, options: _Options) -> list[Sample]:
     """A synthetic defect library: manifest.jsonl rows with image, mask, defect type."""
     manifest = root / "manifest.jsonl"
@@ -208,13 +220,16 @@ def read_library(root: Path, options: _Options) -> list[Sample]:
                 continue
             try:
                 row = json.loads(line)
-                image = root / row["image"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise DataError(f"{manifest}:{line_number}: malformed library row") from exc
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{manifest}:{line_number}: not a JSON row ({exc.msg})") from None
+            problem = _library_row_problem(row)
+            if problem:
+                raise DataError(f"{manifest}:{line_number}: malformed library row: {problem}")
             if wanted and row.get("defect_type") not in wanted:
                 continue
             mask = root / row["mask"] if row.get("mask") else None
-            samples.append(Sample(str(image), int(row.get("label", 1)), str(mask) if mask else None, category))
+            samples.append(Sample(str(root / row["image"]), int(row.get("label", 1)), str(mask) if mask else None,
+                                  category))
     return samples
 
 

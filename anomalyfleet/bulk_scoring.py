@@ -97,14 +97,25 @@ def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None)
         from anomalyfleet.serving.registry import LineRegistry
 
         snapshot = LineRegistry(registry).load()
+    from anomalyfleet.serving.registry import LINE_NAME
+
+    if detector == "default":  # the bundled detector, as every other command reads --detector
+        from anomalyfleet.cli import resolve_detector
+
+        detector = resolve_detector(detector)
     for pair in pairs:
         line, sep, uri = pair.partition("=")
         if not sep or not line or not uri:
             raise ConfigError(f"expected LINE=URI, got {pair!r}")
+        if not LINE_NAME.match(line):
+            # The line names output directories (parts/<line>, maps/<line>): no paths, no '..'.
+            raise ConfigError(f"invalid line name {line!r}: letters, digits, '.', '_' and '-' only, "
+                              "starting with a letter or digit")
         if snapshot is not None:
+            if line in snapshot.errors:
+                raise ConfigError(f"line {line!r} is in the registry but cannot be used: {snapshot.errors[line]}")
             if line not in snapshot.lines:
-                reason = snapshot.errors.get(line, "not in the registry")
-                raise ConfigError(f"unknown line {line!r}: {reason}")
+                raise ConfigError(f"unknown line {line!r}: not in the registry")
             state = snapshot.lines[line]
             lines.append(LineInput(line, uri, state.bundle_uri, state.threshold))
         elif detector:

@@ -170,3 +170,22 @@ def test_batch_zero_shot_on_ray_data_matches_the_cli_and_keeps_corrupt_rows(ray_
     assert all(np.isfinite(r["score"]) for r in rows if not r["error"])
     summary = json.loads(storage.read_bytes(storage.join(out, "summary.json")))
     assert summary["shards"] == 3 and summary["lines"]["line"]["errors"] == 1
+
+
+def test_inputs_are_checked_before_any_work(tmp_path):
+    """Line names become output directories; a broken registry line says what is wrong with it."""
+    from anomalyfleet.bulk_scoring import resolve_inputs
+    from anomalyfleet.cli import default_detector_path
+    from anomalyfleet.errors import ConfigError
+
+    for name in ("a/../b", "../up", ".hidden", "a b", ""):
+        with pytest.raises(ConfigError, match="invalid line name|expected LINE=URI"):
+            resolve_inputs([f"{name}=/images"], None, "default")
+    (line,) = resolve_inputs(["line-1=/images"], None, "default")
+    assert line.bundle == str(default_detector_path())  # 'default' as every other command reads it
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(f"lines:\n  broken: {{bundle: {tmp_path / 'missing'}, threshold: 0.5}}\n")
+    with pytest.raises(ConfigError, match="'broken' is in the registry but cannot be used: .*not found"):
+        resolve_inputs(["broken=/images"], str(registry), None)
+    with pytest.raises(ConfigError, match="unknown line 'other': not in the registry"):
+        resolve_inputs(["other=/images"], str(registry), None)

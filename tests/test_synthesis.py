@@ -14,7 +14,7 @@ from PIL import Image
 
 from anomalyfleet.data import parse_data_spec
 from anomalyfleet.data.transforms import load_mask
-from anomalyfleet.errors import ConfigError
+from anomalyfleet.errors import ConfigError, DataError
 from anomalyfleet.synthesis.library import finished_shards, load_recipe, parse_recipe, plan_shards, resolve_normals, synthesize_library
 from anomalyfleet.synthesis.procedural import make_procedural, perlin_noise
 from anomalyfleet.synthesis.regions import RegionSpec, estimate_foreground, sample_region
@@ -221,9 +221,17 @@ def test_recipe_yaml_and_job_entry_point(tmp_path, normals, capsys):
     assert main([str(bad)]) == 2
     with pytest.raises(ConfigError, match="invalid recipe"):
         parse_recipe({**recipe_dict(normals, tmp_path), "defects": [{"name": "a/b", "count": 1}]})
-    with pytest.raises(ConfigError, match="unknown procedural"):
-        synthesize_library(parse_recipe({**recipe_dict(normals, tmp_path / "o2"),
-                                         "defects": [{"name": "a", "generator": "glitter", "count": 1}]}), progress=False)
+    # Rejected while the recipe is read, so no output directory is made for a recipe that cannot run.
+    with pytest.raises(ConfigError, match="unknown generator 'glitter'"):
+        parse_recipe({**recipe_dict(normals, tmp_path / "o2"), "defects": [{"name": "a", "generator": "glitter", "count": 1}]})
+    with pytest.raises(DataError, match="no-normals"):
+        synthesize_library(parse_recipe({**recipe_dict(tmp_path / "no-normals", tmp_path / "o3")}), progress=False)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    capsys.readouterr()
+    (tmp_path / "broken.yaml").write_text("defects: [\n")
+    assert main([str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid YAML (line 2, column 1:" in err[0]
 
 
 def test_synthesis_cli_commands(tmp_path, normals):

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anomalyfleet.errors import ConfigError
+from anomalyfleet.errors import ConfigError, validation_problem, yaml_problem
 from anomalyfleet.serving.auth import TokenGrant
 
 from anomalyfleet.rolling_window import Z_THRESHOLD  # noqa: E402
@@ -165,7 +165,7 @@ class ServiceConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"invalid service configuration: {_first_error(exc)}") from exc
+            raise ConfigError(f"invalid service configuration: {validation_problem(exc)}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ServiceConfig":
@@ -194,16 +194,10 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML/JSON ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     return data
-
-
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "config"
-    return f"{where}: {first.get('msg')}"
 
 
 __all__ = ["ServiceConfig", "WindowSettings", "CONFIG_ENV", "REGISTRY_ENV"]

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from anomalyfleet import storage
-from anomalyfleet.errors import AnomalyFleetError, ConfigError
+from anomalyfleet.errors import AnomalyFleetError, ConfigError, validation_problem, yaml_problem
 from anomalyfleet.serving.auth import TokenGrant
 from anomalyfleet.serving.config import WindowSettings
 
@@ -220,15 +220,13 @@ def parse_registry(data: bytes | str | dict, origin: str = "registry") -> Regist
         try:
             data = yaml.safe_load(data) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML/JSON ({exc})") from exc
+            raise ConfigError(f"{origin}: not valid YAML/JSON ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping with a 'lines' table")
     try:
         return RegistryDocument.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise ConfigError(f"{origin}: {where}: {first.get('msg')}") from exc
+        raise ConfigError(f"{origin}: {validation_problem(exc)}") from None
 
 
 def builtin_registry() -> dict:

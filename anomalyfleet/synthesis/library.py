@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import anomalyfleet
 from anomalyfleet import storage
-from anomalyfleet.errors import ConfigError, DataError
+from anomalyfleet.errors import ConfigError, DataError, validation_problem, yaml_problem
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
@@ -83,6 +83,15 @@ class DefectRecipe(BaseModel):
     def _safe_name(cls, value: str) -> str:
         if not value or any(c in value for c in "/\\ \t\n") or value.startswith("."):
             raise ValueError(f"defect name {value!r} must be non-empty, without slashes or spaces")
+        return value
+
+    @field_validator("generator")
+    @classmethod
+    def _known_generator(cls, value: str) -> str:
+        from anomalyfleet.synthesis.procedural import PROCEDURAL
+
+        if value != "anogen" and value not in PROCEDURAL:
+            raise ValueError(f"unknown generator {value!r} (known: {', '.join([*PROCEDURAL, 'anogen'])})")
         return value
 
     def region_spec(self) -> RegionSpec | None:
@@ -162,7 +171,7 @@ def load_recipe(path: str | Path, **overrides) -> Recipe:
     except FileNotFoundError as exc:
         raise ConfigError(f"recipe not found: {path}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping")
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -175,7 +184,7 @@ def parse_recipe(data: dict, base: Path | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid recipe: {exc}") from exc
+        raise ConfigError(f"invalid recipe: {validation_problem(exc)}") from None
     for defect in recipe.defects:
         defect.region_spec()  # region typos fail before any work starts
     if base is not None:
@@ -632,10 +641,12 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     The output is a local directory or an s3:// prefix (through the storage layer)."""
     started = time.perf_counter()
     root = output_root(recipe.output)
-    if not storage.is_remote(root):
-        Path(root).mkdir(parents=True, exist_ok=True)
+    # Everything that can be checked is checked before the output directory exists: a recipe that
+    # cannot run leaves nothing behind.
     normals = resolve_normals(recipe.normal)
     plan = plan_shards(recipe, normals)
+    if not storage.is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
     _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
     _clean_partials(root)
     actors = recipe.ray.actors if actors is None else actors

@@ -243,6 +243,30 @@ def _reference_prompt_config(state: dict, fp16_deep_prompts: bool) -> PromptConf
     )
 
 
+def read_reference_checkpoint(checkpoint: str | Path) -> tuple[Path, dict]:
+    """(local path, prompt learner state) of a reference checkpoint, checked for what can be checked
+    without the backbone, so a wrong file fails at once instead of after loading CLIP weights."""
+    checkpoint = storage.local_path_for(str(checkpoint)) if storage.is_remote(checkpoint) else storage.parse(checkpoint).path
+    if checkpoint.is_dir():
+        raise BundleError(f"{checkpoint} is a directory; a reference checkpoint is one .pth file "
+                          "(a detector bundle is used as --detector directly)")
+    if not checkpoint.is_file():
+        raise BundleError(f"checkpoint not found: {checkpoint}")
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for non-checkpoint files
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"cannot read checkpoint {checkpoint}: not a PyTorch checkpoint file ({detail})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompt_learner"), dict):
+        raise BundleError(f"{checkpoint}: expected a dict with a 'prompt_learner' state dict")
+    state = raw["prompt_learner"]
+    try:
+        _reference_prompt_config(state, fp16_deep_prompts=True)
+    except BundleError as exc:
+        raise BundleError(f"{checkpoint}: {exc}") from None
+    return checkpoint, state
+
+
 def import_reference_checkpoint(
     checkpoint: str | Path,
     backbone: VisionBackbone,
@@ -254,16 +278,7 @@ def import_reference_checkpoint(
     The checkpoint's token buffers are used as they are, exactly as the reference's test script
     loads them, so scores match the reference even if they were made with another tokenizer build.
     """
-    checkpoint = storage.local_path_for(str(checkpoint)) if storage.is_remote(checkpoint) else storage.parse(checkpoint).path
-    if not checkpoint.is_file():
-        raise BundleError(f"checkpoint not found: {checkpoint}")
-    try:
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for non-checkpoint files
-        raise BundleError(f"cannot read checkpoint {checkpoint}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict) or "prompt_learner" not in raw:
-        raise BundleError(f"{checkpoint}: expected a dict with a 'prompt_learner' state dict")
-    state = raw["prompt_learner"]
+    checkpoint, state = read_reference_checkpoint(checkpoint)
     if backbone.text_tower is None:
         raise BundleError("reference checkpoints hold text prompts; the backbone has no text tower (use a CLIP backbone)")
     config = _reference_prompt_config(state, fp16_deep_prompts)

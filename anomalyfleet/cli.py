@@ -176,10 +176,11 @@ def cmd_eval(args) -> int:
 
 def cmd_import_checkpoint(args) -> int:
     from anomalyfleet.backbones import create_backbone, default_settings, parse_backbone
-    from anomalyfleet.bundle import check_bundle_target, import_reference_checkpoint, save_bundle
+    from anomalyfleet.bundle import check_bundle_target, import_reference_checkpoint, read_reference_checkpoint, save_bundle
     from anomalyfleet.detector import DetectorSettings
 
     check_bundle_target(args.out)
+    read_reference_checkpoint(args.checkpoint)  # before the backbone: its weights may take minutes to load
     spec = parse_backbone(args.backbone)
     backbone = create_backbone(spec, args.image_size)
     defaults = default_settings(spec, backbone.num_layers, backbone.patch_size)

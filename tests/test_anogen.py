@@ -192,3 +192,16 @@ def test_pipeline_and_embedding_from_object_storage(pipeline, embedding, s3_env)
     placeholder, vector, meta = load_embedding(embedding)
     assert gen.placeholder == placeholder and gen.metadata == meta
     assert torch.equal(gen.components.text_encoder.get_input_embeddings().weight[gen.token_id], vector)
+
+
+def test_a_missing_pipeline_directory_or_support_fails_before_any_weights_load(tmp_path):
+    from anomalyfleet.errors import ConfigError, DataError
+    from anomalyfleet.synthesis.anogen import learn_embedding, resolve_pipeline_source
+
+    for source in (str(tmp_path / "nope"), "./nope", "a/b/c"):
+        with pytest.raises(ConfigError, match="diffusion pipeline directory not found"):
+            resolve_pipeline_source(source)
+    assert resolve_pipeline_source("owner/model-name") == "owner/model-name"  # a hub id passes untouched
+    assert resolve_pipeline_source(f"file://{tmp_path}") == str(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        learn_embedding(str(tmp_path / "nope"), f"folder:{tmp_path / 'no-support'}", tmp_path / "e.pt", progress=False)

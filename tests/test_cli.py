@@ -185,6 +185,27 @@ def test_calibrate_fails_before_writing_when_its_report_cannot_be(bundle, datase
     assert not out.exists()
 
 
+def test_import_checkpoint_rejects_a_wrong_file_before_loading_the_backbone(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import anomalyfleet.backbones as backbones
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(backbones, "create_backbone", no_backbone)
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG not a checkpoint")
+    (tmp_path / "folder").mkdir()
+    cases = {"other.pt": "expected a dict with a 'prompt_learner' state dict",
+             "image.png": "not a PyTorch checkpoint file", "folder": "is a directory"}
+    for name, message in cases.items():
+        assert main(["import-checkpoint", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "anomalyfleet.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

@@ -44,7 +44,15 @@ def resolve_pipeline_source(source: str | Path) -> str:
     source = str(source)
     if storage.is_remote(source):
         return str(storage.cached_prefix(source))
-    return source.removeprefix("file://")
+    local = source.removeprefix("file://")
+    # A hub id is "owner/name"; anything shaped like a path must exist, or the hub's repo-id
+    # validation error would hide the real problem (a mistyped directory).
+    if local.startswith(("/", ".", "~")) or local.count("/") > 1 or Path(local).expanduser().exists():
+        path = Path(local).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"diffusion pipeline directory not found: {source}")
+        return str(path)
+    return local
 
 
 @dataclass
@@ -221,16 +229,23 @@ def _to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float().permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def load_support(spec: str, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """The few real defect images with masks, (N, R, R, 3) uint8 and (N, R, R) float."""
-    from PIL import Image
-
+def support_samples(spec: str) -> list:
+    """The defect images with masks of a support spec; checked before a pipeline is loaded."""
     from anomalyfleet.data import parse_data_spec
-    from anomalyfleet.data.transforms import load_image, load_mask
 
     samples = [s for s in parse_data_spec(spec) if s.label == 1 and s.mask is not None]
     if not samples:
         raise DataError(f"{spec}: no defect images with masks to learn from")
+    return samples
+
+
+def load_support(spec: str, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """The few real defect images with masks, (N, R, R, 3) uint8 and (N, R, R) float."""
+    from PIL import Image
+
+    from anomalyfleet.data.transforms import load_image, load_mask
+
+    samples = support_samples(spec)
     images, masks = [], []
     for s in samples:
         images.append(np.asarray(load_image(s.image).resize((resolution, resolution), Image.BICUBIC)))
@@ -304,6 +319,8 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
 
     config = config or LearnConfig()
     device = select_device(config.device)
+    if isinstance(support, str):
+        support_samples(support)  # a wrong spec fails in a second, not after minutes of loading weights
     components = pipeline if isinstance(pipeline, Components) else load_components(pipeline)
     components.to(device)
     name = defect_name or Path(output).stem

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from anomalyfleet.cli_types import layer_list as _layers
 from anomalyfleet.cli_types import positive_int as _positive_int
+from anomalyfleet.cli_types import CommandParser, smoothing_sigma
 from anomalyfleet.errors import AnomalyFleetError, ConfigError
 from anomalyfleet.train_config import CACHE_DTYPES
 
@@ -38,7 +39,8 @@ def _add_override_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=_positive_int, default=None, help="input size (pixels, square)")
     parser.add_argument("--layers", type=_layers, default=None, help="1-indexed map layers, e.g. 24 or 6,12,18,24")
     parser.add_argument("--dpam-layers", type=int, default=None, help="number of final blocks with the V-V path")
-    parser.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of maps (default 4)")
+    parser.add_argument("--sigma", type=smoothing_sigma, default=None,
+                        help="Gaussian smoothing of maps, pixels (default 4; 0: none)")
 
 
 def _load_detector(args, path: str | None):
@@ -209,7 +211,7 @@ def cmd_export_checkpoint(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="anomalyfleet",
         description="Zero-shot visual anomaly detection (AnomalyCLIP) and defect synthesis on Ray.",
     )

@@ -38,8 +38,23 @@ def cmd_pull(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from anomalyfleet import storage
+    from anomalyfleet.errors import ConfigError
+
     registry = _registry(args)
-    names = [args.name] if args.name else registry.names()
+    if not storage.is_remote(registry.root):
+        # A mistyped local registry is an error, not an empty listing (an s3:// prefix has no such
+        # thing as "missing": it is empty until the first push).
+        local = storage.parse(registry.root).path
+        if not local.is_dir():
+            raise ConfigError(f"registry {registry.root} is not a directory"
+                              + ("" if local.exists() else " (it does not exist)"))
+    names = registry.names()
+    if args.name:
+        if args.name not in names:
+            raise ConfigError(f"no detector named {args.name!r} in {registry.root}"
+                              + (f" (published: {', '.join(names)})" if names else " (nothing is published there)"))
+        names = [args.name]
     rows = [v for name in names for v in registry.versions(name)]
     if args.json:
         print(json.dumps([v.__dict__ for v in rows], indent=1))

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line naming the problem and where help is,
+    instead of the whole usage block before it (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _number(text: str, kind=float):
     try:
         return kind(text)
@@ -17,6 +25,22 @@ def positive_int(text: str) -> int:
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value}")
+    return value
+
+
+def smoothing_sigma(text: str) -> float:
+    """A Gaussian sigma in pixels: finite and >= 0 (0 turns smoothing off). NaN would otherwise
+    pass every comparison and silently switch smoothing off."""
+    value = _number(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"sigma must be a finite number >= 0, got {text}")
     return value
 
 

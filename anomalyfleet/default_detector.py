@@ -8,7 +8,6 @@ held-out report beside it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from anomalyfleet.cli_types import CommandParser
 
 TRAIN_DEFECTS = "Blowhole,Break,Crack"
 HELDOUT_DEFECTS = "Fray,Uneven"
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from anomalyfleet.metrics import format_table
     from anomalyfleet.training import TrainConfig, train_prompts
 
-    parser = argparse.ArgumentParser(prog="anomalyfleet-default-detector", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="anomalyfleet-default-detector", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True, help="Magnetic Tile root (MT_Free, MT_Crack, ...)")
     parser.add_argument("--out", default=str(default_detector_path()))
     parser.add_argument("--epochs", type=int, default=15)

@@ -13,7 +13,6 @@ defect probability 0 are normal, 1 defective; the uncertain 1/3 and 2/3 labels a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomalyfleet.cli_types import CommandParser
 from anomalyfleet.data import Sample
 from anomalyfleet.errors import AnomalyFleetError, DataError
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from anomalyfleet.metrics import format_table
     from anomalyfleet.scoring import score_images
 
-    parser = argparse.ArgumentParser(prog="anomalyfleet-demo", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="anomalyfleet-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--limit-per-class", type=int, default=150, help="normal and defective cells each (0 = all)")
     parser.add_argument("--overlays", type=int, default=12, help="overlay PNGs to write (highest and lowest scores)")

@@ -9,15 +9,15 @@ command skips finished shards.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from anomalyfleet.bulk_scoring import add_bulk_arguments, cmd_bulk_score
 from anomalyfleet.cli import run
+from anomalyfleet.cli_types import CommandParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bulk_score", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m jobs.bulk_score", description=__doc__.splitlines()[0])
     add_bulk_arguments(parser)
     return run(parser, argv, cmd_bulk_score)
 

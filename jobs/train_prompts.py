@@ -13,13 +13,14 @@ import argparse
 import sys
 
 from anomalyfleet.cli import run
+from anomalyfleet.cli_types import CommandParser
 from anomalyfleet.distributed.cli_args import add_distributed_train_arguments, run_from_args
 
 PROG = "python -m jobs.train_prompts"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = CommandParser(prog=PROG, description=__doc__.splitlines()[0])
     add_distributed_train_arguments(parser, standalone=True)
     return parser
 

@@ -206,6 +206,24 @@ def test_import_checkpoint_rejects_a_wrong_file_before_loading_the_backbone(tmp_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["score", "--images", "x"], "the following arguments are required: --out"),
+        (["score", "--images", "x", "--out", "o", "--sigma", "nan"], "sigma must be a finite number >= 0, got nan"),
+        (["score", "--images", "x", "--out", "o", "--sigma", "-2"], "sigma must be a finite number >= 0"),
+        (["synthesize", "recipe.yaml", "--actors", "-1"], "expected 0 or a positive integer, got -1"),
+        (["memory", "build", "--data", "folder:x", "--out", "o", "--k", "0"], "expected a positive integer, got 0"),
+    ],
+)
+def test_option_errors_are_one_line_with_a_pointer_to_help(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and message in err[0] and err[0].endswith("--help)"), err
+
+
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "anomalyfleet.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

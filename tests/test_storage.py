@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from anomalyfleet import storage
-from anomalyfleet.errors import StorageError
+from anomalyfleet.errors import BundleError, StorageError
 from anomalyfleet.manifest import write_manifest
 from tests.image_sets import write_folder_dataset
 
@@ -284,6 +284,13 @@ def test_bundle_save_load_and_cli_through_s3(s3_env, tmp_path, openai_clip_file,
     local = save_bundle(detector, tmp_path / "bundle")
     remote = s3_env.uri(_unique("bundles") + "/b")
     assert save_bundle(detector, remote) == remote
+    assert save_bundle(detector, remote) == remote  # a bundle replaces a bundle
+    # ... but never a prefix that holds something else (a mistyped --out).
+    occupied = s3_env.uri(_unique("bundles") + "/data")
+    storage.write_bytes(storage.join(occupied, "images", "a.png"), b"precious")
+    with pytest.raises(BundleError, match="holds 1 objects and no detector bundle"):
+        save_bundle(detector, occupied)
+    assert storage.read_bytes(storage.join(occupied, "images", "a.png")) == b"precious"
     x = torch.rand(2, 3, 56, 56)
     expected = load_bundle(local).predict(x)
     got = load_bundle(remote).predict(x)
@@ -367,3 +374,30 @@ def test_throttling_is_retried_then_reported_within_bounds(s3_env):
         assert uri in str(info.value) and time.monotonic() - started < 30
         assert proxy.throttled == 3 and proxy.forwarded == 0
     assert storage.read_bytes(uri) == b"payload"  # the refused write changed nothing
+
+
+def test_bundle_list_refuses_a_missing_registry_or_an_unknown_name(tmp_path, openai_clip_file, capsys):
+    from anomalyfleet.backbones import BackboneSpec
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.cli import main
+    from anomalyfleet.detector import Detector
+
+    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file)),
+                               image_size=56, layers=(6,), dpam_layers=4, seed=3)
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    assert main(["bundle", "list", "--registry", str(registry)]) == 0  # empty is not an error
+    assert "no published detectors" in capsys.readouterr().err
+    assert main(["bundle", "push", str(save_bundle(detector, tmp_path / "b")), "--name", "line-a",
+                 "--registry", str(registry)]) == 0
+    capsys.readouterr()
+    for argv, message in (
+        (["--registry", str(tmp_path / "typo")], "is not a directory (it does not exist)"),
+        (["--registry", str(tmp_path / "b" / "detector.json")], "is not a directory"),
+        (["line-b", "--registry", str(registry)], "no detector named 'line-b' in"),
+    ):
+        assert main(["bundle", "list", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert main(["bundle", "list", "line-a", "--registry", str(registry)]) == 0
+    assert "line-a" in capsys.readouterr().out

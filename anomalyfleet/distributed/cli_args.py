@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from anomalyfleet.cli_types import in_range, layer_list, positive_int
+from anomalyfleet.cli_types import in_range, layer_list, positive_int, smoothing_sigma
 from anomalyfleet.errors import ConfigError
 
 
@@ -41,7 +41,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=positive_int, default=None)
     parser.add_argument("--layers", type=layer_list, default=None, help="1-indexed map layers, e.g. 24 or 6,12,18,24")
     parser.add_argument("--dpam-layers", type=int, default=None)
-    parser.add_argument("--sigma", type=float, default=None)
+    parser.add_argument("--sigma", type=smoothing_sigma, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 

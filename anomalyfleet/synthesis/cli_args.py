@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from anomalyfleet.cli_types import in_range, positive_int
+from anomalyfleet.cli_types import in_range, non_negative_int, positive_int
 
 _gpus = in_range(0.0, float("inf"), "a GPU fraction")
 
@@ -41,7 +41,7 @@ def add_synthesis_commands(subparsers) -> None:
 def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (normal images, defect types, counts, regions, seed, output)")
     p.add_argument("--output", default=None, help="override the recipe's output directory")
-    p.add_argument("--actors", type=int, default=None, help="Ray actors (0: in this process, no Ray)")
+    p.add_argument("--actors", type=non_negative_int, default=None, help="Ray actors (0: in this process, no Ray)")
     p.add_argument("--num-gpus", type=_gpus, default=None, help="GPU fraction per actor")
     p.add_argument("--learn-gpus", type=_gpus, default=None,
                    help="GPU fraction per AnoGen embedding-learning task (default: as --num-gpus)")

@@ -160,6 +160,11 @@ def cmd_eval(args) -> int:
     report = evaluate_detector(detector, samples, batch_size=args.batch_size, progress=not args.quiet)
     report["data"] = list(args.data)
     print(format_table(report))
+    kinds = {int(s.label) for s in samples}
+    if len(kinds) < 2:
+        only = "normal" if kinds == {0} else "defective"
+        print(f"note: all {len(samples)} images are {only}; AUROC, AP and AUPRO need normal and defective images "
+              "(the table's '-'). Per-image scores: anomalyfleet score", file=sys.stderr)
     memory = detector.active_memory
     defective = sum(int(s.label) for s in samples) / max(1, len(samples))
     if memory is not None and memory.fusion.image_evidence > 0 and defective > 0.3:

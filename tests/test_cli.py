@@ -58,6 +58,12 @@ def test_eval_report_has_the_documented_keys(bundle, dataset, tmp_path, capsys):
     assert "mean" in capsys.readouterr().out
 
 
+def test_eval_on_one_kind_of_image_says_why_the_table_is_empty(bundle, tmp_path, capsys):
+    normals_only = write_folder_dataset(tmp_path / "normals", normals=3, anomalies=0)
+    assert main(["eval", "--detector", str(bundle), "--data", f"folder:{normals_only}", "--quiet"]) == 0
+    assert "note: all 3 images are normal" in capsys.readouterr().err
+
+
 def test_overrides_at_scoring_time(bundle, dataset, tmp_path):
     out = tmp_path / "override"
     assert main(["score", "--detector", str(bundle), "--images", str(dataset / "normal"), "--out", str(out),

@@ -134,8 +134,10 @@ def score_images(
     out_dir = storage.parse(out_dir).path
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output {out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    # Staged inside an existing output directory (the one place we know is writable), else beside it.
+    home = out_dir if out_dir.is_dir() else out_dir.parent
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=home))
     os.chmod(staging, default_mode(directory=True))
     try:
         _score_into(detector, images, staging, batch_size, write_maps, write_overlays, progress, batch_zero_shot)

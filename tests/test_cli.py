@@ -143,7 +143,7 @@ def test_a_failed_run_leaves_the_output_directory_as_it_was(bundle, dataset, tmp
     assert code != 0
     after = {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
     assert after == before
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
 
     # The same run without the broken image lands in the existing directory.
     (images / "zz-broken.png").unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,7 @@ def env(tmp_path_factory, openai_clip_file):
     config = ServiceConfig(
         registry=str(registry), registry_check_interval_s=0.2,
         min_replicas=1, max_replicas=1, num_cpus=0.5, gateway_num_cpus=0.25, gateway_max_replicas=1,
-        max_batch_size=4, batch_wait_timeout_s=0.02, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
+        max_batch_size=4, batch_wait_timeout_s=0.02, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, body_timeout_s=2,
         tokens=[{"name": "qa", "token": ALL_TOKEN, "lines": ["*"], "admin": True}],
     )
     http_port, metrics_port = free_port(), free_port()
@@ -199,6 +200,31 @@ def test_bad_inputs_are_4xx_and_the_replica_keeps_serving(env):
     assert r.status_code == 415 and "bad.png" in r.json()["detail"]
     r = requests.post(f"{base}/v1/lines/line-a/score-batch", data=good, headers={**_auth(), "Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 415
+    # A query parameter of the wrong type: the API's one error shape, not FastAPI's list.
+    r = requests.post(f"{base}/v1/lines/line-a/score?return_map=maybe", data=good, headers=_auth(), timeout=60)
+    assert r.status_code == 422 and r.json()["detail"].startswith("return_map: "), r.text
+    # A camera's multi-picture JPEG (MPO) is a JPEG: scored, not refused as an unknown format.
+    mpo = io.BytesIO()
+    frame = Image.open(io.BytesIO(good)).convert("RGB")
+    frame.save(mpo, format="MPO", save_all=True, append_images=[frame])
+    r = requests.post(f"{base}/v1/lines/line-a/score", data=mpo.getvalue(), headers={**_auth(), "Content-Type": "image/jpeg"},
+                      timeout=60)
+    assert r.status_code == 200 and r.json()["width"] == frame.width, r.text
+    # A stalled upload is cut off (body_timeout_s = 2 here) with a JSON 408, instead of holding a
+    # gateway slot forever: 64 of them used to freeze the service, /healthz included.
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/lines/line-a/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALL_TOKEN.encode()
+                     + b"\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nabc")
+        started = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"not received within 2 s" in reply, reply
+    assert time.monotonic() - started < 20
     # Still serving, on the same replicas.
     r = requests.post(f"{base}/v1/lines/line-a/score", data=good, headers=_auth(), timeout=60)
     assert r.status_code == 200
@@ -267,6 +293,25 @@ def test_bundle_reload_under_traffic_loses_no_request(env, tmp_path):
             break
         time.sleep(0.3)
     assert r.json()["threshold"] == pytest.approx(0.77) and r.json()["detector"]["version"] == new_version
+
+
+def test_a_refused_registry_reload_says_why_and_keeps_serving(env):
+    base = env["base"]
+    registry = env["root"] / "registry.yaml"
+    original = registry.read_text()
+    good = sorted((env["data"] / "normal").glob("*.png"))[0].read_bytes()
+    before = requests.get(f"{base}/v1/lines", headers=_auth(), timeout=60).json()
+    try:
+        registry.write_text("version: 1\nlines: {line-a: [\n")
+        r = requests.post(f"{base}/v1/admin/reload", headers=_auth(), timeout=120)
+        assert r.status_code == 422, r.text
+        assert "still serving the previous one" in r.json()["detail"] and "not valid YAML/JSON (line 3, column 1" in r.json()["detail"]
+        assert requests.post(f"{base}/v1/lines/line-a/score", data=good, headers=_auth(), timeout=60).status_code == 200
+        assert requests.get(f"{base}/v1/lines", headers=_auth(), timeout=60).json() == before
+    finally:
+        registry.write_text(original)
+    r = requests.post(f"{base}/v1/admin/reload", headers=_auth(), timeout=120)
+    assert r.status_code == 200 and r.json()["registry_version"] == before["registry_version"]
 
 
 def test_metrics_on_rays_export_port(env):

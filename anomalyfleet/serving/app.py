@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
@@ -160,7 +161,7 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 413, 415, 422, 503)}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -188,6 +189,14 @@ api = FastAPI(
     description="Zero-shot anomaly scoring per production line: score, decision against the line's "
                 "threshold, and on request the anomaly map and defect boxes.",
 )
+@api.exception_handler(RequestValidationError)
+async def _invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 (a query parameter of the wrong type) in the API's one error shape."""
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body")) or "request"
+    return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid value')}"}, status_code=422)
+
+
 # Declared for the OpenAPI document; the header itself is parsed by the Authenticator so that a
 # missing and a malformed token get distinct reasons.
 bearer = HTTPBearer(auto_error=False, description="a client's or a line's token")
@@ -301,12 +310,13 @@ class Gateway:
         if self.registry.changed(self.snapshot):
             self._refreshing = asyncio.create_task(self._refresh())
 
-    async def _refresh(self) -> None:
+    async def _refresh(self) -> str | None:
         """Load the changed registry, warm every changed line's new bundle, then switch at once.
 
         Requests keep using the previous snapshot (and its model ids) until the switch, so a
         reload never makes a request wait for, or fail on, a bundle that is still loading. A
-        line whose new bundle fails to load keeps serving its previous one.
+        line whose new bundle fails to load keeps serving its previous one. Returns why the
+        registry as a whole was refused (the previous one stays), else None.
         """
         old = self.snapshot
         try:
@@ -314,7 +324,7 @@ class Gateway:
         except AnomalyFleetError as exc:
             logger.warning("registry reload failed, keeping the previous registry: %s", exc)
             self.metrics.reload("_registry", ok=False)
-            return
+            return str(exc)
         stale: dict[str, str] = {}
         for name, state in list(new.lines.items()):
             previous = old.lines.get(name)
@@ -342,9 +352,10 @@ class Gateway:
         except AnomalyFleetError as exc:
             logger.warning("registry reload refused: %s", exc)
             self.metrics.reload("_registry", ok=False)
-            return
+            return str(exc)
         self.snapshot, self.auth, self._stale = new, auth, stale
         self.metrics.thresholds(new.lines)
+        return None
 
     # --- request plumbing -------------------------------------------------------------------------
     def _principal(self, request: Request) -> Principal:
@@ -374,11 +385,16 @@ class Gateway:
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large(limit)
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > limit:
+                        raise too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise Refusal(408, "timeout", f"request body not received within {self.config.body_timeout_s:g} s "
+                                          f"({total} bytes arrived)") from None
         return b"".join(chunks)
 
     async def _uploads(self, request: Request, batch: bool) -> list[Upload]:
@@ -527,7 +543,8 @@ class Gateway:
             "registry_version": snapshot.digest,
         }
 
-    @api.post("/v1/admin/reload", response_model=LinesResponse, responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+    @api.post("/v1/admin/reload", response_model=LinesResponse,
+              responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}},
               summary="Re-read the registry and bundles now (this gateway replica; others follow on their next check)")
     async def reload(self, request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
         try:
@@ -538,8 +555,12 @@ class Gateway:
         if self._refreshing is not None and not self._refreshing.done():
             await self._refreshing
         self._refreshing = asyncio.create_task(self._refresh())
-        await self._refreshing
+        failure = await self._refreshing
         self._last_check = time.monotonic()
+        if failure is not None:
+            # The admin asked for this registry: say it was refused (the previous one keeps serving).
+            return JSONResponse({"detail": f"registry refused, still serving the previous one: {failure}"},
+                                status_code=422)
         return await self.lines(request, _credentials)
 
     @api.get("/healthz", response_model=Health, summary="Liveness and registry state")

@@ -134,7 +134,9 @@ class ServiceConfig(BaseModel):
     gateway_num_cpus: float = Field(0.25, ge=0)
     gateway_max_ongoing_requests: int = Field(64, ge=1)
 
-    # Input limits.
+    # Input limits. body_timeout_s bounds how long a request may take to send its body: slow or
+    # stalled uploads would otherwise hold gateway slots forever (64 of them froze the service).
+    body_timeout_s: float = Field(30.0, gt=0)
     max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_batch_files: int = Field(32, ge=1)

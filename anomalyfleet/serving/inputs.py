@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 # Formats the CLI reads (png, jpg, bmp, tif); anything else is refused as the wrong type.
-ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "BMP": "bmp", "TIFF": "tiff"}
+# MPO is what many cameras write as .jpg (a JPEG with extra frames): its first frame is a JPEG.
+ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "BMP": "bmp", "TIFF": "tiff"}
 # Leading bytes of the allowed formats: a file that starts like one but does not decode is
 # corrupt (400), a file that starts like none of them is the wrong type (415).
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")

@@ -25,7 +25,7 @@ import torch
 from anomalyfleet import __version__, storage
 from anomalyfleet.backbones import BackboneSpec, VisionBackbone, create_backbone
 from anomalyfleet.detector import Detector, DetectorSettings, make_prompts, prompt_kind
-from anomalyfleet.errors import BundleError
+from anomalyfleet.errors import BundleError, StorageError
 from anomalyfleet.manifest import ManifestError, atomic_write_bytes, default_mode, verify_manifest, write_manifest
 from anomalyfleet.memory import LineMemory
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
@@ -85,6 +85,8 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
             storage.put_tree(local, str(path))
         return str(path)
     path = storage.parse(path).path
+    if path.is_symlink():
+        path = path.resolve()  # a link to a bundle (e.g. "current"): replace the bundle, keep the link
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(staging, default_mode(directory=True))
@@ -117,9 +119,11 @@ def check_bundle_target(target: str | Path) -> None:
         _check_replaceable_prefix(str(target))
         return
     path = storage.parse(target).path
-    if not path.exists() and not path.is_symlink():
+    if path.is_symlink():
+        path = path.resolve()
+    if not path.exists():
         return
-    if path.is_dir() and not path.is_symlink() and ((path / DETECTOR_JSON).is_file() or not any(path.iterdir())):
+    if path.is_dir() and ((path / DETECTOR_JSON).is_file() or not any(path.iterdir())):
         return
     kind = "directory" if path.is_dir() else "file"
     raise BundleError(f"{path} exists and is not a detector bundle (a {kind}); refusing to replace it: "
@@ -129,10 +133,14 @@ def check_bundle_target(target: str | Path) -> None:
 def _check_replaceable_prefix(uri: str) -> None:
     prefix = uri.rstrip("/") + "/"
     names = []
-    for info in storage.list_objects(uri.rstrip("/")):
-        names.append(info.uri.removeprefix(prefix))
-        if len(names) > 1000:
-            break
+    try:
+        for info in storage.list_objects(uri.rstrip("/")):
+            names.append(info.uri.removeprefix(prefix))
+            if len(names) > 1000:
+                break
+    except StorageError as exc:
+        raise BundleError(f"cannot check what is at {uri} before writing a bundle there (this needs permission to "
+                          f"list the prefix): {exc}") from None
     if names and DETECTOR_JSON not in names:
         raise BundleError(f"{uri} holds {len(names)}{'+' if len(names) > 1000 else ''} objects and no detector bundle; "
                           "refusing to write over them: choose another output prefix")

@@ -334,7 +334,7 @@ def write_report(report: dict, json_path: str | Path, png_path: str | Path) -> N
         if storage.is_remote(path):
             storage.write_bytes(path, data)
         else:
-            atomic_write_bytes(path, data)
+            atomic_write_bytes(storage.parse(path).path, data)
 
 
 __all__ = [

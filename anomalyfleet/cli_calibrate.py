@@ -19,7 +19,7 @@ def report_paths(out: str | Path, report: str | None) -> tuple[str, str]:
     """`<out>.calibration.json/.png` beside the bundle, or `<report>.json/.png` when given (paths or
     s3:// URIs, kept as strings so that a URI keeps its double slash)."""
     if report:
-        base = str(report)
+        base = str(report).rstrip("/")
         if base.lower().endswith((".json", ".png")):
             base = base[: base.rindex(".")]
         return base + ".json", base + ".png"
@@ -35,7 +35,7 @@ def check_report_dir(path: str) -> None:
 
     if storage.is_remote(path):
         return
-    ancestor = Path(path).parent
+    ancestor = storage.parse(path).path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):

@@ -10,7 +10,9 @@ class CommandParser(argparse.ArgumentParser):
     instead of the whole usage block before it (subcommand parsers inherit the class)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # Leftover arguments are reported by the top-level parser: point at the subcommand's help.
+        where = "the command's --help" if message.startswith("unrecognized arguments") else f"{self.prog} --help"
+        self.exit(2, f"{self.prog}: error: {message} (see {where})\n")
 
 
 def _number(text: str, kind=float):

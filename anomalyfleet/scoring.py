@@ -136,12 +136,19 @@ def score_images(
         raise ConfigError(f"output {out_dir} exists and is not a directory")
     # Staged inside an existing output directory (the one place we know is writable), else beside it.
     home = out_dir if out_dir.is_dir() else out_dir.parent
+    created = home if not home.exists() else None  # the top directory this run makes, if any
+    while created is not None and not created.parent.exists():
+        created = created.parent
     home.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=home))
     os.chmod(staging, default_mode(directory=True))
     try:
         _score_into(detector, images, staging, batch_size, write_maps, write_overlays, progress, batch_zero_shot)
         _move_results(staging, out_dir)
+    except BaseException:
+        if created is not None:  # only our staging directory is in there
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "scores.jsonl"

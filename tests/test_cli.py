@@ -127,11 +127,11 @@ def test_a_failed_run_leaves_the_output_directory_as_it_was(bundle, dataset, tmp
     for src in sorted((dataset / "normal").iterdir())[:3]:
         (images / src.name).write_bytes(src.read_bytes())
     (images / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "new" / "deeper" / "fresh"
     code = main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(fresh), "--batch-size", "1",
                  "--quiet"])
     assert code != 0 and "zz-broken.png" in capsys.readouterr().err
-    assert not fresh.exists()
+    assert not (tmp_path / "new").exists()  # not even the parent directories it would have made
 
     earlier = tmp_path / "earlier"
     assert main(["score", "--detector", str(bundle), "--images", str(dataset / "normal"), "--out", str(earlier),
@@ -174,10 +174,17 @@ def test_bundle_commands_never_replace_what_is_not_a_bundle(victim, bundle, data
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is not a detector bundle" in err[0] and "refusing to replace" in err[0], (argv, err)
     assert {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()} == snapshot
-    # An existing bundle is still replaced in place (memory set writing back to its own bundle).
+    # An existing bundle is still replaced in place (a command writing back into its own bundle),
+    # and through a symbolic link to one (a "current" link stays a link to the updated bundle).
     copy = tmp_path / "copy"
     assert main(["calibrate", "--detector", str(bundle), "--data", f"folder:{dataset}", "--out", str(copy)]) == 0
     assert main(["calibrate", "--detector", str(copy), "--data", f"folder:{dataset}", "--out", str(copy)]) == 0
+    link = tmp_path / "current"
+    link.symlink_to(copy)
+    before = (copy / "detector.json").read_bytes()
+    assert main(["calibrate", "--detector", str(link), "--data", f"folder:{dataset}", "--out", str(link),
+                 "--false-alarm-rate", "0.2"]) == 0
+    assert link.is_symlink() and (copy / "detector.json").read_bytes() != before
 
 
 def test_calibrate_fails_before_writing_when_its_report_cannot_be(bundle, dataset, tmp_path, capsys):

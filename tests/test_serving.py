@@ -200,6 +200,14 @@ def test_bad_inputs_are_4xx_and_the_replica_keeps_serving(env):
     assert r.status_code == 415 and "bad.png" in r.json()["detail"]
     r = requests.post(f"{base}/v1/lines/line-a/score-batch", data=good, headers={**_auth(), "Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 415
+    # Over the byte limit without a Content-Length (chunked): refused while the body streams in.
+    def chunks():
+        for _ in range(MAX_BYTES // 50_000 + 4):
+            yield b"\0" * 50_000
+
+    r = requests.post(f"{base}/v1/lines/line-a/score", data=chunks(), headers={**_auth(), "Content-Type": "image/png"},
+                      timeout=60)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"], r.text
     # A query parameter of the wrong type: the API's one error shape, not FastAPI's list.
     r = requests.post(f"{base}/v1/lines/line-a/score?return_map=maybe", data=good, headers=_auth(), timeout=60)
     assert r.status_code == 422 and r.json()["detail"].startswith("return_map: "), r.text
@@ -305,7 +313,7 @@ def test_a_refused_registry_reload_says_why_and_keeps_serving(env):
         registry.write_text("version: 1\nlines: {line-a: [\n")
         r = requests.post(f"{base}/v1/admin/reload", headers=_auth(), timeout=120)
         assert r.status_code == 422, r.text
-        assert "still serving the previous one" in r.json()["detail"] and "not valid YAML/JSON (line 3, column 1" in r.json()["detail"]
+        assert "registry not reloaded, still serving the previous one" in r.json()["detail"] and "not valid YAML/JSON (line 3, column 1" in r.json()["detail"]
         assert requests.post(f"{base}/v1/lines/line-a/score", data=good, headers=_auth(), timeout=60).status_code == 200
         assert requests.get(f"{base}/v1/lines", headers=_auth(), timeout=60).json() == before
     finally:

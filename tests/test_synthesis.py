@@ -226,7 +226,7 @@ def test_recipe_yaml_and_job_entry_point(tmp_path, normals, capsys):
         parse_recipe({**recipe_dict(normals, tmp_path / "o2"), "defects": [{"name": "a", "generator": "glitter", "count": 1}]})
     with pytest.raises(DataError, match="no-normals"):
         synthesize_library(parse_recipe({**recipe_dict(tmp_path / "no-normals", tmp_path / "o3")}), progress=False)
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert not (tmp_path / "o3").exists()
     capsys.readouterr()
     (tmp_path / "broken.yaml").write_text("defects: [\n")
     assert main([str(tmp_path / "broken.yaml")]) == 2

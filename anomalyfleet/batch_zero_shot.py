@@ -8,6 +8,12 @@ standard deviations above the group's median image. No normal image, no prompt a
 used, so it works on a product nobody has collected normals of, as long as most images of each
 group are normal. A group's scores depend on its other images, so a file scored in another
 group can get a slightly different score.
+
+With a line memory, a group can instead serve as *peers* (`predict_samples_with_peers`, CLI `score
+--peers G`): each image is scored by the bundle as usual, on the bundle's scale and thresholds, but
+every patch's memory distance is completed with its mutual score among the group's other images
+(`anomalyfleet.memory.peer_patch_scores`), so the line's normal variation that a few memory images
+lack no longer reads as anomalous. It needs the same majority of normal images in each group.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from tqdm.auto import tqdm
 
 from anomalyfleet.data import AnomalyDataset, Sample
 from anomalyfleet.detector import Detector, Prediction
+from anomalyfleet.backbones import Features
 from anomalyfleet.errors import DataError
-from anomalyfleet.memory import default_memory_layers
+from anomalyfleet.memory import default_memory_layers, peer_patch_scores
 from anomalyfleet.rolling_window import RollingWindow, WindowScores
 from anomalyfleet.scoring import ScoredBatch
 
@@ -96,4 +103,49 @@ def predict_samples_batch_zero_shot(
         result = score_group(detector, images(), len(group), fraction)
         yield ScoredBatch(samples=group, prediction=Prediction(scores=result.scores, maps=result.maps),
                           masks=np.concatenate(masks))
+    bar.close()
+
+
+def predict_group_with_peers(detector: Detector, features: Features, text: torch.Tensor | None = None,
+                             fraction: float = 0.3) -> Prediction:
+    """The bundle's prediction for one group's features (at `detector.feature_layers`), every
+    image's memory distances completed with its peers' among the group's other images."""
+    memory = detector.active_memory
+    if memory is None:
+        raise DataError("peers complete a line memory's distances; this bundle scores without one "
+                        "(anomalyfleet memory build adds one; --batch-zero-shot needs none)")
+    layers = detector.feature_layers
+    peers = peer_patch_scores([features.patch_features[layers.index(layer)] for layer in memory.layers], fraction)
+    return detector.predict_features(features, text, peers=peers)
+
+
+def predict_samples_with_peers(
+    detector: Detector,
+    samples: Sequence[Sample],
+    group_size: int = 32,
+    batch_size: int = 8,
+    fraction: float = 0.3,
+    progress: bool = True,
+) -> Iterator[ScoredBatch]:
+    """One `ScoredBatch` per group of near-equal size: the bundle's scores and maps with each image's
+    peers among its group (see the module docstring)."""
+    if detector.active_memory is None:
+        raise DataError("peers complete a line memory's distances; this bundle scores without one "
+                        "(anomalyfleet memory build adds one; --batch-zero-shot needs none)")
+    bar = tqdm(total=len(samples), desc="scoring with peers", unit="img", disable=not progress)
+    with torch.inference_mode():
+        text = detector.text_features()
+        for start, stop in group_bounds(len(samples), group_size):
+            group = list(samples[start:stop])
+            dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
+            parts, masks = [], []
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                parts.append(detector.extract(batch["image"].to(detector.device)))
+                masks.append((batch["mask"][:, 0] > 0.5).numpy())
+                bar.update(batch["image"].shape[0])
+            features = Features(global_feature=torch.cat([f.global_feature for f in parts]),
+                                patch_features=[torch.cat(p) for p in zip(*(f.patch_features for f in parts))],
+                                grid=parts[0].grid)
+            prediction = predict_group_with_peers(detector, features, text, fraction)
+            yield ScoredBatch(samples=group, prediction=prediction, masks=np.concatenate(masks))
     bar.close()

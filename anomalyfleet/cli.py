@@ -16,6 +16,8 @@ from anomalyfleet.errors import AnomalyFleetError, ConfigError
 from anomalyfleet.train_config import CACHE_DTYPES
 
 DEFAULT_DETECTOR = "default"
+PEERS_HELP = ("with a line memory: complete its distances with each image's peers, the other images of its group of "
+              "up to G (scores stay on the bundle's scale; defects on more than about 30%% of a group are missed)")
 
 
 def default_detector_path() -> Path:
@@ -128,6 +130,8 @@ def cmd_train(args) -> int:
 def cmd_score(args) -> int:
     from anomalyfleet.scoring import list_images, score_images
 
+    if args.ray and args.peers:
+        raise ConfigError("--peers is not available with --ray yet: score without --ray, or use --batch-zero-shot")
     if args.ray:
         from anomalyfleet.bulk_scoring import BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score
 
@@ -143,9 +147,10 @@ def cmd_score(args) -> int:
     path = score_images(
         detector, images, args.out, batch_size=args.batch_size,
         write_maps=not args.no_maps, write_overlays=not args.no_overlays, progress=not args.quiet,
-        batch_zero_shot=args.batch_zero_shot,
+        batch_zero_shot=args.batch_zero_shot, peers=args.peers,
     )
     how = f" by batch zero-shot in groups of up to {args.batch_zero_shot}" if args.batch_zero_shot else ""
+    how = f" with peers in groups of up to {args.peers}" if args.peers else how
     print(f"scored {len(images)} images{how} -> {path}", file=sys.stderr)
     return 0
 
@@ -157,7 +162,8 @@ def cmd_eval(args) -> int:
 
     samples = parse_data_specs(args.data)
     detector = _load_detector(args, args.detector)
-    report = evaluate_detector(detector, samples, batch_size=args.batch_size, progress=not args.quiet)
+    report = evaluate_detector(detector, samples, batch_size=args.batch_size, progress=not args.quiet,
+                               peers=args.peers)
     report["data"] = list(args.data)
     print(format_table(report))
     kinds = {int(s.label) for s in samples}
@@ -257,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-zero-shot", type=_positive_int, default=None, metavar="G",
                    help="no normal image needed: score the images against each other in groups of up to G "
                         "(robust z-scores within each group, most images of a group must be normal)")
+    p.add_argument("--peers", type=_positive_int, default=None, metavar="G",
+                   help=PEERS_HELP + " (in the order given)")
     p.add_argument("--actors", type=_positive_int, default=1, help="with --ray: scoring actors")
     _add_override_options(p)
     _add_runtime_options(p)
@@ -267,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, metavar="SPEC")
     p.add_argument("--out", default=None, help="report JSON path")
     p.add_argument("--backbone", default=None)
+    p.add_argument("--peers", type=_positive_int, default=None, metavar="G",
+                   help=PEERS_HELP + " (in a seeded random order, so that groups mix the data's normal and defective images)")
     _add_override_options(p)
     _add_runtime_options(p)
     p.set_defaults(func=cmd_eval)

@@ -212,13 +212,18 @@ class Detector(nn.Module):
         scores = mapping.image_scores(features.global_feature, text, self.settings.temperature)
         return scores, mapping.anomaly_map(self.layer_maps(features, text))
 
-    def predict_features(self, features: Features, text: Tensor | None = None) -> Prediction:
+    def predict_features(self, features: Features, text: Tensor | None = None,
+                         peers: Tensor | None = None) -> Prediction:
         """Scores and smoothed maps: the prompts', or with a line memory the active mode's fusion.
 
         Every scoring path (CLI score/eval, bulk scoring, Serve replicas) goes through here, so a
         bundle's memory and fusion settings apply everywhere without changes on their side.
+        `peers` (B, P): the images' mutual scores among other images of their line at the memory's
+        layers, which the memory's distances are completed with (`LineMemory.patch_scores`).
         """
         memory = self.active_memory
+        if peers is not None and memory is None:
+            raise ValueError("peer scores complete a line memory's distances, and this detector scores without one")
         if memory is None:
             scores, raw = self.score_features(features, text)
             return Prediction(scores=scores.cpu().numpy(), maps=mapping.smooth_maps(raw, self.settings.sigma))
@@ -227,7 +232,7 @@ class Detector(nn.Module):
             raise ValueError(f"features hold {len(features.patch_features)} layers; this detector with its line "
                              f"memory needs {list(layers)} (use detector.extract)")
         memory_patches = [features.patch_features[layers.index(layer)] for layer in memory.layers]
-        memory_raw = memory.raw_maps(memory_patches, self.settings.image_size)
+        memory_raw = memory.raw_maps(memory_patches, self.settings.image_size, peers)
         prompt_scores = prompt_raw = None
         if memory.fusion.sources["prompts"]:
             prompt_scores, prompt_raw = self.score_features(features, text)

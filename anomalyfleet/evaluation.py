@@ -13,6 +13,8 @@ from anomalyfleet.data import Sample
 from anomalyfleet.detector import Detector
 from anomalyfleet.scoring import predict_samples
 
+PEER_ORDER_SEED = 0
+
 
 def evaluate_detector(
     detector: Detector,
@@ -20,16 +22,28 @@ def evaluate_detector(
     batch_size: int = 8,
     progress: bool = True,
     per_image: bool = False,
+    peers: int | None = None,
 ) -> dict:
     """Score every sample and compute image metrics, plus pixel metrics where masks exist.
 
     Pixel metrics use the images that have masks (normals count as all-normal masks); label-only
-    anomalies contribute to image metrics only.
+    anomalies contribute to image metrics only. With `peers` = G, a line memory's distances are
+    completed with peers in groups of about G (`predict_samples_with_peers`); the samples are put in
+    a seeded random order first, so that each group mixes the data's normal and defective images
+    as a line's stream would, whatever order the data specs list them in.
     """
     by_category: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     pixel_categories = {s.category for s in samples if s.label == 1 and s.mask is not None}
     started = time.perf_counter()
-    for scored in predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="evaluating"):
+    if peers:
+        from anomalyfleet.batch_zero_shot import predict_samples_with_peers
+
+        order = np.random.default_rng(PEER_ORDER_SEED).permutation(len(samples))
+        scoring = predict_samples_with_peers(detector, [samples[i] for i in order], group_size=peers,
+                                             batch_size=batch_size, progress=progress)
+    else:
+        scoring = predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="evaluating")
+    for scored in scoring:
         for row, sample in enumerate(scored.samples):
             entry = by_category[sample.category]
             entry["labels"].append(sample.label)
@@ -51,6 +65,8 @@ def evaluate_detector(
     report["images"] = len(samples)
     report["seconds"] = seconds
     report["detector"] = detector.describe()
+    if peers:
+        report["peers"] = {"group_size": peers, "order_seed": PEER_ORDER_SEED}
     if per_image:
         report["per_image"] = [
             {"image": image, "category": category, "label": int(label), "score": score}

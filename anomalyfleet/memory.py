@@ -144,6 +144,17 @@ def mutual_patch_scores(patches: Tensor, fraction: float = 0.3) -> Tensor:
     return smallest_mean(per_other, fraction, batch - 1, dim=-1)
 
 
+def peer_patch_scores(patches: list[Tensor], fraction: float = 0.3) -> Tensor:
+    """(B, P) peer scores of B images of one line from their (B, P, D) patches at each memory layer:
+    `mutual_patch_scores` within the batch, averaged over the layers as the memory's distances are.
+
+    What `LineMemory.patch_scores(..., peers=)` combines with the memory. A defect on more than
+    about `fraction` of the other images finds close patches among them and is taken for normal,
+    as in batch zero-shot mode: peers suit streams where defects are a minority and vary.
+    """
+    return torch.stack([mutual_patch_scores(p, fraction) for p in patches]).mean(dim=0)
+
+
 def upsample_patch_scores(scores: Tensor, grid: tuple[int, int], size: int) -> Tensor:
     """(B, P) patch scores to (B, size, size) maps, bilinear like the prompt maps."""
     maps = scores.reshape(scores.shape[0], 1, *grid)
@@ -369,13 +380,27 @@ class LineMemory(torch.nn.Module):
     def can_fuse(self) -> bool:
         return None not in (self.memory_calibration, self.prompt_calibration, self.score_calibration)
 
-    def patch_scores(self, patches: list[Tensor]) -> Tensor:
-        """(B, P) mean over the memory's layers of each patch's distance to its nearest normal patch."""
-        return torch.stack([self.bank(layer).patch_scores(p) for layer, p in zip(self.layers, patches)]).mean(dim=0)
+    def patch_scores(self, patches: list[Tensor], peers: Tensor | None = None) -> Tensor:
+        """(B, P) mean over the memory's layers of each patch's distance to its nearest normal patch.
 
-    def raw_maps(self, patches: list[Tensor], size: int) -> Tensor:
-        """(B, size, size) memory maps from patch features (B, P, D), one per memory layer."""
-        return upsample_patch_scores(self.patch_scores(patches), self.grid, size)
+        With `peers` (B, P), the images' mutual scores among other images of the line at the same
+        layers (`peer_patch_scores`, or a rolling window's `patch_scores`), each patch keeps the
+        smaller of the two: variation of the line's normal images that the memory's few images lack
+        is found among the peers, while a defect, absent from most peers, stays far from both. A
+        patch's score never rises; a defect shared by about `fraction` of the peers or more is
+        taken for normal (see `peer_patch_scores`).
+        """
+        distances = torch.stack([self.bank(layer).patch_scores(p) for layer, p in zip(self.layers, patches)]).mean(dim=0)
+        if peers is None:
+            return distances
+        if peers.shape != distances.shape:
+            raise ValueError(f"peer scores of shape {tuple(peers.shape)} do not match the memory's {tuple(distances.shape)}")
+        return torch.minimum(distances, peers.to(distances.device, distances.dtype))
+
+    def raw_maps(self, patches: list[Tensor], size: int, peers: Tensor | None = None) -> Tensor:
+        """(B, size, size) memory maps from patch features (B, P, D), one per memory layer (and `peers`,
+        see `patch_scores`)."""
+        return upsample_patch_scores(self.patch_scores(patches, peers), self.grid, size)
 
     def fuse(self, memory_raw: Tensor, prompt_scores: Tensor | None, prompt_raw: Tensor | None,
              sigma: float) -> tuple[np.ndarray, np.ndarray]:

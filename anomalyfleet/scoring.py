@@ -112,12 +112,16 @@ def score_images(
     write_overlays: bool = True,
     progress: bool = True,
     batch_zero_shot: int | None = None,
+    peers: int | None = None,
 ) -> Path:
     """Score files and write `scores.jsonl`, `maps/<name>.npy`, `overlays/<name>.png` under out_dir.
 
     With `batch_zero_shot` = G, the files are scored against each other in groups of about G
     (`anomalyfleet.batch_zero_shot`), not by the bundle's prompts or memory: scores are robust
     z-scores within each group, flagged from z = 3 (the bundle's thresholds are on another scale).
+    With `peers` = G (a bundle with a line memory), the bundle scores every file on its own scale,
+    each image's memory distances completed with its peers' in groups of about G
+    (`anomalyfleet.batch_zero_shot.predict_samples_with_peers`).
 
     Everything is written to a staging directory beside `out_dir` and moved in only once every
     image has been scored, the JSONL last: a failure (a corrupt image, a full disk) leaves `out_dir`
@@ -127,11 +131,13 @@ def score_images(
     if storage.is_remote(out_dir):
         with tempfile.TemporaryDirectory(prefix="anomalyfleet-scores-") as tmp:
             local = score_images(detector, images, tmp, batch_size, write_maps, write_overlays, progress,
-                                 batch_zero_shot)
+                                 batch_zero_shot, peers)
             write_manifest(local.parent)
             storage.put_tree(local.parent, str(out_dir))
         return storage.join(str(out_dir), "scores.jsonl")
     out_dir = storage.parse(out_dir).path
+    if batch_zero_shot and peers:
+        raise ConfigError("batch zero-shot scoring uses no line memory and peers complete one: choose one of them")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output {out_dir} exists and is not a directory")
     # Staged inside an existing output directory (the one place we know is writable), else beside it.
@@ -143,7 +149,8 @@ def score_images(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=home))
     os.chmod(staging, default_mode(directory=True))
     try:
-        _score_into(detector, images, staging, batch_size, write_maps, write_overlays, progress, batch_zero_shot)
+        _score_into(detector, images, staging, batch_size, write_maps, write_overlays, progress, batch_zero_shot,
+                    peers)
         _move_results(staging, out_dir)
     except BaseException:
         if created is not None:  # only our staging directory is in there
@@ -168,7 +175,7 @@ def _move_results(staging: Path, out_dir: Path) -> None:
 
 
 def _score_into(detector: Detector, images: Sequence[Path], out_dir: Path, batch_size: int, write_maps: bool,
-                write_overlays: bool, progress: bool, batch_zero_shot: int | None) -> None:
+                write_overlays: bool, progress: bool, batch_zero_shot: int | None, peers: int | None = None) -> None:
     samples = [Sample(image=str(p), label=0, mask=None, category="input") for p in images]
     names = _unique_names(images)
     if batch_zero_shot:
@@ -178,6 +185,12 @@ def _score_into(detector: Detector, images: Sequence[Path], out_dir: Path, batch
         threshold = Z_THRESHOLD  # the bundle's thresholds are on its own scale, not on z
         batches = predict_samples_batch_zero_shot(detector, samples, group_size=batch_zero_shot,
                                                   batch_size=batch_size, progress=progress)
+    elif peers:
+        from anomalyfleet.batch_zero_shot import predict_samples_with_peers
+
+        threshold = detector.thresholds.get("image")
+        batches = predict_samples_with_peers(detector, samples, group_size=peers, batch_size=batch_size,
+                                             progress=progress)
     else:
         threshold = detector.thresholds.get("image")
         batches = predict_samples(detector, samples, batch_size=batch_size, progress=progress)
@@ -191,6 +204,8 @@ def _score_into(detector: Detector, images: Sequence[Path], out_dir: Path, batch
             record = {"image": sample.image, "score": score}
             if batch_zero_shot:
                 record.update(source="batch", group=group, group_size=len(scored.samples))
+            elif peers:
+                record.update(group=group, group_size=len(scored.samples))
             if threshold is not None:
                 record.update(threshold=float(threshold), anomalous=bool(score >= threshold))
             amap = scored.prediction.maps[row].astype(np.float32)

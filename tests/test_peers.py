@@ -1,0 +1,153 @@
+"""Peers: a line memory's distances completed with each image's mutual scores among its group."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomalyfleet.cli import main
+from anomalyfleet.memory import LineMemory, mutual_patch_scores, peer_patch_scores
+
+
+def _memory(bank: torch.Tensor, layers=(6,), grid=(4, 4)) -> LineMemory:
+    return LineMemory(layers=layers, banks=[F.normalize(bank, dim=-1)] * len(layers), grid=grid, shots=1,
+                      built_with={"image_size": 16})
+
+
+def test_peer_scores_are_mutual_scores_averaged_over_the_memory_layers():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 16, 8), torch.randn(6, 16, 8)
+    torch.testing.assert_close(peer_patch_scores([a]), mutual_patch_scores(a))
+    torch.testing.assert_close(peer_patch_scores([a, b]), (mutual_patch_scores(a) + mutual_patch_scores(b)) / 2)
+    torch.testing.assert_close(peer_patch_scores([a], fraction=0.6), mutual_patch_scores(a, fraction=0.6))
+
+
+def test_a_patch_keeps_the_smaller_of_its_memory_and_peer_distances():
+    torch.manual_seed(1)
+    memory = _memory(torch.randn(20, 8))
+    patches = torch.randn(5, 16, 8)
+    alone = memory.patch_scores([patches])
+    peers = torch.rand(5, 16)
+    with_peers = memory.patch_scores([patches], peers=peers)
+    torch.testing.assert_close(with_peers, torch.minimum(alone, peers))
+    assert (with_peers <= alone).all() and (with_peers < alone).any()
+    with pytest.raises(ValueError, match="do not match"):
+        memory.patch_scores([patches], peers=torch.rand(5, 15))
+
+
+def test_peers_clear_normal_variation_the_memory_lacks_and_keep_a_rare_defect():
+    """The memory saw one texture; the line also makes a second one (most of the batch shows it in a
+    corner). Alone, the memory scores that corner like a defect; with peers, only the real defect
+    (in one image) stays far from everything."""
+    torch.manual_seed(2)
+    texture, variant = torch.randn(16, 8), torch.randn(8)
+    memory = _memory(texture + 0.01 * torch.randn(16, 8))
+    images = []
+    for i in range(10):
+        x = texture + 0.01 * torch.randn(16, 8)
+        if i < 8:
+            x[0] = variant + 0.01 * torch.randn(8)  # normal: a second texture of the line
+        images.append(x)
+    images[9][7] = 3 * torch.randn(8)  # a defect, in one image only
+    patches = torch.stack(images)
+    alone = memory.patch_scores([patches])
+    combined = memory.patch_scores([patches], peers=peer_patch_scores([patches]))
+    assert alone[:8, 0].min() > 0.5 * alone[9, 7]  # the memory alone: the variant looks anomalous
+    assert combined[:8, 0].max() < 0.1 * combined[9, 7]  # with peers it is normal; the defect is not
+    assert combined[9, 7] == pytest.approx(float(alone[9, 7]), rel=0.2)
+
+
+@pytest.fixture(scope="module")
+def memory_bundle(tmp_path_factory, openai_clip_file):
+    """A tiny detector with a line memory of 4 normal images (8 given: the rest calibrate it)."""
+    from anomalyfleet.backbones import BackboneSpec
+    from anomalyfleet.bundle import load_bundle, save_bundle
+    from anomalyfleet.detector import Detector
+    from tests.image_sets import write_folder_dataset
+
+    root = tmp_path_factory.mktemp("peers")
+    detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file)),
+                               image_size=56, layers=(6,), dpam_layers=4, seed=5)
+    detector.thresholds["image"] = 0.5
+    plain = save_bundle(detector, root / "plain")
+    normals = write_folder_dataset(root / "normals", normals=8, anomalies=0, seed=1)
+    with_memory = root / "with-memory"
+    assert main(["memory", "build", "--detector", str(plain), "--data", f"folder:{normals}", "--k", "4",
+                 "--out", str(with_memory), "--quiet"]) == 0
+    detector = load_bundle(with_memory)
+    detector.thresholds["image"] = 0.5  # building the memory dropped the prompts' (another scale)
+    save_bundle(detector, with_memory)
+    parts = write_folder_dataset(root / "test", normals=9, anomalies=3, seed=2)
+    images = root / "images"  # the images alone, without the dataset's mask files
+    images.mkdir()
+    for kind in ("normal", "anomaly"):
+        for path in sorted((parts / kind).iterdir()):
+            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    return plain, with_memory, images
+
+
+def _records(out):
+    return [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+
+
+def test_score_with_peers_is_the_bundles_prediction_with_the_groups_peer_scores(memory_bundle, tmp_path):
+    from anomalyfleet.batch_zero_shot import predict_group_with_peers
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.data import AnomalyDataset, Sample
+    from anomalyfleet.scoring import list_images
+
+    _, bundle, test = memory_bundle
+    with_peers, without = tmp_path / "peers", tmp_path / "plain"
+    for out, extra in ((with_peers, ["--peers", "64"]), (without, [])):
+        assert main(["score", "--detector", str(bundle), "--images", str(test), "--out", str(out),
+                     "--no-overlays", "--quiet", *extra]) == 0
+    records, plain = _records(with_peers), _records(without)
+    assert len(records) == 12 and all(r["group"] == 0 and r["group_size"] == 12 for r in records)
+    # The bundle's scale and threshold, not batch zero-shot's z-scale.
+    assert all(r["threshold"] == 0.5 and r["anomalous"] == (r["score"] >= 0.5) for r in records)
+    scores, before = np.array([r["score"] for r in records]), np.array([r["score"] for r in plain])
+    # Distances only fall, and every calibration is increasing: no score or map rises.
+    assert (scores <= before + 1e-5).all() and (scores < before - 1e-4).any()
+    assert (np.load(with_peers / records[0]["map"]) <= np.load(without / plain[0]["map"]) + 1e-5).all()
+
+    detector = load_bundle(bundle)
+    files = list_images(test)
+    dataset = AnomalyDataset([Sample(str(f), 0, None, "x") for f in files], image_size=56, mean=detector.mean,
+                             std=detector.std)
+    with torch.inference_mode():
+        features = detector.extract(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+        expected = predict_group_with_peers(detector, features)
+    np.testing.assert_allclose(scores, expected.scores, atol=1e-5)
+
+
+def test_eval_with_peers_records_them_and_does_not_depend_on_batching(memory_bundle, tmp_path):
+    _, bundle, test = memory_bundle
+    reports = []
+    for batch in ("2", "8"):
+        out = tmp_path / f"report-{batch}.json"
+        assert main(["eval", "--detector", str(bundle), "--data", f"folder:{test.parent / 'test'}", "--peers", "5",
+                     "--batch-size", batch, "--out", str(out), "--quiet"]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["peers"] == {"group_size": 5, "order_seed": 0}
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert reports[0]["mean"][key] == pytest.approx(reports[1]["mean"][key], abs=1e-6)
+
+
+def test_peers_refuse_what_they_cannot_do_and_write_nothing(memory_bundle, tmp_path, capsys):
+    plain, bundle, test = memory_bundle
+    cases = [
+        (["--detector", str(plain), "--peers", "8"], "scores without one"),
+        (["--detector", str(bundle), "--peers", "8", "--batch-zero-shot", "8"], "choose one of them"),
+        (["--detector", str(bundle), "--peers", "8", "--ray"], "not available with --ray"),
+        (["--detector", str(bundle), "--peers", "4"], "at least 5 images"),
+    ]
+    for extra, reason in cases:
+        out = tmp_path / "never"
+        code = main(["score", "--images", str(test), "--out", str(out), "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not out.exists()

@@ -239,13 +239,13 @@ class Detector(nn.Module):
         scores, maps = memory.fuse(memory_raw, prompt_scores, prompt_raw, self.settings.sigma)
         return Prediction(scores=scores, maps=maps)
 
-    def image_scores(self, features: Features, text: Tensor | None = None) -> Tensor:
+    def image_scores(self, features: Features, text: Tensor | None = None, peers: Tensor | None = None) -> Tensor:
         """Image scores alone: the prompts' global score, or the fused score with a line memory
         (which needs the maps, so it costs what `predict_features` does)."""
-        if self.active_memory is None:
+        if self.active_memory is None and peers is None:
             text = self.text_features() if text is None else text
             return mapping.image_scores(features.global_feature, text, self.settings.temperature)
-        return torch.from_numpy(self.predict_features(features, text).scores)
+        return torch.from_numpy(self.predict_features(features, text, peers=peers).scores)
 
     @torch.inference_mode()
     def predict(self, images: Tensor, fast: bool = True) -> Prediction:

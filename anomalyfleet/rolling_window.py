@@ -231,6 +231,18 @@ class RollingWindow:
         self._insert(normed, to_window, from_window)
         return result
 
+    def peers_then_add(self, patches: Tensor) -> Tensor | None:
+        """Raw (B, P) mutual scores of (B, P, D) patches against the window when it is ready (a line
+        memory's peers, `LineMemory.patch_scores`), then add them; None while it fills."""
+        normed = self._normalise(patches)
+        if self._features is None:
+            self._insert(normed, None, None)
+            return None
+        to_window, from_window = self._cross(normed)
+        peers = smallest_mean(to_window, self.fraction, self.count, dim=1) if self.ready else None
+        self._insert(normed, to_window, from_window)
+        return peers
+
     # --- insertion --------------------------------------------------------------------------------
     def add(self, patches: Tensor) -> None:
         """Add (B, P, D) patch features, evicting the oldest images beyond `size`."""

@@ -151,3 +151,104 @@ def test_peers_refuse_what_they_cannot_do_and_write_nothing(memory_bundle, tmp_p
         err = capsys.readouterr().err
         assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not out.exists()
+
+
+# --- the service: a line's rolling window as the memory's peers -----------------------------------
+
+
+def _pixels(folder, size=56):
+    from anomalyfleet.data.transforms import load_image
+    from anomalyfleet.serving.inputs import model_pixels
+
+    paths = sorted(folder.glob("*.png"))
+    return paths, [model_pixels(load_image(p), size) for p in paths]
+
+
+def test_pool_window_of_peers_completes_the_memory_and_leaves_other_lines_alone(memory_bundle):
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.data.transforms import load_image, preprocess_image
+    from anomalyfleet.errors import ConfigError
+    from anomalyfleet.rolling_window import RollingWindow
+    from anomalyfleet.serving.config import WindowSettings
+    from anomalyfleet.serving.registry import manifest_version
+    from anomalyfleet.serving.service import DetectorPool, ScoreItem
+
+    plain, bundle, test = memory_bundle
+    paths, pixels = _pixels(test)
+    settings = WindowSettings(size=5, min_images=3, peers=True)
+    pool = DetectorPool("cpu")
+    loaded = pool.load(f"{bundle}#{manifest_version(bundle)}")
+
+    def run(indices, want_map=False):
+        items = [ScoreItem("p", pixels[i], want_map, settings) for i in indices]
+        items.append(ScoreItem("plain", pixels[indices[0]], want_map))  # same bundle, no window
+        return pool.run(loaded, items)
+
+    first = run([0, 1, 2])
+    assert [(o.source, o.window_images) for o in first] == [("fused", 0)] * 3 + [("fused", None)]
+    second = run([3, 10], want_map=True)
+    assert [(o.source, o.window_images) for o in second] == [("fused+peers", 3)] * 2 + [("fused", None)]
+
+    reference = load_bundle(bundle)
+    batch = torch.stack([preprocess_image(load_image(paths[i]), 56, reference.mean, reference.std)
+                         for i in (0, 1, 2, 3, 10)])
+    features = reference.extract(batch)
+    layer = reference.memory.layers[0]
+    patches = features.patch_features[reference.feature_layers.index(layer)]
+    window = RollingWindow(5, reference.backbone.grid, 56, min_images=3, fraction=settings.fraction)
+    window.add(patches[:3])
+    peers = window.patch_scores(patches[3:])  # each against the three held before it, not each other
+    from anomalyfleet.backbones import Features
+
+    query = Features(global_feature=features.global_feature[3:], patch_features=[p[3:] for p in features.patch_features],
+                     grid=features.grid)
+    expected = reference.predict_features(query, peers=peers)
+    np.testing.assert_allclose([o.score for o in second[:2]], expected.scores, atol=1e-5)
+    np.testing.assert_allclose(second[0].map, expected.maps[0], atol=1e-5)
+    alone = reference.predict_features(query)
+    assert second[2].score == pytest.approx(float(alone.scores[0]), abs=1e-5)  # the plain line: no peers
+    assert all(o.score <= float(a) + 1e-5 for o, a in zip(second[:2], alone.scores))
+
+    # Peers need a line memory in the bundle, on its block.
+    no_memory = pool.load(f"{plain}#{manifest_version(plain)}")
+    with pytest.raises(ConfigError, match="scores without one"):
+        pool.window_layer(settings, no_memory.detector)
+    with pytest.raises(ConfigError, match="not block 2"):
+        pool.window_layer(WindowSettings(peers=True, layer=2), loaded.detector)
+    assert pool.window_layer(WindowSettings(peers=True), loaded.detector) == layer
+
+
+@pytest.mark.slow
+def test_serve_line_with_a_window_of_peers(memory_bundle, tmp_path):
+    requests = pytest.importorskip("requests")
+    from anomalyfleet.serving.config import ServiceConfig
+    from tests.ray_serve_helpers import local_serve
+    from tests.s3server import free_port
+
+    plain, bundle, test = memory_bundle
+    paths, _ = _pixels(test)
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        "version: 1\n"
+        "lines:\n"
+        f"  press-7: {{bundle: {bundle}, window: {{size: 6, min_images: 3, peers: true, shared: true}}}}\n"
+        f"  press-8: {{bundle: {plain}, window: {{peers: true}}}}\n"
+    )
+    config = ServiceConfig(registry=str(registry), min_replicas=1, max_replicas=1, num_cpus=0.5,
+                           gateway_num_cpus=0.25, gateway_max_replicas=1, max_batch_size=2,
+                           window_timeout_s=120)  # the shared window's actor starts on the first request
+    with local_serve(config, free_port(), free_port(), include_dashboard=False) as base:
+        seen = []
+        for image in paths[:5]:
+            r = requests.post(f"{base}/v1/lines/press-7/score", data=image.read_bytes(),
+                              headers={"Content-Type": "image/png"}, timeout=60)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert "window" in body, body
+            seen.append((body["source"], body["window"]["images"], body["threshold"]))
+            assert body["window"]["peers"] is True and body["window"]["shared"] is True
+        # The bundle's threshold throughout: the window lends its images, the bundle keeps its scale.
+        assert seen == [("fused", 0, 0.5), ("fused", 1, 0.5), ("fused", 2, 0.5), ("fused+peers", 3, 0.5),
+                        ("fused+peers", 4, 0.5)]
+        r = requests.post(f"{base}/v1/lines/press-8/score", data=paths[0].read_bytes(), timeout=60)
+        assert r.status_code == 503 and "scores without one" in r.json()["detail"], r.text

@@ -388,7 +388,8 @@ def test_serve_line_switches_from_the_bundle_to_its_window(tmp_path, openai_clip
         r = requests.post(f"{base}/v1/lines/press-7/score-batch?return_map=true", files=files, timeout=60)
         assert r.status_code == 200, r.text
         for result in r.json()["results"]:
-            assert result["source"] == "window" and result["window"] == {"images": 6, "size": 6, "min_images": 4, "shared": False}
+            assert result["source"] == "window" and result["window"] == {"images": 6, "size": 6, "min_images": 4, "shared": False,
+                                        "peers": False}
             assert result["anomalous"] == (result["score"] >= 3.5)
             assert result["map_scale"] == 4.0 and result["pixel_threshold"] == 2.0 and result["map_png"]
         # A window block the line's backbone lacks: a JSON reason, and the other line keeps serving.

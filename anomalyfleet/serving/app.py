@@ -10,7 +10,9 @@
 Every result says which `source` scored it: "window" (a line's rolling window of its recent images,
 batch zero-shot mode; see `WindowSettings`), or the bundle's "prompts", "memory" or "fused", and,
 for lines with a window, how many images the window held. Window scores, thresholds and maps are on
-the window's own scale (see `anomalyfleet.rolling_window`).
+the window's own scale (see `anomalyfleet.rolling_window`). A window of peers (`WindowSettings.peers`)
+does not score: the bundle does, on its own scale, with the window's images completing its line
+memory ("memory+peers", "fused+peers").
 
 `?return_map=true` adds the overlay (PNG, base64), the map itself (8-bit PNG, value 255 =
 `map_scale`) and defect boxes (connected regions of the map above the line's pixel threshold, in
@@ -92,13 +94,16 @@ class WindowFill(BaseModel):
     shared: bool = Field(False, description="one window for the line across replicas (window.shared)")
     size: int
     min_images: int = Field(description="images the window needs before it scores")
+    peers: bool = Field(False, description="the window completes the bundle's line memory instead of scoring "
+                                           "(window.peers)")
 
 
 class ImageResult(BaseModel):
     image: str
     score: float = Field(description="probability of 'abnormal' (0..1) from prompts; the calibrated scale of a "
                                      "line memory or of the window otherwise (see source)")
-    source: str = Field("prompts", description="what scored it: window, prompts, memory or fused")
+    source: str = Field("prompts", description="what scored it: window, prompts, memory or fused; memory+peers "
+                                               "or fused+peers with a window of peers")
     window: WindowFill | None = Field(None, description="the line's rolling window, when it has one")
     anomalous: bool = Field(description="score >= threshold")
     threshold: float
@@ -447,7 +452,8 @@ class Gateway:
         }
         if state.window is not None and outcome.window_images is not None:
             result["window"] = {"images": outcome.window_images, "size": state.window.size,
-                                "min_images": state.window.min_images, "shared": state.window.shared}
+                                "min_images": state.window.min_images, "shared": state.window.shared,
+                                "peers": state.window.peers}
         if want_map and outcome.map is not None:
             amap = outcome.map
             result.update(

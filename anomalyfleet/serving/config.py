@@ -70,6 +70,14 @@ class WindowSettings(BaseModel):
     # of one per replica: the same window whichever replica takes a request, kept through replica
     # restarts and scale-downs (see anomalyfleet.serving.window_keeper). Costs one hop per batch.
     shared: bool = False
+    # Peers for the line memory instead of a scorer of its own: the bundle scores every image (its
+    # scale, thresholds and `source`, with "+peers"), each patch's memory distance lowered to its
+    # mutual score among the window's images where that is smaller (anomalyfleet.memory
+    # .peer_patch_scores). With 4 memory images it gained 1.5-3 points of image AUROC on Magnetic Tile
+    # and ELPV poly cells (benchmarks/results-peers.txt). Needs a bundle with a line memory on one
+    # block (the window compares that block); `threshold` and `pixel_threshold` are then unused.
+    # Like the window itself, it misses defects that many of the window's images share.
+    peers: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> "WindowSettings":

@@ -79,7 +79,8 @@ class ScoreOutcome:
     bundle_threshold: float | None  # the bundle's calibrated image threshold, if any
     model_ms: float
     batch_size: int
-    # What scored it: "window", or the bundle's own path: "prompts", "memory" or "fused".
+    # What scored it: "window", or the bundle's own path: "prompts", "memory" or "fused", with
+    # "+peers" when a window of peers completed the memory's distances.
     source: str = "prompts"
     # Images in the line's window when the image was scored (itself not among them): this
     # replica's window, or the line's shared one; None for lines without a window, or when a shared
@@ -95,6 +96,7 @@ class _Answer:
     map: np.ndarray | None = None
     source: str | None = None
     window_images: int | None = None
+    peers: torch.Tensor | None = None  # (P,) peer scores from a window of peers, for the bundle to use
 
 
 @dataclass
@@ -189,8 +191,18 @@ class DetectorPool:
     # --- rolling windows ------------------------------------------------------------------------
     @staticmethod
     def window_layer(settings: WindowSettings, detector: Detector) -> int:
-        """The feature block a line's window compares; a block the backbone lacks is refused."""
+        """The feature block a line's window compares; a block the backbone lacks is refused. A
+        window of peers compares its line memory's block, which it needs."""
         blocks = detector.backbone.num_layers
+        if settings.peers:
+            memory = detector.active_memory
+            if memory is None or len(memory.layers) != 1:
+                raise ConfigError("a window of peers completes a line memory on one block, and this line's bundle "
+                                  + ("scores without one" if memory is None else f"has one on blocks {list(memory.layers)}"))
+            if settings.layer is not None and settings.layer != memory.layers[0]:
+                raise ConfigError(f"a window of peers compares its line memory's block {memory.layers[0]}, "
+                                  f"not block {settings.layer}")
+            return memory.layers[0]
         layer = settings.layer if settings.layer is not None else default_memory_layers(blocks)[0]
         if not 1 <= layer <= blocks:
             raise ConfigError(f"window layer {layer} is outside 1..{blocks} for this line's backbone")
@@ -294,7 +306,9 @@ class DetectorPool:
             scored, held = self._window_score(line, settings, loaded, patches[index])
             for row, i in enumerate(index):
                 answers[i].window_images = held
-                if scored is not None:
+                if isinstance(scored, torch.Tensor):  # a window of peers: the bundle scores with them
+                    answers[i].peers = scored[row]
+                elif scored is not None:
                     answers[i].score, answers[i].map, answers[i].source = scored.scores[row], scored.maps[row], "window"
         return answers
 
@@ -307,14 +321,22 @@ class DetectorPool:
         pick = torch.tensor(rest, device=features.global_feature.device)
         subset = Features(global_feature=features.global_feature[pick],
                           patch_features=[p[pick] for p in features.patch_features[:base]], grid=features.grid)
+        peers = None
+        if any(answers[i].peers is not None for i in rest):
+            # Items without peers in the same batch (another line, or a window still filling) get
+            # +inf: the smaller of that and the memory's distance is the memory's own.
+            patches = subset.patch_features[0].shape[1]
+            peers = torch.stack([answers[i].peers if answers[i].peers is not None
+                                 else torch.full((patches,), float("inf")) for i in rest])
         if any(items[i].want_map for i in rest):
-            prediction = detector.predict_features(subset, loaded.text)
+            prediction = detector.predict_features(subset, loaded.text, peers=peers)
             scores, maps = prediction.scores, prediction.maps.astype(np.float32)
         else:
             # The prompts' global score; with a line memory the fused score (which needs the maps).
-            scores, maps = detector.image_scores(subset, loaded.text).cpu().numpy(), None
+            scores, maps = detector.image_scores(subset, loaded.text, peers=peers).cpu().numpy(), None
         for row, i in enumerate(rest):
-            answers[i].score, answers[i].source = scores[row], source
+            answers[i].score = scores[row]
+            answers[i].source = source + ("+peers" if answers[i].peers is not None else "")
             answers[i].map = None if maps is None else maps[row]
 
 

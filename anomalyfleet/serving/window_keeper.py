@@ -107,11 +107,15 @@ class WindowKeeper:
         self._saved_at = self.window.added
         return self.window
 
-    def score_then_add(self, spec: WindowSpec, patches: Tensor) -> tuple[WindowScores | None, int]:
-        """(scores, or None while the window is filling; images held before these were added)."""
+    def score_then_add(self, spec: WindowSpec, patches: Tensor) -> tuple[WindowScores | Tensor | None, int]:
+        """(scores, or None while the window is filling; images held before these were added).
+
+        For a window of peers (`WindowSettings.peers`) the raw (B, P) peer scores, not calibrated
+        scores: the line's bundle scores the images with them.
+        """
         window = self.window_for(spec)
         held = window.count
-        scored = window.score_then_add(patches)
+        scored = window.peers_then_add(patches) if spec.settings.peers else window.score_then_add(patches)
         if self.state_uri is not None and window.added - self._saved_at >= self.snapshot_every:
             self.save(background=True)
         return scored, held
@@ -246,7 +250,7 @@ class SharedWindows:
             self._handles[line] = handle
         return handle
 
-    def score_then_add(self, line: str, spec: WindowSpec, patches: Tensor) -> tuple[WindowScores | None, int]:
+    def score_then_add(self, line: str, spec: WindowSpec, patches: Tensor) -> tuple[WindowScores | Tensor | None, int]:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 

@@ -106,6 +106,14 @@ def predict_samples_batch_zero_shot(
     bar.close()
 
 
+def extract_group(detector: Detector, batches: Iterable[torch.Tensor]) -> Features:
+    """One group's features at `detector.feature_layers`, from its preprocessed images in batches."""
+    with torch.inference_mode():
+        parts = [detector.extract(images.to(detector.device)) for images in batches]
+    return Features(global_feature=torch.cat([f.global_feature for f in parts]),
+                    patch_features=[torch.cat(p) for p in zip(*(f.patch_features for f in parts))], grid=parts[0].grid)
+
+
 def predict_group_with_peers(detector: Detector, features: Features, text: torch.Tensor | None = None,
                              fraction: float = 0.3) -> Prediction:
     """The bundle's prediction for one group's features (at `detector.feature_layers`), every
@@ -138,14 +146,14 @@ def predict_samples_with_peers(
         for start, stop in group_bounds(len(samples), group_size):
             group = list(samples[start:stop])
             dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
-            parts, masks = [], []
-            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                parts.append(detector.extract(batch["image"].to(detector.device)))
-                masks.append((batch["mask"][:, 0] > 0.5).numpy())
-                bar.update(batch["image"].shape[0])
-            features = Features(global_feature=torch.cat([f.global_feature for f in parts]),
-                                patch_features=[torch.cat(p) for p in zip(*(f.patch_features for f in parts))],
-                                grid=parts[0].grid)
-            prediction = predict_group_with_peers(detector, features, text, fraction)
+            masks = []
+
+            def images():
+                for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                    masks.append((batch["mask"][:, 0] > 0.5).numpy())
+                    bar.update(batch["image"].shape[0])
+                    yield batch["image"]
+
+            prediction = predict_group_with_peers(detector, extract_group(detector, images()), text, fraction)
             yield ScoredBatch(samples=group, prediction=prediction, masks=np.concatenate(masks))
     bar.close()

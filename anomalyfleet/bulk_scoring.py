@@ -48,6 +48,9 @@ class BulkScoreConfig:
     # Batch zero-shot mode: score each shard's images against each other in groups of at most this
     # many (anomalyfleet.batch_zero_shot), robust z-scores flagged from Z_THRESHOLD; None: the bundles.
     batch_zero_shot: int | None = None
+    # Peers: the bundles score, each image's line memory completed with its peers among the shard's
+    # images in groups of at most this many (anomalyfleet.batch_zero_shot.predict_samples_with_peers).
+    peers: int | None = None
 
     def validate(self) -> "BulkScoreConfig":
         if not self.inputs:
@@ -65,7 +68,28 @@ class BulkScoreConfig:
             if self.batch_zero_shot < MIN_GROUP_SIZE or self.shard_size < MIN_GROUP_SIZE:
                 raise ConfigError(f"batch zero-shot needs groups and shards with room for at least {MIN_GROUP_SIZE} "
                                   f"images (got groups of {self.batch_zero_shot}, shards of {self.shard_size})")
+        if self.peers is not None:
+            from anomalyfleet.batch_zero_shot import MIN_GROUP_SIZE
+
+            if self.batch_zero_shot is not None:
+                raise ConfigError("batch zero-shot scoring uses no line memory and peers complete one: choose one of them")
+            if self.peers < MIN_GROUP_SIZE or self.shard_size < MIN_GROUP_SIZE:
+                raise ConfigError(f"peers need groups and shards with room for at least {MIN_GROUP_SIZE} images "
+                                  f"(got groups of {self.peers}, shards of {self.shard_size})")
         return self
+
+    def check_peers(self) -> None:
+        """With peers, every line's bundle must have an active line memory: read from each bundle's
+        metadata before any actor starts, so a wrong bundle is one line, not a failure per shard."""
+        if self.peers is None:
+            return
+        from anomalyfleet.bundle import read_bundle_metadata
+
+        for item in self.inputs:
+            memory = read_bundle_metadata(item.bundle).get("memory")
+            if memory is None or (memory.get("fusion") or {}).get("mode") == "prompts":
+                raise ConfigError(f"line {item.line}: peers complete a line memory's distances, and its bundle "
+                                  f"{item.bundle} scores without one (anomalyfleet memory build adds one)")
 
 
 @dataclass
@@ -76,6 +100,7 @@ class Shard:
     threshold: float | None
     images: list[str] = field(default_factory=list)
     batch_zero_shot: int | None = None
+    peers: int | None = None
 
     @property
     def digest(self) -> str:
@@ -83,6 +108,8 @@ class Shard:
         what = [self.bundle, self.threshold, self.images]
         if self.batch_zero_shot is not None:  # parts written before the mode existed keep their names
             what.append(self.batch_zero_shot)
+        if self.peers is not None:
+            what.append({"peers": self.peers})
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
     def part_uri(self, output: str) -> str:
@@ -144,7 +171,12 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
     shards = []
     for item in config.inputs:
         images = list_line_images(item.images)
-        if config.batch_zero_shot is None:
+        if config.peers is not None:
+            from anomalyfleet.batch_zero_shot import group_bounds
+
+            # Near-equal shards, as in batch zero-shot mode: every group needs peers to compare with.
+            bounds, threshold = group_bounds(len(images), config.shard_size), item.threshold
+        elif config.batch_zero_shot is None:
             bounds = [(start, start + config.shard_size) for start in range(0, len(images), config.shard_size)]
             threshold = item.threshold
         else:
@@ -154,7 +186,8 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
             # Near-equal shards, so no shard is left with too few images to compare with each other.
             bounds, threshold = group_bounds(len(images), config.shard_size), Z_THRESHOLD
         for index, (start, stop) in enumerate(bounds):
-            shards.append(Shard(item.line, index, item.bundle, threshold, images[start:stop], config.batch_zero_shot))
+            shards.append(Shard(item.line, index, item.bundle, threshold, images[start:stop], config.batch_zero_shot,
+                                config.peers))
     return shards
 
 
@@ -198,8 +231,8 @@ class ShardScorer:
         detector, version = self._detector(shard.bundle)
         rows = {name: [] for name in COLUMNS}
         rows["error"] = []
-        if shard.batch_zero_shot is not None:
-            self._score_batch_zero_shot(shard, detector, version, rows)
+        if shard.batch_zero_shot is not None or shard.peers is not None:
+            self._score_groups(shard, detector, version, rows)
             return self._write_part(shard, rows)
         text = None
         for start in range(0, len(shard.images), self.batch_size):
@@ -239,27 +272,34 @@ class ShardScorer:
         rows["height"].append(image.height if ok else None)
         rows["error"].append(None if ok else error)
 
-    def _score_batch_zero_shot(self, shard: Shard, detector, version: str, rows: dict) -> None:
-        """The shard's readable images scored against each other in near-equal groups; unreadable
-        ones are error rows (and too few readable ones to compare: every row an error)."""
+    def _score_groups(self, shard: Shard, detector, version: str, rows: dict) -> None:
+        """The shard's readable images in near-equal groups, scored against each other (batch
+        zero-shot) or by the bundle with each other as peers; unreadable ones are error rows (and
+        too few readable ones to compare: every row an error)."""
         import torch
 
-        from anomalyfleet.batch_zero_shot import MIN_GROUP, group_bounds, score_group
+        from anomalyfleet.batch_zero_shot import (MIN_GROUP, extract_group, group_bounds, predict_group_with_peers,
+                                                  score_group)
         from anomalyfleet.data.transforms import preprocess_image
 
         images = [_read_image(u) for u in shard.images]
         good = [i for i, im in enumerate(images) if im is not None]
         scores, maps = {}, {}
         if len(good) >= MIN_GROUP:
-            for start, stop in group_bounds(len(good), shard.batch_zero_shot):
+            for start, stop in group_bounds(len(good), shard.peers or shard.batch_zero_shot):
                 members = good[start:stop]
                 batches = (torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std)
                                         for i in members[b:b + self.batch_size]])
                            for b in range(0, len(members), self.batch_size))
-                result = score_group(detector, batches, len(members))
+                if shard.peers is None:
+                    result = score_group(detector, batches, len(members))
+                else:
+                    with torch.inference_mode():
+                        result = predict_group_with_peers(detector, extract_group(detector, batches))
                 for row, i in enumerate(members):
                     scores[i], maps[i] = float(result.scores[row]), result.maps[row].astype(np.float32)
-        few = f"only {len(good)} readable images in this shard: batch zero-shot needs {MIN_GROUP} to compare"
+        mode = "batch zero-shot" if shard.peers is None else "peers"
+        few = f"only {len(good)} readable images in this shard: {mode} needs {MIN_GROUP} to compare"
         for i, uri in enumerate(shard.images):
             error = "corrupt, empty or not an image" if images[i] is None else few
             self._add_row(rows, shard, version, i, uri, images[i], scores.get(i), maps.get(i), error)
@@ -324,6 +364,7 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     import ray
 
     config.validate()
+    config.check_peers()
     shards = plan_shards(config)
     todo = [s for s in shards if not storage.exists(s.part_uri(config.output))]
     started = time.perf_counter()
@@ -395,6 +436,9 @@ def add_bulk_arguments(parser) -> None:
     parser.add_argument("--batch-zero-shot", type=int, default=None, metavar="G",
                         help="no normal image needed: score each shard's images against each other in groups of "
                              "up to G (robust z-scores, anomalous from z = 3) instead of by the bundles")
+    parser.add_argument("--peers", type=int, default=None, metavar="G",
+                        help="bundles with a line memory: complete its distances with each image's peers, the other "
+                             "images of its group of up to G within a shard (the bundles' scales and thresholds)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -404,7 +448,7 @@ def config_from_args(args) -> BulkScoreConfig:
         inputs=inputs, output=args.out, shard_size=args.shard_size, batch_size=args.batch_size,
         actors=args.actors, num_gpus_per_actor=args.gpus_per_actor, num_cpus_per_actor=args.cpus_per_actor,
         write_maps=not args.no_maps, device=args.device, job_name=args.job_name,
-        batch_zero_shot=args.batch_zero_shot,
+        batch_zero_shot=args.batch_zero_shot, peers=args.peers,
     ).validate()
 
 

@@ -130,15 +130,14 @@ def cmd_train(args) -> int:
 def cmd_score(args) -> int:
     from anomalyfleet.scoring import list_images, score_images
 
-    if args.ray and args.peers:
-        raise ConfigError("--peers is not available with --ray yet: score without --ray, or use --batch-zero-shot")
     if args.ray:
         from anomalyfleet.bulk_scoring import BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score
 
         bundle = resolve_detector(args.detector)
         config = BulkScoreConfig(inputs=resolve_inputs([f"images={args.images}"], None, bundle), output=args.out,
                                  batch_size=args.batch_size, actors=args.actors, write_maps=not args.no_maps,
-                                 device=args.device, batch_zero_shot=args.batch_zero_shot).validate()
+                                 device=args.device, batch_zero_shot=args.batch_zero_shot,
+                                 peers=args.peers).validate()
         print(format_summary(run_bulk_score(config, progress=not args.quiet)))
         return 0
 

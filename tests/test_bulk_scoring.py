@@ -172,6 +172,40 @@ def test_batch_zero_shot_on_ray_data_matches_the_cli_and_keeps_corrupt_rows(ray_
     assert summary["shards"] == 3 and summary["lines"]["line"]["errors"] == 1
 
 
+def test_peers_on_ray_data_match_the_cli(ray_local, tmp_path, openai_clip_file, capsys):
+    """Bulk scoring with peers groups a shard's images as `score --peers` groups the files, so the
+    scores agree, on the bundle's threshold; a bundle without a line memory is refused before Ray."""
+    data = write_folder_dataset(tmp_path / "line", normals=9, anomalies=3, size=48, seed=3)
+    images = tmp_path / "images"
+    images.mkdir()
+    for kind in ("normal", "anomaly"):
+        for path in sorted((data / kind).iterdir()):
+            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    plain = make_bundle(openai_clip_file, tmp_path / "plain", seed=1, threshold=None)
+    normals = write_folder_dataset(tmp_path / "normals", normals=8, anomalies=0, size=48, seed=4)
+    bundle = tmp_path / "bundle"
+    assert main(["memory", "build", "--detector", str(plain), "--data", f"folder:{normals}", "--k", "4",
+                 "--out", str(bundle), "--quiet"]) == 0
+    cli_out = tmp_path / "cli"
+    assert main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(cli_out), "--quiet",
+                 "--device", "cpu", "--no-maps", "--no-overlays", "--peers", "5"]) == 0
+    expected = {Path(r["image"]).name: r for r in map(json.loads, (cli_out / "scores.jsonl").read_text().splitlines())}
+    out = str(tmp_path / "bulk")
+    assert main(["bulk-score", "--detector", str(bundle), "--input", f"line={images}", "--out", out,
+                 "--peers", "5", "--quiet", "--device", "cpu", "--no-maps"]) == 0
+    rows = {Path(r["image"]).name: r for r in _parts(out)}
+    assert set(rows) == set(expected)
+    for name, record in expected.items():
+        assert abs(rows[name]["score"] - record["score"]) < 1e-5, name
+        assert rows[name]["threshold"] is None  # the bundle's: building the memory dropped the old one
+    capsys.readouterr()
+    never = tmp_path / "never"
+    assert main(["bulk-score", "--detector", str(plain), "--input", f"line={images}", "--out", str(never),
+                 "--peers", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "scores without one" in err and len(err.strip().splitlines()) == 1 and not never.exists()
+
+
 def test_inputs_are_checked_before_any_work(tmp_path):
     """Line names become output directories; a broken registry line says what is wrong with it."""
     from anomalyfleet.bulk_scoring import resolve_inputs

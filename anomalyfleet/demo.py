@@ -136,12 +136,14 @@ def story(samples: list[Sample], zero_shot: dict, out: Path) -> dict:
 
 
 MEMORY_SHOTS = 4
+PEER_GROUP = 32  # cells per group of peers (score/eval --peers): what a line's recent images give
 
 
-def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, dict]:
+def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, dict, dict]:
     """The bundled detector plus a line memory of 4 normal cells that are not among `samples` (what
     `anomalyfleet memory build --detector default --data ... --k 4` writes), scoring `samples` again:
-    reports of the bundle's fused mode and of the memory alone (`memory set --mode memory`).
+    reports of the bundle's fused mode, of the same with the other cells as peers in groups of
+    PEER_GROUP (`eval --peers`), and of the memory alone (`memory set --mode memory`).
 
     With only the memory's 4 images, their scale is calibrated leave-one-out (each against the other 3).
     """
@@ -161,11 +163,13 @@ def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, 
           file=sys.stderr)
     report = evaluate_detector(detector.to(device), samples, per_image=True, progress=False)
     atomic_write_bytes(out / "report-line-memory.json", json.dumps(report, indent=2).encode())
+    with_peers = evaluate_detector(detector, samples, progress=False, peers=PEER_GROUP)
+    atomic_write_bytes(out / "report-line-memory-peers.json", json.dumps(with_peers, indent=2).encode())
     # The memory alone as well, to show what the prompts add on this product (little: they transfer poorly to cells).
     memory.with_mode("memory")
     alone = evaluate_detector(detector, samples, progress=False)
     detector.memory = None
-    return report, alone
+    return report, with_peers, alone
 
 
 def serve_demo(bundle: str, threshold: float, images: list[Sample], out: Path) -> None:
@@ -243,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         pick = ranked[:half] + ranked[-half:]
         score_images(detector, [Path(r["image"]) for r in pick], out / "overlays", write_maps=False, progress=False)
         print(f"report: {out / 'report.json'}; overlays: {out / 'overlays'}", file=sys.stderr)
-        with_memory, memory_alone = line_memory_step(detector, samples, out)
+        with_memory, with_peers, memory_alone = line_memory_step(detector, samples, out)
         print(format_table(with_memory))
         print(f"      image AUROC: zero-shot {auroc(report)}, with the line memory {auroc(with_memory)} (fused; the "
-              f"memory alone {auroc(memory_alone)}); report: {out / 'report-line-memory.json'}", file=sys.stderr)
+              f"memory alone {auroc(memory_alone)}), fused with the other cells as peers (groups of {PEER_GROUP}) "
+              f"{auroc(with_peers)}; report: {out / 'report-line-memory.json'}", file=sys.stderr)
         synthetic = None if args.zero_shot_only else story(samples, report, out)
         print(f"summary: {len(samples)} ELPV cells, image AUROC zero-shot {auroc(report)}, with a line memory of "
-              f"{MEMORY_SHOTS} normal cells {auroc(with_memory)} (memory alone {auroc(memory_alone)})"
+              f"{MEMORY_SHOTS} normal cells {auroc(with_memory)} (memory alone {auroc(memory_alone)}; with peers "
+              f"{auroc(with_peers)})"
               + ("" if synthetic is None else f", prompts trained on synthetic defects {auroc(synthetic)}"),
               file=sys.stderr)
     except AnomalyFleetError as exc:

@@ -39,6 +39,10 @@ def test_demo_runs_the_whole_story(tmp_path):
     summary = [line for line in result.stderr.splitlines() if line.startswith("summary:")]
     assert len(summary) == 1 and "zero-shot" in summary[0] and "with a line memory of 4 normal cells" in summary[0]
     assert "memory alone" in summary[0] and "prompts trained on synthetic defects" in summary[0]
+    assert "with peers" in summary[0]
+    # ... and with the other cells as peers: the same cells, scores that can only fall.
+    with_peers = json.loads((tmp_path / "report-line-memory-peers.json").read_text())
+    assert with_peers["images"] == 16 and with_peers["peers"]["group_size"] == 32
     assert len(list((tmp_path / "overlays").rglob("*.png"))) == 4
     manifest = (tmp_path / "library" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 48 and (tmp_path / "library" / "contact-sheet.png").is_file()

@@ -1,0 +1,211 @@
+"""Peers: does completing a line memory with the line's other images beat each source alone?
+
+Run: .venv/bin/python benchmarks/peers.py [--cache-dir DIR] [--ks 1,4,16] [--group 32]
+     [--products mt,elpv-mono,elpv-poly]
+
+A line memory of k normal images misses normal variation that its few images do not show. Peers
+(`score/eval --peers G`, `anomalyfleet.memory.peer_patch_scores`) complete every patch's memory
+distance with its mutual score among the other images of its group: each patch keeps the smaller
+of the two. The test images are put in a seeded order (a stream) and split into near-equal groups
+of at most `--group` (`batch_zero_shot.group_bounds`); memories are drawn as `memory build` draws
+them (benchmarks/zero_shot.py `draw_memory`, 3 draws per k, the next 32 normals calibrating).
+Products and detector as in benchmarks/line_memory_products.py.
+
+Rows per product and k: the single sources (the prompts; batch zero-shot mode, no normal image, in
+the same groups; the memory alone, a = 0.5), the shipped fused detector, and both with peers. Then
+the fused detector with peers minus the best single source, per metric. Last, the known weakness:
+defects shared by many images of a group find close patches among their peers; the same rows at
+several shares of defective test images (normals or defects subsampled, seeded), where groups are
+formed again from the subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from line_memory_products import (METRICS, PREVALENCES, _fmt, _mean, prevalence_subset, product_samples,  # noqa: E402
+                                  report)
+from zero_shot import DRAWS, PromptOutputs, draw_memory, print_table, select_layers  # noqa: E402
+
+from anomalyfleet.maps import smooth_maps  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLES = ("prompts", "batch zero-shot", "memory (a=0.5)")
+
+
+def stream_groups(count: int, group: int, seed: int) -> list[torch.Tensor]:
+    """Indices of each group of a seeded stream order (what `score --peers` does with files in that order)."""
+    from anomalyfleet.batch_zero_shot import group_bounds
+
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(count))
+    return [order[a:b] for a, b in group_bounds(count, group)]
+
+
+def peer_scores(patches: torch.Tensor, groups: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """(N, P) peer scores of every image within its group, and the seconds per image."""
+    from anomalyfleet.memory import peer_patch_scores
+
+    out = torch.empty(patches.shape[0], patches.shape[1])
+    start = time.perf_counter()
+    for index in groups:
+        out[index] = peer_patch_scores([patches[index]])
+    return out, (time.perf_counter() - start) / patches.shape[0]
+
+
+def batch_zero_shot(detector, patches: torch.Tensor, groups: list[torch.Tensor], size: int):
+    """Batch zero-shot mode's scores and maps (`score --batch-zero-shot`'s code) in the same groups."""
+    from anomalyfleet.batch_zero_shot import group_window
+
+    scores = np.zeros(patches.shape[0], np.float32)
+    maps = np.zeros((patches.shape[0], size, size), np.float32)
+    for index in groups:
+        window = group_window(detector, len(index))
+        window.add(patches[index])
+        held = window.score_held()
+        scores[index.numpy()], maps[index.numpy()] = held.scores, held.maps
+    return scores, maps
+
+
+def detectors_with_and_without_peers(memory, patches: torch.Tensor, prompts, index: torch.Tensor,
+                                     groups: list[torch.Tensor], size: int, sigma: float) -> tuple[dict, float]:
+    """{name: (scores, maps)} of the memory alone and the fused detector, each with and without peers,
+    on the test rows `index` split into `groups` (positions within `index`)."""
+    from anomalyfleet.memory import FusionSettings
+
+    alone = memory.patch_scores([patches[index]])
+    peers, seconds = peer_scores(patches[index], groups)
+    out = {}
+    for suffix, patch in (("", alone), (" + peers", torch.minimum(alone, peers))):
+        raw = _maps(memory, patch, size)
+        for name, fusion in (("memory (a=0.5)", FusionSettings(mode="memory")), ("fused (default)", FusionSettings())):
+            memory.configure(fusion, sigma)
+            out[name + suffix] = memory.fuse(raw, prompts.scores[index], prompts.raw[index], sigma)
+    return out, seconds
+
+
+def _maps(memory, patch: torch.Tensor, size: int) -> torch.Tensor:
+    from anomalyfleet.memory import upsample_patch_scores
+
+    return upsample_patch_scores(patch, memory.grid, size)
+
+
+def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int], group: int,
+                 layer: int) -> tuple[str, list[list], list[list], list[list]]:
+    from anomalyfleet.features import compute_feature_table
+
+    pool, test = product_samples(product, data_root)
+    all_layers, map_layers = list(base.settings.layers), list(detector.settings.layers)
+    dtype = torch.float32 if product == "mt" else torch.float16
+    pool_table = compute_feature_table(base, pool, cache_dir=cache_dir, dtype=dtype)
+    test_table = compute_feature_table(base, test, cache_dir=cache_dir, dtype=dtype)
+    labels = test_table.labels.numpy()
+    masks = test_table.masks.numpy().astype(bool) if product == "mt" else None
+    li = all_layers.index(layer)
+    normals = torch.arange(len(pool_table))
+    pool_prompts = PromptOutputs(detector, select_layers(pool_table, all_layers, map_layers), normals, keep_raw=False)
+    prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test)))
+    sigma, size = detector.settings.sigma, detector.image_size
+    patches = test_table.patch_features[:, li].float()
+    everything = torch.arange(len(test))
+    prompt_report = report(labels, masks, prompts.scores.numpy(), smooth_maps(prompts.raw, sigma))
+    batch_reports = [report(labels, masks, *batch_zero_shot(detector, patches, stream_groups(len(test), group, 3000 + d),
+                                                            size)) for d in range(DRAWS)]
+    rows, summary, shares = [], [], []
+    for k in ks:
+        results: dict[str, list[dict]] = {"prompts": [prompt_report], "batch zero-shot": batch_reports}
+        seconds = []
+        by_share: dict[tuple, list[float]] = {}
+        for draw in range(DRAWS):
+            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
+            groups = stream_groups(len(test), group, 3000 + draw)
+            outputs, spent = detectors_with_and_without_peers(memory, patches, prompts, everything, groups, size, sigma)
+            seconds.append(spent)
+            for name, (scores, maps) in outputs.items():
+                results.setdefault(name, []).append(report(labels, masks, scores, maps))
+            for share in PREVALENCES if k == 4 else ():
+                index = torch.from_numpy(prevalence_subset(labels, share, seed=2000 + draw))
+                sub_groups = stream_groups(len(index), group, 4000 + draw)
+                outputs, _ = detectors_with_and_without_peers(memory, patches, prompts, index, sub_groups, size, sigma)
+                sub_labels = labels[index.numpy()]
+                for name in ("fused (default)", "fused (default) + peers"):
+                    found = report(sub_labels, None if masks is None else masks[index.numpy()], *outputs[name])
+                    for metric in ("image_auroc", "pixel_auroc"):
+                        by_share.setdefault((share, name, metric), []).append(found[metric])
+        means = {name: {m: _mean([r[m] for r in rs]) for m in METRICS} for name, rs in results.items()}
+        for name, values in means.items():
+            ms = f"{1000 * np.mean(seconds):.1f}" if name.endswith("peers") else ""
+            rows.append([product, str(k), name, *(_fmt(values[m]) for m in METRICS), ms])
+        best = {m: None if means["fused (default) + peers"][m] is None else
+                means["fused (default) + peers"][m] - max(means[s][m] for s in SINGLES) for m in METRICS}
+        summary.append([product, str(k), *("-" if best[m] is None else f"{100 * best[m]:+.1f}" for m in METRICS)])
+        for share in PREVALENCES if k == 4 else ():
+            index = prevalence_subset(labels, share, seed=2000)
+            shown = f"{100 * labels.mean():.0f}% (all)" if share is None else f"{100 * share:.0f}%"
+            shares.append([product, str(k), shown, str(len(index)),
+                           *(_fmt(_mean(by_share[(share, name, metric)])) for metric in ("image_auroc", "pixel_auroc")
+                             for name in ("fused (default)", "fused (default) + peers"))])
+    describe = f"{product}: {len(pool)} normal images to draw from, test {len(test)} ({int(labels.sum())} defective)"
+    return describe, rows, summary, shares
+
+
+def main() -> int:
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.cli import default_detector_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "magnetic-tile"))
+    parser.add_argument("--products", default="mt,elpv-mono,elpv-poly")
+    parser.add_argument("--ks", default="1,4,16")
+    parser.add_argument("--group", type=int, default=32, help="images per group of peers (and of batch zero-shot)")
+    parser.add_argument("--memory-layer", type=int, default=6)
+    parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
+    args = parser.parse_args()
+    products = [p for p in args.products.split(",") if p]
+    unknown = set(products) - {"mt", "elpv-mono", "elpv-poly"}
+    if unknown:
+        print(f"unknown product(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    if "mt" in products and not (Path(args.data_root) / "MT_Free").is_dir():
+        print(f"Magnetic Tile not found at {args.data_root}; skipping it", file=sys.stderr)
+        products.remove("mt")
+    started = time.perf_counter()
+    source = str(default_detector_path())
+    detector = load_bundle(source)
+    base = load_bundle(source, backbone=detector.backbone)
+    base.with_settings(layers=sorted(set(detector.settings.layers) | {args.memory_layer}))
+    ks = [int(x) for x in args.ks.split(",") if x]
+    print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
+          f"default detector | memory block {args.memory_layer} | {DRAWS} draws per k | groups of at most {args.group} "
+          f"in a seeded order per draw")
+    rows, summary, shares = [], [], []
+    for product in products:
+        describe, product_rows_, product_summary, product_shares = product_rows(
+            detector, base, product, args.data_root, args.cache_dir, ks, args.group, args.memory_layer)
+        print(f"# {describe}")
+        rows.extend(product_rows_)
+        summary.extend(product_summary)
+        shares.extend(product_shares)
+    metric_names = ["image AUROC", "image AP", "pixel AUROC", "AUPRO"]
+    print_table(["product", "k", "detector", *metric_names, "ms/img (peers)"], rows)
+    print(f"\n# fused with peers minus the best single source ({', '.join(SINGLES)}), points")
+    print_table(["product", "k", *metric_names], summary)
+    if shares:
+        print(f"\n# by share of defective test images (k = 4; subsets seeded per draw, groups formed in each subset)")
+        print_table(["product", "k", "defective", "images", "image AUROC fused", "image AUROC + peers",
+                     "pixel AUROC fused", "pixel AUROC + peers"], shares)
+    print(f"\n# total {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,25 @@ MIN_GROUP = 3  # the fewest images whose leave-one-out scores give a median and 
 # The smallest group size a caller may ask for: with G >= 2 * MIN_GROUP - 1, splitting any count of
 # at least MIN_GROUP images into ceil(count / G) near-equal groups leaves none below MIN_GROUP.
 MIN_GROUP_SIZE = 2 * MIN_GROUP - 1
+# The largest group: the service's rolling windows stop at 128 images; files and shards may go further.
+MAX_GROUP_SIZE = 512
+
+
+def check_group_size(group_size: int, mode: str = "batch zero-shot") -> None:
+    """Groups between MIN_GROUP_SIZE and MAX_GROUP_SIZE images: one group's features and pairwise
+    distances are held at once, O(G * P * D) and O(G^2 * P) floats."""
+    if not MIN_GROUP_SIZE <= group_size <= MAX_GROUP_SIZE:
+        raise DataError(f"{mode} groups hold {MIN_GROUP_SIZE} to {MAX_GROUP_SIZE} images, got {group_size}")
+
+
+def memory_problem(detector: Detector) -> str | None:
+    """Why this detector cannot take peers (they complete an active line memory), or None."""
+    if detector.memory is None:
+        return "peers complete a line memory's distances, and this bundle has none (anomalyfleet memory build adds one)"
+    if not detector.memory.active:
+        return ("peers complete a line memory's distances, and this bundle's memory is switched off (mode prompts; "
+                "anomalyfleet memory set --mode fused switches it on)")
+    return None
 
 
 def batch_layer(detector: Detector) -> int:
@@ -46,14 +65,14 @@ def batch_layer(detector: Detector) -> int:
     return default_memory_layers(detector.backbone.num_layers)[0]
 
 
-def group_bounds(count: int, group_size: int) -> list[tuple[int, int]]:
+def group_bounds(count: int, group_size: int, mode: str = "batch zero-shot") -> list[tuple[int, int]]:
     """(start, stop) of consecutive groups of near-equal size, none above `group_size` and none
-    below MIN_GROUP (a short remainder is spread over the other groups, not left alone)."""
+    below MIN_GROUP (a short remainder is spread over the other groups, not left alone). `mode`
+    names what groups the images in error messages ("batch zero-shot" or "peers")."""
+    check_group_size(group_size, mode)
     if count < MIN_GROUP:
-        raise DataError(f"batch zero-shot scoring compares images with each other and needs at least {MIN_GROUP}, "
+        raise DataError(f"{mode} scoring compares images with each other and needs at least {MIN_GROUP}, "
                         f"got {count}")
-    if group_size < MIN_GROUP_SIZE:
-        raise DataError(f"batch zero-shot groups need room for at least {MIN_GROUP_SIZE} images, got {group_size}")
     groups = -(-count // group_size)
     edges = np.linspace(0, count, groups + 1).round().astype(int)
     bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
@@ -91,19 +110,20 @@ def predict_samples_batch_zero_shot(
     bar = tqdm(total=len(samples), desc="batch zero-shot", unit="img", disable=not progress)
     for start, stop in group_bounds(len(samples), group_size):
         group = list(samples[start:stop])
-        dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
-        masks = []
-
-        def images():
-            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                masks.append((batch["mask"][:, 0] > 0.5).numpy())
-                bar.update(batch["image"].shape[0])
-                yield batch["image"]
-
-        result = score_group(detector, images(), len(group), fraction)
+        masks: list[np.ndarray] = []
+        result = score_group(detector, _group_images(detector, group, batch_size, masks, bar), len(group), fraction)
         yield ScoredBatch(samples=group, prediction=Prediction(scores=result.scores, maps=result.maps),
                           masks=np.concatenate(masks))
     bar.close()
+
+
+def _group_images(detector: Detector, group: list[Sample], batch_size: int, masks: list, bar) -> Iterator[torch.Tensor]:
+    """One group's preprocessed images in batches; their masks are appended to `masks` on the way."""
+    dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        masks.append((batch["mask"][:, 0] > 0.5).numpy())
+        bar.update(batch["image"].shape[0])
+        yield batch["image"]
 
 
 def extract_group(detector: Detector, batches: Iterable[torch.Tensor]) -> Features:
@@ -118,10 +138,10 @@ def predict_group_with_peers(detector: Detector, features: Features, text: torch
                              fraction: float = 0.3) -> Prediction:
     """The bundle's prediction for one group's features (at `detector.feature_layers`), every
     image's memory distances completed with its peers' among the group's other images."""
+    problem = memory_problem(detector)
+    if problem:
+        raise DataError(problem)
     memory = detector.active_memory
-    if memory is None:
-        raise DataError("peers complete a line memory's distances; this bundle scores without one "
-                        "(anomalyfleet memory build adds one; --batch-zero-shot needs none)")
     layers = detector.feature_layers
     peers = peer_patch_scores([features.patch_features[layers.index(layer)] for layer in memory.layers], fraction)
     return detector.predict_features(features, text, peers=peers)
@@ -137,23 +157,17 @@ def predict_samples_with_peers(
 ) -> Iterator[ScoredBatch]:
     """One `ScoredBatch` per group of near-equal size: the bundle's scores and maps with each image's
     peers among its group (see the module docstring)."""
-    if detector.active_memory is None:
-        raise DataError("peers complete a line memory's distances; this bundle scores without one "
-                        "(anomalyfleet memory build adds one; --batch-zero-shot needs none)")
+    problem = memory_problem(detector)
+    if problem:
+        raise DataError(problem)
+    bounds = group_bounds(len(samples), group_size, mode="peers")
     bar = tqdm(total=len(samples), desc="scoring with peers", unit="img", disable=not progress)
     with torch.inference_mode():
         text = detector.text_features()
-        for start, stop in group_bounds(len(samples), group_size):
+        for start, stop in bounds:
             group = list(samples[start:stop])
-            dataset = AnomalyDataset(group, image_size=detector.image_size, mean=detector.mean, std=detector.std)
-            masks = []
-
-            def images():
-                for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                    masks.append((batch["mask"][:, 0] > 0.5).numpy())
-                    bar.update(batch["image"].shape[0])
-                    yield batch["image"]
-
-            prediction = predict_group_with_peers(detector, extract_group(detector, images()), text, fraction)
+            masks: list[np.ndarray] = []
+            features = extract_group(detector, _group_images(detector, group, batch_size, masks, bar))
+            prediction = predict_group_with_peers(detector, features, text, fraction)
             yield ScoredBatch(samples=group, prediction=prediction, masks=np.concatenate(masks))
     bar.close()

@@ -62,21 +62,25 @@ class BulkScoreConfig:
             raise ConfigError("shard size, batch size and actors must be at least 1")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
             raise ConfigError("actor resources cannot be negative")
-        if self.batch_zero_shot is not None:
-            from anomalyfleet.batch_zero_shot import MIN_GROUP_SIZE
+        if self.peers is not None and self.batch_zero_shot is not None:
+            raise ConfigError("batch zero-shot scoring uses no line memory and peers complete one: choose one of them")
+        if self.group_size is not None:
+            from anomalyfleet.batch_zero_shot import check_group_size
 
-            if self.batch_zero_shot < MIN_GROUP_SIZE or self.shard_size < MIN_GROUP_SIZE:
-                raise ConfigError(f"batch zero-shot needs groups and shards with room for at least {MIN_GROUP_SIZE} "
-                                  f"images (got groups of {self.batch_zero_shot}, shards of {self.shard_size})")
-        if self.peers is not None:
-            from anomalyfleet.batch_zero_shot import MIN_GROUP_SIZE
-
-            if self.batch_zero_shot is not None:
-                raise ConfigError("batch zero-shot scoring uses no line memory and peers complete one: choose one of them")
-            if self.peers < MIN_GROUP_SIZE or self.shard_size < MIN_GROUP_SIZE:
-                raise ConfigError(f"peers need groups and shards with room for at least {MIN_GROUP_SIZE} images "
-                                  f"(got groups of {self.peers}, shards of {self.shard_size})")
+            try:
+                check_group_size(self.group_size, self.group_mode)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
         return self
+
+    @property
+    def group_size(self) -> int | None:
+        """Images per group when images are scored in groups (peers or batch zero-shot), else None."""
+        return self.peers if self.peers is not None else self.batch_zero_shot
+
+    @property
+    def group_mode(self) -> str:
+        return "peers" if self.peers is not None else "batch zero-shot"
 
     def check_peers(self) -> None:
         """With peers, every line's bundle must have an active line memory: read from each bundle's
@@ -87,9 +91,12 @@ class BulkScoreConfig:
 
         for item in self.inputs:
             memory = read_bundle_metadata(item.bundle).get("memory")
-            if memory is None or (memory.get("fusion") or {}).get("mode") == "prompts":
+            if memory is None:
                 raise ConfigError(f"line {item.line}: peers complete a line memory's distances, and its bundle "
-                                  f"{item.bundle} scores without one (anomalyfleet memory build adds one)")
+                                  f"{item.bundle} has none (anomalyfleet memory build adds one)")
+            if (memory.get("fusion") or {}).get("mode") == "prompts":
+                raise ConfigError(f"line {item.line}: peers complete a line memory's distances, and the memory of "
+                                  f"{item.bundle} is switched off (mode prompts; memory set --mode fused)")
 
 
 @dataclass
@@ -101,6 +108,9 @@ class Shard:
     images: list[str] = field(default_factory=list)
     batch_zero_shot: int | None = None
     peers: int | None = None
+    # Sizes of the consecutive groups the shard's images are scored in (peers, batch zero-shot): the
+    # line's groups as `score` makes them from the whole line, whole groups per shard.
+    groups: list[int] | None = None
 
     @property
     def digest(self) -> str:
@@ -110,6 +120,8 @@ class Shard:
             what.append(self.batch_zero_shot)
         if self.peers is not None:
             what.append({"peers": self.peers})
+        if self.groups is not None:
+            what.append({"groups": self.groups})
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
     def part_uri(self, output: str) -> str:
@@ -171,23 +183,26 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
     shards = []
     for item in config.inputs:
         images = list_line_images(item.images)
-        if config.peers is not None:
-            from anomalyfleet.batch_zero_shot import group_bounds
+        if config.group_size is None:
+            for index, start in enumerate(range(0, len(images), config.shard_size)):
+                shards.append(Shard(item.line, index, item.bundle, item.threshold,
+                                    images[start:start + config.shard_size]))
+            continue
+        from anomalyfleet.batch_zero_shot import group_bounds
+        from anomalyfleet.rolling_window import Z_THRESHOLD
 
-            # Near-equal shards, as in batch zero-shot mode: every group needs peers to compare with.
-            bounds, threshold = group_bounds(len(images), config.shard_size), item.threshold
-        elif config.batch_zero_shot is None:
-            bounds = [(start, start + config.shard_size) for start in range(0, len(images), config.shard_size)]
-            threshold = item.threshold
-        else:
-            from anomalyfleet.batch_zero_shot import group_bounds
-            from anomalyfleet.rolling_window import Z_THRESHOLD
-
-            # Near-equal shards, so no shard is left with too few images to compare with each other.
-            bounds, threshold = group_bounds(len(images), config.shard_size), Z_THRESHOLD
-        for index, (start, stop) in enumerate(bounds):
-            shards.append(Shard(item.line, index, item.bundle, threshold, images[start:stop], config.batch_zero_shot,
-                                config.peers))
+        # The line's groups exactly as `score --peers/--batch-zero-shot` forms them from the same
+        # files, packed whole into shards of at most shard_size images (one group when it is larger).
+        threshold = item.threshold if config.peers is not None else Z_THRESHOLD
+        packed: list[list[tuple[int, int]]] = []
+        for start, stop in group_bounds(len(images), config.group_size, config.group_mode):
+            if packed and stop - packed[-1][0][0] <= config.shard_size:
+                packed[-1].append((start, stop))
+            else:
+                packed.append([(start, stop)])
+        for index, groups in enumerate(packed):
+            shards.append(Shard(item.line, index, item.bundle, threshold, images[groups[0][0]:groups[-1][1]],
+                                config.batch_zero_shot, config.peers, [b - a for a, b in groups]))
     return shards
 
 
@@ -273,35 +288,36 @@ class ShardScorer:
         rows["error"].append(None if ok else error)
 
     def _score_groups(self, shard: Shard, detector, version: str, rows: dict) -> None:
-        """The shard's readable images in near-equal groups, scored against each other (batch
-        zero-shot) or by the bundle with each other as peers; unreadable ones are error rows (and
-        too few readable ones to compare: every row an error)."""
+        """The readable images of each of the shard's groups, scored against each other (batch
+        zero-shot) or by the bundle with each other as peers; unreadable ones are error rows, and so
+        are the images of a group left with too few readable ones to compare."""
         import torch
 
-        from anomalyfleet.batch_zero_shot import (MIN_GROUP, extract_group, group_bounds, predict_group_with_peers,
-                                                  score_group)
+        from anomalyfleet.batch_zero_shot import MIN_GROUP, extract_group, predict_group_with_peers, score_group
         from anomalyfleet.data.transforms import preprocess_image
 
         images = [_read_image(u) for u in shard.images]
-        good = [i for i, im in enumerate(images) if im is not None]
-        scores, maps = {}, {}
-        if len(good) >= MIN_GROUP:
-            for start, stop in group_bounds(len(good), shard.peers or shard.batch_zero_shot):
-                members = good[start:stop]
-                batches = (torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std)
-                                        for i in members[b:b + self.batch_size]])
-                           for b in range(0, len(members), self.batch_size))
-                if shard.peers is None:
-                    result = score_group(detector, batches, len(members))
-                else:
-                    with torch.inference_mode():
-                        result = predict_group_with_peers(detector, extract_group(detector, batches))
-                for row, i in enumerate(members):
-                    scores[i], maps[i] = float(result.scores[row]), result.maps[row].astype(np.float32)
+        scores, maps, errors = {}, {}, {}
         mode = "batch zero-shot" if shard.peers is None else "peers"
-        few = f"only {len(good)} readable images in this shard: {mode} needs {MIN_GROUP} to compare"
+        edges = np.cumsum([0, *(shard.groups or [len(shard.images)])])
+        for start, stop in zip(edges[:-1], edges[1:]):
+            members = [i for i in range(start, stop) if images[i] is not None]
+            if len(members) < MIN_GROUP:
+                errors.update({i: f"only {len(members)} readable images in its group: {mode} needs {MIN_GROUP} "
+                                  "to compare" for i in members})
+                continue
+            batches = (torch.stack([preprocess_image(images[i], detector.image_size, detector.mean, detector.std)
+                                    for i in members[b:b + self.batch_size]])
+                       for b in range(0, len(members), self.batch_size))
+            if shard.peers is None:
+                result = score_group(detector, batches, len(members))
+            else:
+                with torch.inference_mode():
+                    result = predict_group_with_peers(detector, extract_group(detector, batches))
+            for row, i in enumerate(members):
+                scores[i], maps[i] = float(result.scores[row]), result.maps[row].astype(np.float32)
         for i, uri in enumerate(shard.images):
-            error = "corrupt, empty or not an image" if images[i] is None else few
+            error = errors.get(i, "corrupt, empty or not an image")
             self._add_row(rows, shard, version, i, uri, images[i], scores.get(i), maps.get(i), error)
 
     def _write_part(self, shard: Shard, rows: dict) -> dict:

@@ -28,19 +28,16 @@ def evaluate_detector(
 
     Pixel metrics use the images that have masks (normals count as all-normal masks); label-only
     anomalies contribute to image metrics only. With `peers` = G, a line memory's distances are
-    completed with peers in groups of about G (`predict_samples_with_peers`); the samples are put in
-    a seeded random order first, so that each group mixes the data's normal and defective images
-    as a line's stream would, whatever order the data specs list them in.
+    completed with peers in groups of about G (`predict_samples_with_peers`), formed within each
+    category (a product's peers are of that product) after a seeded shuffle, so that each group
+    mixes the data's normal and defective images as a line's stream would, whatever order the
+    data specs list them in.
     """
     by_category: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     pixel_categories = {s.category for s in samples if s.label == 1 and s.mask is not None}
     started = time.perf_counter()
     if peers:
-        from anomalyfleet.batch_zero_shot import predict_samples_with_peers
-
-        order = np.random.default_rng(PEER_ORDER_SEED).permutation(len(samples))
-        scoring = predict_samples_with_peers(detector, [samples[i] for i in order], group_size=peers,
-                                             batch_size=batch_size, progress=progress)
+        scoring = _with_peers(detector, samples, peers, batch_size, progress)
     else:
         scoring = predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="evaluating")
     for scored in scoring:
@@ -74,3 +71,15 @@ def evaluate_detector(
             for image, label, score in zip(entry["images"], entry["labels"], entry["scores"])
         ]
     return report
+
+
+def _with_peers(detector: Detector, samples: Sequence[Sample], group_size: int, batch_size: int, progress: bool):
+    """`predict_samples_with_peers` per category, each in its own seeded random order (so a
+    category's scores do not depend on which others were evaluated with it)."""
+    from anomalyfleet.batch_zero_shot import predict_samples_with_peers
+
+    for category in sorted({s.category for s in samples}):
+        members = [s for s in samples if s.category == category]
+        order = np.random.default_rng(PEER_ORDER_SEED).permutation(len(members))
+        yield from predict_samples_with_peers(detector, [members[i] for i in order], group_size=group_size,
+                                              batch_size=batch_size, progress=progress)

@@ -220,28 +220,25 @@ class RollingWindow:
         None when the window held fewer than `min_images`: the caller scores these images another
         way; they are added all the same. One similarity product serves the scores and the insertion.
         """
-        normed = self._normalise(patches)
-        if self._features is None:
-            self._insert(normed, None, None)
-            return None
-        to_window, from_window = self._cross(normed)
-        result = None
-        if self.ready:
-            result = self._calibrated(smallest_mean(to_window, self.fraction, self.count, dim=1))
-        self._insert(normed, to_window, from_window)
-        return result
+        return self._then_add(patches, self._calibrated)
 
     def peers_then_add(self, patches: Tensor) -> Tensor | None:
-        """Raw (B, P) mutual scores of (B, P, D) patches against the window when it is ready (a line
-        memory's peers, `LineMemory.patch_scores`), then add them; None while it fills."""
+        """Raw (B, P) mutual scores of (B, P, D) patches against the window when it is ready, then
+        add them; None while it fills. What `score_then_add` calibrates, and what a line memory
+        takes as peers (`LineMemory.patch_scores`)."""
+        return self._then_add(patches, lambda peers: peers)
+
+    def _then_add(self, patches: Tensor, finish):
+        """`finish(raw mutual scores)` against the window as it was (None while it fills), then the
+        patches join it; one similarity product serves both."""
         normed = self._normalise(patches)
         if self._features is None:
             self._insert(normed, None, None)
             return None
         to_window, from_window = self._cross(normed)
-        peers = smallest_mean(to_window, self.fraction, self.count, dim=1) if self.ready else None
+        result = finish(smallest_mean(to_window, self.fraction, self.count, dim=1)) if self.ready else None
         self._insert(normed, to_window, from_window)
-        return peers
+        return result
 
     # --- insertion --------------------------------------------------------------------------------
     def add(self, patches: Tensor) -> None:

@@ -85,7 +85,7 @@ def test_files_are_split_into_near_equal_groups(tiny_bundle, line, tmp_path):
     assert group_bounds(11, 5) == [(0, 4), (4, 7), (7, 11)]
     assert group_bounds(6, 5) == [(0, 3), (3, 6)]
     assert group_bounds(4, 64) == [(0, 4)]
-    for count, size, reason in ((2, 64, "at least 3"), (10, 4, "at least 5")):
+    for count, size, reason in ((2, 64, "at least 3"), (10, 4, "hold 5 to 512"), (600, 513, "hold 5 to 512")):
         with pytest.raises(DataError, match=reason):
             group_bounds(count, size)
     out = tmp_path / "groups"
@@ -105,7 +105,7 @@ def test_batch_zero_shot_refuses_bad_input_and_writes_nothing(tiny_bundle, line,
         (two / name.name).write_bytes(name.read_bytes())
     cases = [
         (["--images", str(two), "--batch-zero-shot", "64"], "needs at least 3"),
-        (["--images", str(line), "--batch-zero-shot", "4"], "at least 5 images"),
+        (["--images", str(line), "--batch-zero-shot", "4"], "batch zero-shot groups hold 5 to 512 images, got 4"),
     ]
     for extra, reason in cases:
         out = tmp_path / "never"

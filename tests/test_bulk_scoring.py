@@ -173,9 +173,12 @@ def test_batch_zero_shot_on_ray_data_matches_the_cli_and_keeps_corrupt_rows(ray_
 
 
 def test_peers_on_ray_data_match_the_cli(ray_local, tmp_path, openai_clip_file, capsys):
-    """Bulk scoring with peers groups a shard's images as `score --peers` groups the files, so the
-    scores agree, on the bundle's threshold; a bundle without a line memory is refused before Ray."""
-    data = write_folder_dataset(tmp_path / "line", normals=9, anomalies=3, size=48, seed=3)
+    """Bulk scoring with peers forms the line's groups as `score --peers` does and packs them whole
+    into shards, so the scores agree over several shards, on the bundle's threshold; a bundle
+    without a line memory is refused before Ray."""
+    from anomalyfleet.bundle import load_bundle, save_bundle
+
+    data = write_folder_dataset(tmp_path / "line", normals=10, anomalies=3, size=48, seed=3)
     images = tmp_path / "images"
     images.mkdir()
     for kind in ("normal", "anomaly"):
@@ -186,24 +189,31 @@ def test_peers_on_ray_data_match_the_cli(ray_local, tmp_path, openai_clip_file, 
     bundle = tmp_path / "bundle"
     assert main(["memory", "build", "--detector", str(plain), "--data", f"folder:{normals}", "--k", "4",
                  "--out", str(bundle), "--quiet"]) == 0
+    detector = load_bundle(bundle)
+    detector.thresholds["image"] = 0.4
+    save_bundle(detector, bundle)
     cli_out = tmp_path / "cli"
     assert main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(cli_out), "--quiet",
                  "--device", "cpu", "--no-maps", "--no-overlays", "--peers", "5"]) == 0
     expected = {Path(r["image"]).name: r for r in map(json.loads, (cli_out / "scores.jsonl").read_text().splitlines())}
+    assert sorted({r["group_size"] for r in expected.values()}) == [4, 5]  # 13 files: groups of 4, 5 and 4
     out = str(tmp_path / "bulk")
+    # Shards of at most 9 images: groups 4 + 5, then 4 (never a group split between shards).
     assert main(["bulk-score", "--detector", str(bundle), "--input", f"line={images}", "--out", out,
-                 "--peers", "5", "--quiet", "--device", "cpu", "--no-maps"]) == 0
+                 "--peers", "5", "--shard-size", "9", "--quiet", "--device", "cpu", "--no-maps"]) == 0
     rows = {Path(r["image"]).name: r for r in _parts(out)}
     assert set(rows) == set(expected)
     for name, record in expected.items():
         assert abs(rows[name]["score"] - record["score"]) < 1e-5, name
-        assert rows[name]["threshold"] is None  # the bundle's: building the memory dropped the old one
+        assert rows[name]["threshold"] == 0.4 and rows[name]["anomalous"] == (record["score"] >= 0.4)
+    assert json.loads(storage.read_bytes(storage.join(out, "summary.json")))["shards"] == 2
     capsys.readouterr()
     never = tmp_path / "never"
     assert main(["bulk-score", "--detector", str(plain), "--input", f"line={images}", "--out", str(never),
                  "--peers", "5", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "scores without one" in err and len(err.strip().splitlines()) == 1 and not never.exists()
+    assert "has none (anomalyfleet memory build adds one)" in err and len(err.strip().splitlines()) == 1
+    assert not never.exists()
 
 
 def test_inputs_are_checked_before_any_work(tmp_path):

@@ -139,11 +139,16 @@ def test_eval_with_peers_records_them_and_does_not_depend_on_batching(memory_bun
 
 def test_peers_refuse_what_they_cannot_do_and_write_nothing(memory_bundle, tmp_path, capsys):
     plain, bundle, test = memory_bundle
+    prompts_mode = tmp_path / "prompts-mode"
+    assert main(["memory", "set", "--detector", str(bundle), "--out", str(prompts_mode), "--mode", "prompts"]) == 0
+    capsys.readouterr()
     cases = [
-        (["--detector", str(plain), "--peers", "8"], "scores without one"),
+        (["--detector", str(plain), "--peers", "8"], "this bundle has none"),
+        (["--detector", str(prompts_mode), "--peers", "8"], "switched off (mode prompts"),
         (["--detector", str(bundle), "--peers", "8", "--batch-zero-shot", "8"], "choose one of them"),
-        (["--detector", str(plain), "--peers", "8", "--ray"], "scores without one (anomalyfleet memory build"),
-        (["--detector", str(bundle), "--peers", "4"], "at least 5 images"),
+        (["--detector", str(plain), "--peers", "8", "--ray"], "has none (anomalyfleet memory build adds one)"),
+        (["--detector", str(bundle), "--peers", "4"], "peers groups hold 5 to 512 images, got 4"),
+        (["--detector", str(bundle), "--peers", "600"], "peers groups hold 5 to 512 images, got 600"),
     ]
     for extra, reason in cases:
         out = tmp_path / "never"
@@ -211,7 +216,7 @@ def test_pool_window_of_peers_completes_the_memory_and_leaves_other_lines_alone(
 
     # Peers need a line memory in the bundle, on its block.
     no_memory = pool.load(f"{plain}#{manifest_version(plain)}")
-    with pytest.raises(ConfigError, match="scores without one"):
+    with pytest.raises(ConfigError, match="window of peers: .* this bundle has none"):
         pool.window_layer(settings, no_memory.detector)
     with pytest.raises(ConfigError, match="not block 2"):
         pool.window_layer(WindowSettings(peers=True, layer=2), loaded.detector)
@@ -251,4 +256,80 @@ def test_serve_line_with_a_window_of_peers(memory_bundle, tmp_path):
         assert seen == [("fused", 0, 0.5), ("fused", 1, 0.5), ("fused", 2, 0.5), ("fused+peers", 3, 0.5),
                         ("fused+peers", 4, 0.5)]
         r = requests.post(f"{base}/v1/lines/press-8/score", data=paths[0].read_bytes(), timeout=60)
-        assert r.status_code == 503 and "scores without one" in r.json()["detail"], r.text
+        assert r.status_code == 503 and "this bundle has none" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("fusion", [{"mode": "fused"}, {"mode": "memory"}, {"mode": "memory", "image_evidence": 0.0},
+                                    {"mode": "fused", "prompt_weight": 0.5, "prompt_map_weight": 0.3}])
+def test_peers_never_raise_a_score_or_a_map_in_any_mode(memory_bundle, fusion):
+    from dataclasses import replace
+
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.data import AnomalyDataset, Sample
+    from anomalyfleet.scoring import list_images
+
+    _, bundle, test = memory_bundle
+    detector = load_bundle(bundle)
+    detector.memory.configure(replace(detector.memory.fusion, **fusion), detector.settings.sigma)
+    files = list_images(test)
+    dataset = AnomalyDataset([Sample(str(f), 0, None, "x") for f in files], image_size=56, mean=detector.mean,
+                             std=detector.std)
+    with torch.inference_mode():
+        features = detector.extract(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+        layer = detector.feature_layers.index(detector.memory.layers[0])
+        peers = peer_patch_scores([features.patch_features[layer]])
+        alone, together = detector.predict_features(features), detector.predict_features(features, peers=peers)
+    assert (together.scores <= alone.scores + 1e-5).all() and (together.scores < alone.scores - 1e-4).any()
+    assert (together.maps <= alone.maps + 1e-5).all()
+
+
+def test_eval_with_peers_groups_each_category_on_its_own(memory_bundle, tmp_path):
+    """A product's peers are of that product: evaluated together with another set or alone, a
+    category gets the same metrics."""
+    from tests.image_sets import write_folder_dataset
+
+    _, bundle, test = memory_bundle
+    first = test.parent / "test"
+    other = write_folder_dataset(tmp_path / "other", normals=6, anomalies=3, seed=9)
+    reports = {}
+    for name, specs in (("both", [first, other]), ("alone", [other])):
+        out = tmp_path / f"{name}.json"
+        args = ["eval", "--detector", str(bundle), "--peers", "5", "--out", str(out), "--quiet"]
+        for spec in specs:
+            args += ["--data", f"folder:{spec}"]
+        assert main(args) == 0
+        reports[name] = json.loads(out.read_text())
+    both, alone = reports["both"]["per_category"], reports["alone"]["per_category"]
+    (category,) = alone
+    assert len(both) == 2 and category in both
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert both[category][key] == pytest.approx(alone[category][key], abs=1e-9)
+
+
+def test_a_shared_window_with_older_code_leaves_the_bundle_to_score_alone(memory_bundle, monkeypatch, caplog):
+    """An actor started before peers existed answers with its own z-scores: those are not peers and
+    must not be served as the bundle's scores."""
+    from anomalyfleet.serving.config import WindowSettings
+    from anomalyfleet.serving.registry import manifest_version
+    from anomalyfleet.serving.service import DetectorPool, ScoreItem
+    from anomalyfleet.serving.window_keeper import WindowKeeper
+
+    _, bundle, test = memory_bundle
+    _, pixels = _pixels(test)
+
+    def old_code(self, spec, patches):  # what an actor without peers_then_add returns
+        window = self.window_for(spec)
+        held = window.count
+        return window.score_then_add(patches), held
+
+    monkeypatch.setattr(WindowKeeper, "score_then_add", old_code)
+    settings = WindowSettings(size=5, min_images=3, peers=True)
+    pool = DetectorPool("cpu")
+    loaded = pool.load(f"{bundle}#{manifest_version(bundle)}")
+    pool.run(loaded, [ScoreItem("p", pixels[i], False, settings) for i in range(3)])
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        late = pool.run(loaded, [ScoreItem("p", pixels[i], False, settings) for i in (3, 4)])
+    plain = pool.run(loaded, [ScoreItem("plain", pixels[i], False) for i in (3, 4)])
+    assert [o.source for o in late] == ["fused", "fused"]
+    assert [o.score for o in late] == pytest.approx([o.score for o in plain], abs=1e-6)
+    assert "does not lend peers" in caplog.text

@@ -195,10 +195,15 @@ class DetectorPool:
         window of peers compares its line memory's block, which it needs."""
         blocks = detector.backbone.num_layers
         if settings.peers:
+            from anomalyfleet.batch_zero_shot import memory_problem
+
+            problem = memory_problem(detector)
+            if problem:
+                raise ConfigError(f"window of peers: {problem}")
             memory = detector.active_memory
-            if memory is None or len(memory.layers) != 1:
-                raise ConfigError("a window of peers completes a line memory on one block, and this line's bundle "
-                                  + ("scores without one" if memory is None else f"has one on blocks {list(memory.layers)}"))
+            if len(memory.layers) != 1:
+                raise ConfigError(f"a window holds one block, and this line's memory is on blocks {list(memory.layers)}: "
+                                  "rebuild it on one block (memory build --layer) to use a window of peers")
             if settings.layer is not None and settings.layer != memory.layers[0]:
                 raise ConfigError(f"a window of peers compares its line memory's block {memory.layers[0]}, "
                                   f"not block {settings.layer}")
@@ -308,6 +313,12 @@ class DetectorPool:
                 answers[i].window_images = held
                 if isinstance(scored, torch.Tensor):  # a window of peers: the bundle scores with them
                     answers[i].peers = scored[row]
+                elif scored is not None and settings.peers:
+                    # A shared window's actor started before peers existed scores instead: its scores are
+                    # on another scale, so the bundle scores alone until the actor is restarted.
+                    if row == 0:
+                        logger.warning("line %s: its shared window runs older code that does not lend peers; "
+                                       "scoring with the bundle alone (anomalyfleet windows restart)", line)
                 elif scored is not None:
                     answers[i].score, answers[i].map, answers[i].source = scored.scores[row], scored.maps[row], "window"
         return answers
@@ -324,10 +335,11 @@ class DetectorPool:
         peers = None
         if any(answers[i].peers is not None for i in rest):
             # Items without peers in the same batch (another line, or a window still filling) get
-            # +inf: the smaller of that and the memory's distance is the memory's own.
-            patches = subset.patch_features[0].shape[1]
-            peers = torch.stack([answers[i].peers if answers[i].peers is not None
-                                 else torch.full((patches,), float("inf")) for i in rest])
+            # +inf: the smaller of that and the memory's distance is the memory's own. Shared windows
+            # answer on the CPU, a replica's own window on its device: all go to the features' device.
+            device, patches = subset.patch_features[0].device, subset.patch_features[0].shape[1]
+            peers = torch.stack([(answers[i].peers if answers[i].peers is not None
+                                  else torch.full((patches,), float("inf"))).to(device, torch.float32) for i in rest])
         if any(items[i].want_map for i in rest):
             prediction = detector.predict_features(subset, loaded.text, peers=peers)
             scores, maps = prediction.scores, prediction.maps.astype(np.float32)

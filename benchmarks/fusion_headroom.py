@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from line_memory_products import product_samples  # noqa: E402
-from zero_shot import DRAWS, PromptOutputs, draw_memory, fuse_timed, memory_raw_maps, print_table, select_layers  # noqa: E402
+from line_memory_products import chosen_products, detector_and_base, load_product  # noqa: E402
+from zero_shot import DRAWS, draw_memory, fuse_timed, memory_raw_maps, print_table  # noqa: E402
 
 from anomalyfleet.maps import smooth_maps  # noqa: E402
 from anomalyfleet.memory import FusionSettings, top_fraction_mean  # noqa: E402
@@ -65,20 +65,11 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
                  layer: int) -> tuple[str, list[list]]:
     from sklearn.metrics import roc_auc_score
 
-    from anomalyfleet.features import compute_feature_table
-
-    pool, test = product_samples(product, data_root)
-    all_layers, map_layers = list(base.settings.layers), list(detector.settings.layers)
-    dtype = torch.float32 if product == "mt" else torch.float16
-    pool_table = compute_feature_table(base, pool, cache_dir=cache_dir, dtype=dtype)
-    test_table = compute_feature_table(base, test, cache_dir=cache_dir, dtype=dtype)
-    labels = test_table.labels.numpy()
-    li = all_layers.index(layer)
-    normals = torch.arange(len(pool_table))
-    pool_prompts = PromptOutputs(detector, select_layers(pool_table, all_layers, map_layers), normals, keep_raw=False)
-    test_prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test)))
+    data = load_product(detector, base, product, data_root, cache_dir, layer)
+    test, labels, li, normals = data.test, data.labels, data.layer_index, data.normals
+    pool_table, pool_prompts, test_prompts = data.pool_table, data.pool_prompts, data.test_prompts
     sigma = detector.settings.sigma
-    test_patches = test_table.patch_features[:, li].float()
+    test_patches = data.test_patches
     rows = []
     for k in ks:
         results: dict[str, list[float]] = {}
@@ -111,7 +102,6 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
 
 
 def main() -> int:
-    from anomalyfleet.bundle import load_bundle
     from anomalyfleet.cli import default_detector_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -121,15 +111,11 @@ def main() -> int:
     parser.add_argument("--memory-layer", type=int, default=6)
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     args = parser.parse_args()
-    products = [p for p in args.products.split(",") if p]
-    if "mt" in products and not (Path(args.data_root) / "MT_Free").is_dir():
-        print(f"Magnetic Tile not found at {args.data_root}; skipping it", file=sys.stderr)
-        products.remove("mt")
+    products = chosen_products(args.products, args.data_root)
+    if products is None:
+        return 2
     started = time.perf_counter()
-    source = str(default_detector_path())
-    detector = load_bundle(source)
-    base = load_bundle(source, backbone=detector.backbone)
-    base.with_settings(layers=sorted(set(detector.settings.layers) | {args.memory_layer}))
+    detector, base = detector_and_base(str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
           f"default detector | memory block {args.memory_layer} | {DRAWS} draws per k | {FOLDS}-fold CV on the test labels")

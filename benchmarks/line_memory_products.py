@@ -37,7 +37,7 @@ import argparse
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,76 @@ def product_samples(product: str, data_root: str) -> tuple[list, list]:
     pool = [normals[i] for i in order[:ELPV_POOL]]
     rest = [normals[i] for i in order[ELPV_POOL:]]
     return pool, rest + [s for s in cells if s.label == 1]
+
+
+def chosen_products(names: str, data_root: str) -> list[str] | None:
+    """The products of a comma list; None (after saying why) for an unknown one. Magnetic Tile is
+    skipped, with a note, when its data is absent."""
+    products = [p for p in names.split(",") if p]
+    unknown = set(products) - {"mt", "elpv-mono", "elpv-poly"}
+    if unknown:
+        print(f"unknown product(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return None
+    if "mt" in products and not (Path(data_root) / "MT_Free").is_dir():
+        print(f"Magnetic Tile not found at {data_root}; skipping it", file=sys.stderr)
+        products.remove("mt")
+    return products
+
+
+def detector_and_base(source: str, memory_layer: int):
+    """The detector whose prompts are fused, and a copy on the same backbone that also extracts the
+    memory block (one cached feature pass serves both)."""
+    from anomalyfleet.bundle import load_bundle
+
+    detector = load_bundle(source)
+    base = load_bundle(source, backbone=detector.backbone)
+    base.with_settings(layers=sorted(set(detector.settings.layers) | {memory_layer}))
+    return detector, base
+
+
+@dataclass
+class ProductData:
+    """One product's cached features, labels and prompt outputs: what every row is computed from."""
+
+    pool: list  # normal images the memories are drawn from
+    test: list
+    pool_table: object  # FeatureTable at the map layers plus the memory block
+    test_table: object
+    labels: np.ndarray
+    masks: np.ndarray | None  # pixel masks (Magnetic Tile only)
+    layer_index: int  # the memory block's position among the tables' layers
+    normals: torch.Tensor  # pool rows
+    pool_prompts: object  # PromptOutputs of the pool (scores and patch-grid maps, for calibration)
+    test_prompts: object  # PromptOutputs of the test set (scores and raw maps)
+
+    @property
+    def describe(self) -> str:
+        return (f"{len(self.pool)} normal images to draw from, test {len(self.test)} "
+                f"({int(self.labels.sum())} defective)")
+
+    @property
+    def test_patches(self) -> torch.Tensor:
+        return self.test_table.patch_features[:, self.layer_index].float()
+
+
+def load_product(detector, base, product: str, data_root: str, cache_dir: str | None, layer: int) -> ProductData:
+    """Features of a product's pool and test images (cached on disk with `cache_dir`) and the prompts'
+    outputs on both. ELPV tables are kept in float16: more images, and image labels only."""
+    from anomalyfleet.features import compute_feature_table
+
+    pool, test = product_samples(product, data_root)
+    all_layers, map_layers = list(base.settings.layers), list(detector.settings.layers)
+    dtype = torch.float32 if product == "mt" else torch.float16
+    pool_table = compute_feature_table(base, pool, cache_dir=cache_dir, dtype=dtype)
+    test_table = compute_feature_table(base, test, cache_dir=cache_dir, dtype=dtype)
+    normals = torch.arange(len(pool_table))
+    return ProductData(
+        pool=pool, test=test, pool_table=pool_table, test_table=test_table, labels=test_table.labels.numpy(),
+        masks=test_table.masks.numpy().astype(bool) if product == "mt" else None,
+        layer_index=all_layers.index(layer), normals=normals,
+        pool_prompts=PromptOutputs(detector, select_layers(pool_table, all_layers, map_layers), normals, keep_raw=False),
+        test_prompts=PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test))),
+    )
 
 
 def report(labels: np.ndarray, masks: np.ndarray | None, scores: np.ndarray, maps: np.ndarray) -> dict:
@@ -186,26 +256,15 @@ def evidence_rows(memory, raw: torch.Tensor, prompts, labels: np.ndarray, masks:
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
                  weights: list[float], layer: int, tune_defects: list[int]) -> tuple[list[list], dict]:
-    from anomalyfleet.features import compute_feature_table
-
-    pool, test = product_samples(product, data_root)
-    all_layers = list(base.settings.layers)
-    map_layers = list(detector.settings.layers)
-    dtype = torch.float32 if product == "mt" else torch.float16  # ELPV: more images, image labels only
-    pool_table = compute_feature_table(base, pool, cache_dir=cache_dir, dtype=dtype)
-    test_table = compute_feature_table(base, test, cache_dir=cache_dir, dtype=dtype)
-    labels = test_table.labels.numpy()
-    masks = test_table.masks.numpy().astype(bool) if product == "mt" else None
-    li = all_layers.index(layer)
-    normals = torch.arange(len(pool_table))
-    pool_prompts = PromptOutputs(detector, select_layers(pool_table, all_layers, map_layers), normals, keep_raw=False)
-    test_prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test)))
+    data = load_product(detector, base, product, data_root, cache_dir, layer)
+    pool_table, labels, masks, li, normals = data.pool_table, data.labels, data.masks, data.layer_index, data.normals
+    pool_prompts, test_prompts = data.pool_prompts, data.test_prompts
     sigma = detector.settings.sigma
     prompts = report(labels, masks, test_prompts.scores.numpy(), smooth_maps(test_prompts.raw, sigma))
-    batch = batch_rows(detector, test_table.patch_features[:, all_layers.index(layer)].float(), labels, masks)
-    describe = f"{product}: {len(pool)} normal images to draw from, test {len(test)} ({int(labels.sum())} defective)"
+    test_patches = data.test_patches
+    batch = batch_rows(detector, test_patches, labels, masks)
+    describe = f"{product}: {data.describe}"
     rows, summary, tuned, evidence_table = [], {}, [], []
-    test_patches = test_table.patch_features[:, li].float()
     named = variants(weights)
     for k in ks:
         results: dict[str, list[dict]] = {}
@@ -258,7 +317,6 @@ def _fmt(value: float | None) -> str:
 
 def main() -> int:
     from anomalyfleet.backbones import parse_backbone  # noqa: F401  (registers backbones)
-    from anomalyfleet.bundle import load_bundle
     from anomalyfleet.cli import default_detector_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -271,19 +329,11 @@ def main() -> int:
     parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
     parser.add_argument("--detector", default=None, help="bundle whose prompts to fuse (default: the bundled detector)")
     args = parser.parse_args()
-    products = [p for p in args.products.split(",") if p]
-    unknown = set(products) - {"mt", "elpv-mono", "elpv-poly"}
-    if unknown:
-        print(f"unknown product(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+    products = chosen_products(args.products, args.data_root)
+    if products is None:
         return 2
-    if "mt" in products and not (Path(args.data_root) / "MT_Free").is_dir():
-        print(f"Magnetic Tile not found at {args.data_root}; skipping it", file=sys.stderr)
-        products.remove("mt")
     started = time.perf_counter()
-    source = args.detector or str(default_detector_path())
-    detector = load_bundle(source)
-    base = load_bundle(source, backbone=detector.backbone)
-    base.with_settings(layers=sorted(set(detector.settings.layers) | {args.memory_layer}))
+    detector, base = detector_and_base(args.detector or str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     weights = [float(x) for x in args.weights.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "

@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from line_memory_products import (METRICS, PREVALENCES, _fmt, _mean, prevalence_subset, product_samples,  # noqa: E402
-                                  report)
-from zero_shot import DRAWS, PromptOutputs, draw_memory, print_table, select_layers  # noqa: E402
+from line_memory_products import (METRICS, PREVALENCES, _fmt, _mean, chosen_products, detector_and_base,  # noqa: E402
+                                  load_product, prevalence_subset, report)
+from zero_shot import DRAWS, draw_memory, print_table  # noqa: E402
 
 from anomalyfleet.maps import smooth_maps  # noqa: E402
 
@@ -101,21 +101,11 @@ def _maps(memory, patch: torch.Tensor, size: int) -> torch.Tensor:
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int], group: int,
                  layer: int) -> tuple[str, list[list], list[list], list[list]]:
-    from anomalyfleet.features import compute_feature_table
-
-    pool, test = product_samples(product, data_root)
-    all_layers, map_layers = list(base.settings.layers), list(detector.settings.layers)
-    dtype = torch.float32 if product == "mt" else torch.float16
-    pool_table = compute_feature_table(base, pool, cache_dir=cache_dir, dtype=dtype)
-    test_table = compute_feature_table(base, test, cache_dir=cache_dir, dtype=dtype)
-    labels = test_table.labels.numpy()
-    masks = test_table.masks.numpy().astype(bool) if product == "mt" else None
-    li = all_layers.index(layer)
-    normals = torch.arange(len(pool_table))
-    pool_prompts = PromptOutputs(detector, select_layers(pool_table, all_layers, map_layers), normals, keep_raw=False)
-    prompts = PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test)))
+    data = load_product(detector, base, product, data_root, cache_dir, layer)
+    test, labels, masks, li, normals = data.test, data.labels, data.masks, data.layer_index, data.normals
+    pool_table, pool_prompts, prompts = data.pool_table, data.pool_prompts, data.test_prompts
     sigma, size = detector.settings.sigma, detector.image_size
-    patches = test_table.patch_features[:, li].float()
+    patches = data.test_patches
     everything = torch.arange(len(test))
     prompt_report = report(labels, masks, prompts.scores.numpy(), smooth_maps(prompts.raw, sigma))
     batch_reports = [report(labels, masks, *batch_zero_shot(detector, patches, stream_groups(len(test), group, 3000 + d),
@@ -154,12 +144,10 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
             shares.append([product, str(k), shown, str(len(index)),
                            *(_fmt(_mean(by_share[(share, name, metric)])) for metric in ("image_auroc", "pixel_auroc")
                              for name in ("fused (default)", "fused (default) + peers"))])
-    describe = f"{product}: {len(pool)} normal images to draw from, test {len(test)} ({int(labels.sum())} defective)"
-    return describe, rows, summary, shares
+    return f"{product}: {data.describe}", rows, summary, shares
 
 
 def main() -> int:
-    from anomalyfleet.bundle import load_bundle
     from anomalyfleet.cli import default_detector_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -170,19 +158,11 @@ def main() -> int:
     parser.add_argument("--memory-layer", type=int, default=6)
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     args = parser.parse_args()
-    products = [p for p in args.products.split(",") if p]
-    unknown = set(products) - {"mt", "elpv-mono", "elpv-poly"}
-    if unknown:
-        print(f"unknown product(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+    products = chosen_products(args.products, args.data_root)
+    if products is None:
         return 2
-    if "mt" in products and not (Path(args.data_root) / "MT_Free").is_dir():
-        print(f"Magnetic Tile not found at {args.data_root}; skipping it", file=sys.stderr)
-        products.remove("mt")
     started = time.perf_counter()
-    source = str(default_detector_path())
-    detector = load_bundle(source)
-    base = load_bundle(source, backbone=detector.backbone)
-    base.with_settings(layers=sorted(set(detector.settings.layers) | {args.memory_layer}))
+    detector, base = detector_and_base(str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
           f"default detector | memory block {args.memory_layer} | {DRAWS} draws per k | groups of at most {args.group} "
@@ -200,7 +180,7 @@ def main() -> int:
     print(f"\n# fused with peers minus the best single source ({', '.join(SINGLES)}), points")
     print_table(["product", "k", *metric_names], summary)
     if shares:
-        print(f"\n# by share of defective test images (k = 4; subsets seeded per draw, groups formed in each subset)")
+        print("\n# by share of defective test images (k = 4; subsets seeded per draw, groups formed in each subset)")
         print_table(["product", "k", "defective", "images", "image AUROC fused", "image AUROC + peers",
                      "pixel AUROC fused", "pixel AUROC + peers"], shares)
     print(f"\n# total {(time.perf_counter() - started) / 60:.1f} min")

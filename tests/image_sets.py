@@ -33,3 +33,16 @@ def write_folder_dataset(root: Path, normals: int = 6, anomalies: int = 6, size:
         if i < normals + anomalies - label_only:
             Image.fromarray((blob * 255).astype(np.uint8)).save(root / "masks" / f"{name}.png")
     return root
+
+
+def write_line_images(root: Path, normals: int, anomalies: int, size: int = 64, seed: int = 0) -> Path:
+    """One flat folder of unlabelled images of a line, as a camera writes them (no masks beside
+    them), normals first; names say which are defective (`normal-...`, `anomaly-...`). The labelled
+    `folder:` set they come from is kept at `root / "parts"`."""
+    parts = write_folder_dataset(root / "parts", normals=normals, anomalies=anomalies, size=size, seed=seed)
+    images = root / "images"
+    images.mkdir(parents=True)
+    for kind in ("normal", "anomaly"):
+        for path in sorted((parts / kind).iterdir()):
+            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    return images

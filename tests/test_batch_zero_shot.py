@@ -10,7 +10,7 @@ import torch
 
 from anomalyfleet.cli import main
 from anomalyfleet.errors import DataError
-from tests.image_sets import write_folder_dataset
+from tests.image_sets import write_line_images
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,7 @@ def tiny_bundle(tmp_path_factory, openai_clip_file):
 @pytest.fixture(scope="module")
 def line(tmp_path_factory):
     """One folder of 12 unlabelled images of a line, 3 of them defective (names say which)."""
-    root = tmp_path_factory.mktemp("line")
-    parts = write_folder_dataset(root / "parts", normals=9, anomalies=3, seed=4)
-    images = root / "images"
-    images.mkdir()
-    for kind in ("normal", "anomaly"):
-        for path in sorted((parts / kind).iterdir()):
-            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
-    return images
+    return write_line_images(tmp_path_factory.mktemp("line"), normals=9, anomalies=3, seed=4)
 
 
 def _records(out):

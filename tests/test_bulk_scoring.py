@@ -17,7 +17,7 @@ import pytest
 
 from anomalyfleet import storage
 from anomalyfleet.cli import main
-from tests.image_sets import write_folder_dataset
+from tests.image_sets import write_folder_dataset, write_line_images
 from tests.ray_serve_helpers import make_bundle
 
 pytestmark = pytest.mark.slow
@@ -139,12 +139,7 @@ def test_batch_zero_shot_on_ray_data_matches_the_cli_and_keeps_corrupt_rows(ray_
     """Bulk batch zero-shot with one shard per line groups images exactly as `score --batch-zero-shot`
     does, so the scores agree; several near-equal shards each score on their own; a corrupt file
     is an error row and the other images of its shard are still compared with each other."""
-    data = write_folder_dataset(tmp_path / "line", normals=9, anomalies=3, size=48, seed=3)
-    images = tmp_path / "images"
-    images.mkdir()
-    for kind in ("normal", "anomaly"):
-        for path in sorted((data / kind).iterdir()):
-            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    images = write_line_images(tmp_path / "line", normals=9, anomalies=3, size=48, seed=3)
     bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=1, threshold=0.5)
     cli_out = tmp_path / "cli"
     assert main(["score", "--detector", str(bundle), "--images", str(images), "--out", str(cli_out), "--quiet",
@@ -178,12 +173,7 @@ def test_peers_on_ray_data_match_the_cli(ray_local, tmp_path, openai_clip_file, 
     without a line memory is refused before Ray."""
     from anomalyfleet.bundle import load_bundle, save_bundle
 
-    data = write_folder_dataset(tmp_path / "line", normals=10, anomalies=3, size=48, seed=3)
-    images = tmp_path / "images"
-    images.mkdir()
-    for kind in ("normal", "anomaly"):
-        for path in sorted((data / kind).iterdir()):
-            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    images = write_line_images(tmp_path / "line", normals=10, anomalies=3, size=48, seed=3)
     plain = make_bundle(openai_clip_file, tmp_path / "plain", seed=1, threshold=None)
     normals = write_folder_dataset(tmp_path / "normals", normals=8, anomalies=0, size=48, seed=4)
     bundle = tmp_path / "bundle"

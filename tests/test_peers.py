@@ -67,7 +67,7 @@ def memory_bundle(tmp_path_factory, openai_clip_file):
     from anomalyfleet.backbones import BackboneSpec
     from anomalyfleet.bundle import load_bundle, save_bundle
     from anomalyfleet.detector import Detector
-    from tests.image_sets import write_folder_dataset
+    from tests.image_sets import write_folder_dataset, write_line_images
 
     root = tmp_path_factory.mktemp("peers")
     detector = Detector.create(BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file)),
@@ -81,13 +81,7 @@ def memory_bundle(tmp_path_factory, openai_clip_file):
     detector = load_bundle(with_memory)
     detector.thresholds["image"] = 0.5  # building the memory dropped the prompts' (another scale)
     save_bundle(detector, with_memory)
-    parts = write_folder_dataset(root / "test", normals=9, anomalies=3, seed=2)
-    images = root / "images"  # the images alone, without the dataset's mask files
-    images.mkdir()
-    for kind in ("normal", "anomaly"):
-        for path in sorted((parts / kind).iterdir()):
-            (images / f"{kind}-{path.name}").write_bytes(path.read_bytes())
-    return plain, with_memory, images
+    return plain, with_memory, write_line_images(root / "test", normals=9, anomalies=3, seed=2)
 
 
 def _records(out):
@@ -129,7 +123,7 @@ def test_eval_with_peers_records_them_and_does_not_depend_on_batching(memory_bun
     reports = []
     for batch in ("2", "8"):
         out = tmp_path / f"report-{batch}.json"
-        assert main(["eval", "--detector", str(bundle), "--data", f"folder:{test.parent / 'test'}", "--peers", "5",
+        assert main(["eval", "--detector", str(bundle), "--data", f"folder:{test.parent / 'parts'}", "--peers", "5",
                      "--batch-size", batch, "--out", str(out), "--quiet"]) == 0
         reports.append(json.loads(out.read_text()))
     assert reports[0]["peers"] == {"group_size": 5, "order_seed": 0}
@@ -289,7 +283,7 @@ def test_eval_with_peers_groups_each_category_on_its_own(memory_bundle, tmp_path
     from tests.image_sets import write_folder_dataset
 
     _, bundle, test = memory_bundle
-    first = test.parent / "test"
+    first = test.parent / "parts"
     other = write_folder_dataset(tmp_path / "other", normals=6, anomalies=3, seed=9)
     reports = {}
     for name, specs in (("both", [first, other]), ("alone", [other])):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -251,6 +252,19 @@ def test_serve_line_with_a_window_of_peers(memory_bundle, tmp_path):
                         ("fused+peers", 4, 0.5)]
         r = requests.post(f"{base}/v1/lines/press-8/score", data=paths[0].read_bytes(), timeout=60)
         assert r.status_code == 503 and "this bundle has none" in r.json()["detail"], r.text
+        # Republishing the line onto a bundle without a memory is refused at the switch: the line
+        # keeps serving its previous bundle with peers, and the listing says why.
+        registry.write_text(registry.read_text().replace(f"bundle: {bundle}, window", f"bundle: {plain}, window"))
+        deadline, listing = time.time() + 60, {}
+        while time.time() < deadline:
+            listing = requests.get(f"{base}/v1/lines", timeout=30).json()
+            if "press-7" in listing.get("unavailable", {}):
+                break
+            time.sleep(1)
+        reason = listing["unavailable"].get("press-7", "")
+        assert "this bundle has none" in reason and "still serving the previous bundle" in reason, listing
+        r = requests.post(f"{base}/v1/lines/press-7/score", data=paths[5].read_bytes(), timeout=60)
+        assert r.status_code == 200 and r.json()["source"] == "fused+peers", r.text
 
 
 @pytest.mark.parametrize("fusion", [{"mode": "fused"}, {"mode": "memory"}, {"mode": "memory", "image_evidence": 0.0},

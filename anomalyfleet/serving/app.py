@@ -333,14 +333,15 @@ class Gateway:
         stale: dict[str, str] = {}
         for name, state in list(new.lines.items()):
             previous = old.lines.get(name)
-            if previous is not None and previous.model_id == state.model_id:
+            if previous is not None and previous.model_id == state.model_id and previous.window == state.window:
                 continue
             try:
-                await self._handle(state.model_id).warm.remote()
+                # The window goes along: a window of peers needs a line memory in the bundle.
+                await self._handle(state.model_id).warm.remote(state.window)
                 self.metrics.reload(name, ok=True)
             except Exception as exc:  # any failure to load the new bundle: keep the old one
                 self.metrics.reload(name, ok=False)
-                reason = f"new bundle failed to load: {_first_line(exc)}"
+                reason = f"new bundle or window failed to load: {_first_line(exc)}"
                 if previous is not None:
                     new.lines[name] = previous
                     stale[name] = reason + " (still serving the previous bundle)"

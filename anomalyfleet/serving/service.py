@@ -387,9 +387,12 @@ class DetectorScorer:
             self._pool.window_layer(item.window, loaded.detector)
         return await self._score_batch(item)
 
-    async def warm(self) -> dict:
-        """Load the request's model now (the gateway calls this before switching a line over)."""
+    async def warm(self, window: WindowSettings | None = None) -> dict:
+        """Load the request's model now (the gateway calls this before switching a line over), and
+        check that the line's `window` can run on it (a window of peers needs a line memory)."""
         loaded = await self.get_detector(serve.get_multiplexed_model_id())
+        if window is not None:
+            self._pool.window_layer(window, loaded.detector)
         return {"version": loaded.version, "bundle": loaded.bundle_uri, "shared_backbones": self._pool.shared_backbones}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

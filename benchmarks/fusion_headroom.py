@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from line_memory_products import chosen_products, detector_and_base, load_product  # noqa: E402
+from line_memory_products import add_product_arguments, chosen_products, detector_and_base, load_product  # noqa: E402
 from zero_shot import DRAWS, draw_memory, fuse_timed, memory_raw_maps, print_table  # noqa: E402
 
 from anomalyfleet.maps import smooth_maps  # noqa: E402
@@ -105,11 +105,7 @@ def main() -> int:
     from anomalyfleet.cli import default_detector_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "magnetic-tile"))
-    parser.add_argument("--products", default="mt,elpv-mono,elpv-poly")
-    parser.add_argument("--ks", default="4,16")
-    parser.add_argument("--memory-layer", type=int, default=6)
-    parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
+    add_product_arguments(parser, ks="4,16")
     args = parser.parse_args()
     products = chosen_products(args.products, args.data_root)
     if products is None:

@@ -75,6 +75,15 @@ def product_samples(product: str, data_root: str) -> tuple[list, list]:
     return pool, rest + [s for s in cells if s.label == 1]
 
 
+def add_product_arguments(parser: argparse.ArgumentParser, ks: str) -> None:
+    """The options every product benchmark takes: data, products, k values, memory block, cache."""
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "magnetic-tile"))
+    parser.add_argument("--products", default="mt,elpv-mono,elpv-poly")
+    parser.add_argument("--ks", default=ks, help="normal images in the memory, comma-separated")
+    parser.add_argument("--memory-layer", type=int, default=6)
+    parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
+
+
 def chosen_products(names: str, data_root: str) -> list[str] | None:
     """The products of a comma list; None (after saying why) for an unknown one. Magnetic Tile is
     skipped, with a note, when its data is absent."""
@@ -320,12 +329,8 @@ def main() -> int:
     from anomalyfleet.cli import default_detector_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "magnetic-tile"))
-    parser.add_argument("--products", default="mt,elpv-mono,elpv-poly")
-    parser.add_argument("--ks", default="4,16")
+    add_product_arguments(parser, ks="4,16")
     parser.add_argument("--weights", default="0.05,0.1,0.2,0.3,0.5", help="prompt weights w of the fused rows")
-    parser.add_argument("--memory-layer", type=int, default=6)
-    parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
     parser.add_argument("--detector", default=None, help="bundle whose prompts to fuse (default: the bundled detector)")
     args = parser.parse_args()

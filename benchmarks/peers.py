@@ -33,8 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from line_memory_products import (METRICS, PREVALENCES, _fmt, _mean, chosen_products, detector_and_base,  # noqa: E402
-                                  load_product, prevalence_subset, report)
+from line_memory_products import (METRICS, PREVALENCES, _fmt, _mean, add_product_arguments,  # noqa: E402
+                                  chosen_products, detector_and_base, load_product, prevalence_subset,
+                                  report)
 from zero_shot import DRAWS, draw_memory, print_table  # noqa: E402
 
 from anomalyfleet.maps import smooth_maps  # noqa: E402
@@ -151,12 +152,8 @@ def main() -> int:
     from anomalyfleet.cli import default_detector_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "magnetic-tile"))
-    parser.add_argument("--products", default="mt,elpv-mono,elpv-poly")
-    parser.add_argument("--ks", default="1,4,16")
+    add_product_arguments(parser, ks="1,4,16")
     parser.add_argument("--group", type=int, default=32, help="images per group of peers (and of batch zero-shot)")
-    parser.add_argument("--memory-layer", type=int, default=6)
-    parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
     args = parser.parse_args()
     products = chosen_products(args.products, args.data_root)
     if products is None:

@@ -450,11 +450,13 @@ def add_bulk_arguments(parser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--job-name", default="bulk-score", help="label of the job's progress metrics")
     parser.add_argument("--batch-zero-shot", type=int, default=None, metavar="G",
-                        help="no normal image needed: score each shard's images against each other in groups of "
-                             "up to G (robust z-scores, anomalous from z = 3) instead of by the bundles")
+                        help="no normal image needed: score each line's images against each other in groups of "
+                             "up to G, formed as score forms them and kept whole in shards (robust z-scores, "
+                             "anomalous from z = 3) instead of by the bundles")
     parser.add_argument("--peers", type=int, default=None, metavar="G",
                         help="bundles with a line memory: complete its distances with each image's peers, the other "
-                             "images of its group of up to G within a shard (the bundles' scales and thresholds)")
+                             "images of its group of up to G, formed as score forms them (the bundles' scales and "
+                             "thresholds)")
     parser.add_argument("--quiet", action="store_true")
 
 

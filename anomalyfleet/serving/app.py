@@ -93,7 +93,7 @@ class WindowFill(BaseModel):
                                     "them): the scoring replica's own window, or the line's shared one")
     shared: bool = Field(False, description="one window for the line across replicas (window.shared)")
     size: int
-    min_images: int = Field(description="images the window needs before it scores")
+    min_images: int = Field(description="images the window needs before it scores (or lends peers)")
     peers: bool = Field(False, description="the window completes the bundle's line memory instead of scoring "
                                            "(window.peers)")
 

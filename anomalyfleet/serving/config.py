@@ -73,13 +73,13 @@ class WindowSettings(BaseModel):
     # Peers for the line memory instead of a scorer of its own: the bundle scores every image (its
     # scale, thresholds and `source`, with "+peers"), each patch's memory distance lowered to its
     # mutual score among the window's images where that is smaller (anomalyfleet.memory
-    # .peer_patch_scores). Measured on closed groups of 32 files (`eval --peers`, not on a window, where
-    # each image meets only the ones before it and the first `min_images` get no peers): with 4
-    # memory images it added 1.8 image AUROC on Magnetic Tile and 1.4 on ELPV poly cells to the fused
-    # detector, 0.1 on mono cells; with 16, 0.0-0.2 (benchmarks/results-peers.txt). Needs a bundle
-    # with a line memory on one block (the window compares that block); `threshold` and
-    # `pixel_threshold` are then unused. Like the window itself, it misses defects that many of the
-    # window's images share.
+    # .peer_patch_scores). Measured on closed groups of 32 (benchmarks/peers.py, as `eval --peers`
+    # forms them; not on a window, where each image meets only the ones before it and the first
+    # `min_images` get no peers): with 4 memory images it added 1.8 image AUROC on Magnetic Tile and
+    # 1.4 on ELPV poly cells to the fused detector, 0.1 on mono cells; with 16, 0.0-0.2
+    # (benchmarks/results-peers.txt). Needs a bundle with an active line memory on one block (the
+    # window compares that block); `threshold` and `pixel_threshold` are then unused. Like the
+    # window itself, it misses defects that many of the window's images share.
     peers: bool = False
 
     @model_validator(mode="after")

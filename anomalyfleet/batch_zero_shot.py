@@ -171,3 +171,15 @@ def predict_samples_with_peers(
             prediction = predict_group_with_peers(detector, features, text, fraction)
             yield ScoredBatch(samples=group, prediction=prediction, masks=np.concatenate(masks))
     bar.close()
+
+
+def predict_by_category_with_peers(detector: Detector, samples: Sequence[Sample], group_size: int,
+                                   batch_size: int = 8, progress: bool = True, seed: int = 0) -> Iterator[ScoredBatch]:
+    """`predict_samples_with_peers` per category (a product's peers are of that product), each in its
+    own seeded random order, so that groups mix a labelled set's normal and defective images as a
+    line's stream would, and a category's scores do not depend on which others came with it."""
+    for category in sorted({s.category for s in samples}):
+        members = [s for s in samples if s.category == category]
+        order = np.random.default_rng(seed).permutation(len(members))
+        yield from predict_samples_with_peers(detector, [members[i] for i in order], group_size=group_size,
+                                              batch_size=batch_size, progress=progress)

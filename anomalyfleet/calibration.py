@@ -226,19 +226,29 @@ def _summary(values: np.ndarray) -> dict:
             "mean": float(values.mean()), "p50": float(np.quantile(values, 0.5)), "p99": float(np.quantile(values, 0.99))}
 
 
-def detector_scores(detector, samples, batch_size: int = 8, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Scores exactly as `anomalyfleet score` computes them (same batching code)."""
+def detector_scores(detector, samples, batch_size: int = 8, progress: bool = True,
+                    peers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores exactly as `anomalyfleet score` computes them (same batching code); with `peers`, as
+    `eval --peers` does (groups per category, in a seeded order)."""
     from anomalyfleet.scoring import predict_samples
 
+    if peers:
+        from anomalyfleet.batch_zero_shot import predict_by_category_with_peers
+        from anomalyfleet.evaluation import PEER_ORDER_SEED
+
+        scoring = predict_by_category_with_peers(detector, samples, peers, batch_size, progress, PEER_ORDER_SEED)
+    else:
+        scoring = predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="calibrating")
     scores, labels = [], []
-    for scored in predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="calibrating"):
+    for scored in scoring:
         scores.extend(float(s) for s in scored.prediction.scores)
         labels.extend(s.label for s in scored.samples)
     return np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=int)
 
 
-def apply_calibration(detector, calibration: Calibration, data: Sequence[str] = ()) -> None:
-    """Thresholds into the detector (saved with it by `save_bundle`)."""
+def apply_calibration(detector, calibration: Calibration, data: Sequence[str] = (), peers: int | None = None) -> None:
+    """Thresholds into the detector (saved with it by `save_bundle`); `peers`: the group size the
+    scores were computed with, recorded because a threshold holds only for scoring the same way."""
     detector.thresholds["image"] = float(calibration.threshold)
     for name, point in calibration.operating_points.items():
         detector.thresholds[f"image_{name}"] = float(point["threshold"])
@@ -248,6 +258,7 @@ def apply_calibration(detector, calibration: Calibration, data: Sequence[str] = 
         "threshold": float(calibration.threshold),
         "operating_points": calibration.operating_points,
         "data": list(data),
+        "peers": peers,
         "n_normal": calibration.report["n_normal"],
         "n_anomalous": calibration.report["n_anomalous"],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -58,14 +58,15 @@ def cmd_calibrate(args) -> int:
     spec = parse_backbone(args.backbone) if args.backbone else None
     # The bundle's own settings and fp32: the thresholds must fit the scores the service computes.
     detector = load_bundle(bundle, device=select_device(args.device), backbone_spec=spec)
-    scores, labels = detector_scores(detector, samples, batch_size=args.batch_size, progress=not args.quiet)
+    scores, labels = detector_scores(detector, samples, batch_size=args.batch_size, progress=not args.quiet,
+                                     peers=args.peers)
     calibration = calibrate_scores(scores, labels, false_alarm_rate=args.false_alarm_rate, target_recall=args.target_recall)
-    apply_calibration(detector, calibration, data=args.data)
+    apply_calibration(detector, calibration, data=args.data, peers=args.peers)
     save_bundle(detector.to("cpu"), args.out)
     report = dict(calibration.report, bundle_in=bundle, bundle_out=str(args.out), data=list(args.data))
     write_report(report, json_path, png_path)
     summary = {"bundle": str(args.out), "chosen": calibration.chosen, "threshold": calibration.threshold,
-               "report": str(json_path), "plot": str(png_path)}
+               "peers": args.peers, "report": str(json_path), "plot": str(png_path)}
     for name, point in calibration.operating_points.items():
         summary[name] = {k: point[k] for k in ("threshold", "precision", "recall", "fpr", "f1") if k in point}
     print(json.dumps(summary, indent=2))
@@ -95,6 +96,9 @@ def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="where this bundle's backbone weights live here (same weights)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_batch, default=8)
+    p.add_argument("--peers", type=positive_int, default=None, metavar="G",
+                   help="thresholds for scoring with peers (score/eval/bulk-score --peers, window peers): scores "
+                        "computed as eval --peers G computes them; the bundle records G")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_calibrate)
     return p

@@ -37,7 +37,9 @@ def evaluate_detector(
     pixel_categories = {s.category for s in samples if s.label == 1 and s.mask is not None}
     started = time.perf_counter()
     if peers:
-        scoring = _with_peers(detector, samples, peers, batch_size, progress)
+        from anomalyfleet.batch_zero_shot import predict_by_category_with_peers
+
+        scoring = predict_by_category_with_peers(detector, samples, peers, batch_size, progress, PEER_ORDER_SEED)
     else:
         scoring = predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="evaluating")
     for scored in scoring:
@@ -72,14 +74,3 @@ def evaluate_detector(
         ]
     return report
 
-
-def _with_peers(detector: Detector, samples: Sequence[Sample], group_size: int, batch_size: int, progress: bool):
-    """`predict_samples_with_peers` per category, each in its own seeded random order (so a
-    category's scores do not depend on which others were evaluated with it)."""
-    from anomalyfleet.batch_zero_shot import predict_samples_with_peers
-
-    for category in sorted({s.category for s in samples}):
-        members = [s for s in samples if s.category == category]
-        order = np.random.default_rng(PEER_ORDER_SEED).permutation(len(members))
-        yield from predict_samples_with_peers(detector, [members[i] for i in order], group_size=group_size,
-                                              batch_size=batch_size, progress=progress)

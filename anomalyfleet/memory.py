@@ -390,7 +390,7 @@ class LineMemory(torch.nn.Module):
         patch's score never rises; a defect shared by about `fraction` of the peers or more is
         taken for normal (see `peer_patch_scores`). The calibrations were fitted without peers, so
         on their scale normal images now score lower than they did: a threshold set without peers
-        flags fewer images with them (`calibrate` sets thresholds for scoring without peers).
+        flags fewer images with them (`calibrate --peers` sets thresholds for scoring with them).
         """
         distances = torch.stack([self.bank(layer).patch_scores(p) for layer, p in zip(self.layers, patches)]).mean(dim=0)
         if peers is None:

@@ -341,3 +341,34 @@ def test_a_shared_window_with_older_code_leaves_the_bundle_to_score_alone(memory
     assert [o.source for o in late] == ["fused", "fused"]
     assert [o.score for o in late] == pytest.approx([o.score for o in plain], abs=1e-6)
     assert "does not lend peers" in caplog.text
+
+
+def test_calibrate_with_peers_sets_thresholds_for_scoring_with_peers(memory_bundle, tmp_path, capsys):
+    """Normal images score lower with peers, so the false-alarm threshold set with them is lower;
+    it is the one the peers' scores give, and the bundle records the group size it holds for.
+    Without a memory: one line, nothing written."""
+    from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.calibration import detector_scores, threshold_for_false_alarm_rate
+    from anomalyfleet.data import parse_data_specs
+    from tests.image_sets import write_folder_dataset
+
+    plain, bundle, _ = memory_bundle
+    normals = f"folder:{write_folder_dataset(tmp_path / 'normals', normals=12, anomalies=0, seed=7)}"
+    outs = {}
+    for name, extra in (("plain", []), ("peers", ["--peers", "5"])):
+        out = tmp_path / name
+        assert main(["calibrate", "--detector", str(bundle), "--data", normals, "--false-alarm-rate", "0.1",
+                     "--out", str(out), "--quiet", *extra]) == 0
+        outs[name] = load_bundle(out)
+    capsys.readouterr()
+    with_peers, without = outs["peers"], outs["plain"]
+    assert with_peers.metadata["extras"]["calibration"]["peers"] == 5
+    assert without.metadata["extras"]["calibration"]["peers"] is None
+    assert with_peers.thresholds["image"] < without.thresholds["image"]
+    scores, _ = detector_scores(load_bundle(bundle), parse_data_specs([normals]), progress=False, peers=5)
+    assert with_peers.thresholds["image"] == pytest.approx(threshold_for_false_alarm_rate(scores, 0.1), abs=1e-6)
+    never = tmp_path / "never"
+    assert main(["calibrate", "--detector", str(plain), "--data", normals, "--out", str(never), "--peers", "5",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "this bundle has none" in err and len(err.strip().splitlines()) == 1 and not never.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,8 +30,32 @@ def weed_binary() -> str | None:
     return shutil.which("weed")
 
 
+# Ray's worker processes listen on 10002-19999 by default; test servers take ports above those.
+LOWEST_TEST_PORT = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free now, below the kernel's ephemeral range: the outgoing connections of a local Ray
+    cluster's many processes take their ports from that range, and once took a port handed out
+    here before the test's server bound it (make test: "Failed to bind to address")."""
+    high = _ephemeral_start() - 1
+    rng = random.SystemRandom()
+    for _ in range(200 if high > LOWEST_TEST_PORT else 0):
+        port = rng.randint(LOWEST_TEST_PORT, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the ephemeral range: any free port
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

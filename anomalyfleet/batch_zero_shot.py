@@ -37,6 +37,8 @@ MIN_GROUP = 3  # the fewest images whose leave-one-out scores give a median and 
 # The smallest group size a caller may ask for: with G >= 2 * MIN_GROUP - 1, splitting any count of
 # at least MIN_GROUP images into ceil(count / G) near-equal groups leaves none below MIN_GROUP.
 MIN_GROUP_SIZE = 2 * MIN_GROUP - 1
+# Order of a labelled set's images before they are grouped as peers (eval, calibrate).
+PEER_ORDER_SEED = 0
 # The largest group: the service's rolling windows stop at 128 images; files and shards may go further.
 MAX_GROUP_SIZE = 512
 
@@ -50,9 +52,14 @@ def check_group_size(group_size: int, mode: str = "batch zero-shot") -> None:
 
 def memory_problem(detector: Detector) -> str | None:
     """Why this detector cannot take peers (they complete an active line memory), or None."""
-    if detector.memory is None:
+    return memory_mode_problem(None if detector.memory is None else detector.memory.fusion.mode)
+
+
+def memory_mode_problem(mode: str | None) -> str | None:
+    """The same from a bundle's memory mode alone (None: no memory), as its metadata records it."""
+    if mode is None:
         return "peers complete a line memory's distances, and this bundle has none (anomalyfleet memory build adds one)"
-    if not detector.memory.active:
+    if mode == "prompts":
         return ("peers complete a line memory's distances, and this bundle's memory is switched off (mode prompts; "
                 "anomalyfleet memory set --mode fused switches it on)")
     return None
@@ -107,14 +114,29 @@ def predict_samples_batch_zero_shot(
     progress: bool = True,
 ) -> Iterator[ScoredBatch]:
     """One `ScoredBatch` per group: robust z-scores and calibrated maps (see the module docstring)."""
-    bar = tqdm(total=len(samples), desc="batch zero-shot", unit="img", disable=not progress)
-    for start, stop in group_bounds(len(samples), group_size):
-        group = list(samples[start:stop])
-        masks: list[np.ndarray] = []
-        result = score_group(detector, _group_images(detector, group, batch_size, masks, bar), len(group), fraction)
-        yield ScoredBatch(samples=group, prediction=Prediction(scores=result.scores, maps=result.maps),
-                          masks=np.concatenate(masks))
-    bar.close()
+    def predict(batches: Iterator[torch.Tensor], size: int) -> Prediction:
+        result = score_group(detector, batches, size, fraction)
+        return Prediction(scores=result.scores, maps=result.maps)
+
+    return _predict_groups(detector, samples, group_size, batch_size, progress, "batch zero-shot", predict)
+
+
+def _predict_groups(detector: Detector, samples: Sequence[Sample], group_size: int, batch_size: int, progress: bool,
+                    mode: str, predict) -> Iterator[ScoredBatch]:
+    """One `ScoredBatch` per near-equal group of `samples`: `predict(image batches, group size)` of
+    each group, with the group's masks. Bad group sizes fail at once, before any image is read."""
+    bounds = group_bounds(len(samples), group_size, mode)
+
+    def groups() -> Iterator[ScoredBatch]:
+        bar = tqdm(total=len(samples), desc=mode, unit="img", disable=not progress)
+        for start, stop in bounds:
+            group = list(samples[start:stop])
+            masks: list[np.ndarray] = []
+            prediction = predict(_group_images(detector, group, batch_size, masks, bar), len(group))
+            yield ScoredBatch(samples=group, prediction=prediction, masks=np.concatenate(masks))
+        bar.close()
+
+    return groups()
 
 
 def _group_images(detector: Detector, group: list[Sample], batch_size: int, masks: list, bar) -> Iterator[torch.Tensor]:
@@ -160,21 +182,19 @@ def predict_samples_with_peers(
     problem = memory_problem(detector)
     if problem:
         raise DataError(problem)
-    bounds = group_bounds(len(samples), group_size, mode="peers")
-    bar = tqdm(total=len(samples), desc="scoring with peers", unit="img", disable=not progress)
     with torch.inference_mode():
         text = detector.text_features()
-        for start, stop in bounds:
-            group = list(samples[start:stop])
-            masks: list[np.ndarray] = []
-            features = extract_group(detector, _group_images(detector, group, batch_size, masks, bar))
-            prediction = predict_group_with_peers(detector, features, text, fraction)
-            yield ScoredBatch(samples=group, prediction=prediction, masks=np.concatenate(masks))
-    bar.close()
+
+    def predict(batches: Iterator[torch.Tensor], size: int) -> Prediction:
+        with torch.inference_mode():
+            return predict_group_with_peers(detector, extract_group(detector, batches), text, fraction)
+
+    return _predict_groups(detector, samples, group_size, batch_size, progress, "peers", predict)
 
 
 def predict_by_category_with_peers(detector: Detector, samples: Sequence[Sample], group_size: int,
-                                   batch_size: int = 8, progress: bool = True, seed: int = 0) -> Iterator[ScoredBatch]:
+                                   batch_size: int = 8, progress: bool = True,
+                                   seed: int = PEER_ORDER_SEED) -> Iterator[ScoredBatch]:
     """`predict_samples_with_peers` per category (a product's peers are of that product), each in its
     own seeded random order, so that groups mix a labelled set's normal and defective images as a
     line's stream would, and a category's scores do not depend on which others came with it."""

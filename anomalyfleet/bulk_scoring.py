@@ -45,11 +45,12 @@ class BulkScoreConfig:
     write_maps: bool = True
     device: str = "auto"
     job_name: str = "bulk-score"  # the `job` label of the progress metrics
-    # Batch zero-shot mode: score each shard's images against each other in groups of at most this
+    # Batch zero-shot mode: score each line's images against each other in groups of at most this
     # many (anomalyfleet.batch_zero_shot), robust z-scores flagged from Z_THRESHOLD; None: the bundles.
     batch_zero_shot: int | None = None
-    # Peers: the bundles score, each image's line memory completed with its peers among the shard's
+    # Peers: the bundles score, each image's line memory completed with its peers among its line's
     # images in groups of at most this many (anomalyfleet.batch_zero_shot.predict_samples_with_peers).
+    # Either way the groups are formed per line as `score` forms them, and kept whole in shards.
     peers: int | None = None
 
     def validate(self) -> "BulkScoreConfig":
@@ -87,16 +88,14 @@ class BulkScoreConfig:
         metadata before any actor starts, so a wrong bundle is one line, not a failure per shard."""
         if self.peers is None:
             return
+        from anomalyfleet.batch_zero_shot import memory_mode_problem
         from anomalyfleet.bundle import read_bundle_metadata
 
         for item in self.inputs:
             memory = read_bundle_metadata(item.bundle).get("memory")
-            if memory is None:
-                raise ConfigError(f"line {item.line}: peers complete a line memory's distances, and its bundle "
-                                  f"{item.bundle} has none (anomalyfleet memory build adds one)")
-            if (memory.get("fusion") or {}).get("mode") == "prompts":
-                raise ConfigError(f"line {item.line}: peers complete a line memory's distances, and the memory of "
-                                  f"{item.bundle} is switched off (mode prompts; memory set --mode fused)")
+            problem = memory_mode_problem(None if memory is None else (memory.get("fusion") or {}).get("mode", "fused"))
+            if problem:
+                raise ConfigError(f"line {item.line} ({item.bundle}): {problem}")
 
 
 @dataclass

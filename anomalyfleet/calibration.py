@@ -234,9 +234,8 @@ def detector_scores(detector, samples, batch_size: int = 8, progress: bool = Tru
 
     if peers:
         from anomalyfleet.batch_zero_shot import predict_by_category_with_peers
-        from anomalyfleet.evaluation import PEER_ORDER_SEED
 
-        scoring = predict_by_category_with_peers(detector, samples, peers, batch_size, progress, PEER_ORDER_SEED)
+        scoring = predict_by_category_with_peers(detector, samples, peers, batch_size, progress)
     else:
         scoring = predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="calibrating")
     scores, labels = [], []

@@ -193,7 +193,6 @@ def cmd_import_checkpoint(args) -> int:
 
     check_bundle_target(args.out)
     checkpoint = read_reference_checkpoint(args.checkpoint)  # before the backbone: its weights may take minutes
-
     spec = parse_backbone(args.backbone)
     backbone = create_backbone(spec, args.image_size)
     defaults = default_settings(spec, backbone.num_layers, backbone.patch_size)

@@ -13,8 +13,6 @@ from anomalyfleet.data import Sample
 from anomalyfleet.detector import Detector
 from anomalyfleet.scoring import predict_samples
 
-PEER_ORDER_SEED = 0
-
 
 def evaluate_detector(
     detector: Detector,
@@ -39,7 +37,7 @@ def evaluate_detector(
     if peers:
         from anomalyfleet.batch_zero_shot import predict_by_category_with_peers
 
-        scoring = predict_by_category_with_peers(detector, samples, peers, batch_size, progress, PEER_ORDER_SEED)
+        scoring = predict_by_category_with_peers(detector, samples, peers, batch_size, progress)
     else:
         scoring = predict_samples(detector, samples, batch_size=batch_size, progress=progress, desc="evaluating")
     for scored in scoring:
@@ -65,6 +63,8 @@ def evaluate_detector(
     report["seconds"] = seconds
     report["detector"] = detector.describe()
     if peers:
+        from anomalyfleet.batch_zero_shot import PEER_ORDER_SEED
+
         report["peers"] = {"group_size": peers, "order_seed": PEER_ORDER_SEED}
     if per_image:
         report["per_image"] = [

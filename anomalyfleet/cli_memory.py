@@ -26,11 +26,15 @@ def weight_list(text: str) -> tuple[float, ...]:
     return values
 # FusionSettings' defaults, for help texts only (the parser is built without importing torch);
 # tests check they agree.
-FUSION_DEFAULTS = {"prompt_weight": 0.1, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01}
+FUSION_DEFAULTS = {"prompt_weight": 0.1, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01,
+                   "position_weight": 0.1}
 # Options that set a FusionSettings field, shared by `build` and `set`: only those given are applied.
 FUSION_OPTIONS = (
     ("--prompt-weight", "prompt_weight", _weight,
      "share of the prompts' global score in the fused image score (default {})"),
+    ("--position-weight", "position_weight", _weight,
+     "share in the fused image score of the prompt map normalised per position on the line's normal images "
+     "(needs 8 calibration images; default {})"),
     ("--prompt-map-weight", "prompt_map_weight", _weight,
      "share of the prompt map in each pixel's local evidence (default {})"),
     ("--image-evidence", "image_evidence", _weight,
@@ -59,6 +63,16 @@ def _recalibrate_note(dropped: dict, bundle) -> None:
         print(f"note: the bundle's thresholds ({', '.join(sorted(dropped))}) were set on another score scale and "
               f"were dropped; run `anomalyfleet calibrate --detector {bundle} --data SPEC --out {bundle}`",
               file=sys.stderr)
+
+
+def _position_note(memory, requested: float) -> None:
+    """Say so when the position term was asked for but the memory could not fit it."""
+    from anomalyfleet.memory import POSITION_MIN_IMAGES
+
+    if memory.fusion.mode == "fused" and requested > 0 and memory.fusion.position_weight == 0:
+        have = 0 if memory.calibration_set is None else int(memory.calibration_set.prompt_map.shape[0])
+        print(f"note: the position term is off: it needs {POSITION_MIN_IMAGES} calibration images (normal images "
+              f"beyond the memory's, or {POSITION_MIN_IMAGES} memory images), this memory has {have}", file=sys.stderr)
 
 
 def cmd_memory_build(args) -> int:
@@ -98,6 +112,7 @@ def cmd_memory_build(args) -> int:
     print(f"line memory from {memory.shots} normal images of {len(samples)} -> {args.out} "
           f"(mode {memory.fusion.mode}, layer(s) {','.join(map(str, memory.layers))})", file=sys.stderr)
     _recalibrate_note(dropped, args.out)
+    _position_note(memory, fusion.position_weight)
     return 0
 
 
@@ -124,8 +139,8 @@ def cmd_memory_set(args) -> int:
     if args.mode is not None:
         changes["mode"] = args.mode
     if not changes:
-        raise ConfigError("nothing to set: give --mode, --prompt-weight, --prompt-map-weight, --image-evidence "
-                          "or --top-fraction")
+        raise ConfigError("nothing to set: give --mode, --prompt-weight, --position-weight, --prompt-map-weight, "
+                          "--image-evidence or --top-fraction")
     bundle = resolve_detector(args.detector)
     out = args.out or bundle
     check_bundle_target(out)
@@ -141,6 +156,7 @@ def cmd_memory_set(args) -> int:
                "thresholds_dropped": sorted(dropped)}
     print(json.dumps(summary, indent=2))
     _recalibrate_note(dropped, out)
+    _position_note(memory, replace(before, **changes).position_weight)
     return 0
 
 

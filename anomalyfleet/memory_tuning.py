@@ -107,7 +107,9 @@ def candidate_settings(base: FusionSettings, weights: Sequence[float]) -> list[t
         if w == 0.0:
             out.append(("memory", replace(base, mode="memory")))
         else:
-            out.append((f"fused w={w:g}", replace(base, mode="fused", prompt_weight=w)))
+            # The memory keeps 1 - w - u: a large w leaves less room for the position term.
+            out.append((f"fused w={w:g}", replace(base, mode="fused", prompt_weight=w,
+                                                  position_weight=min(base.position_weight, 1.0 - w))))
     return out
 
 

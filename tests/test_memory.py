@@ -245,8 +245,11 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     memory = meta["memory"]
     assert memory["layers"] == [3] and memory["shots"] == 4 and memory["bank_sizes"] == {"3": 4 * 16}
     assert memory["fusion"]["mode"] == "fused" and memory["fusion"]["sources"] == {"prompts": True, "memory": True}
-    assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score", "fused_score"}
+    assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score", "fused_score",
+                                          "prompt_position_score"}
     assert memory["calibration_images"] == 4 and memory["calibration"]["fused_score"]["spread"] > 0
+    # Four calibration images are too few to measure the prompt map per position: the term is off, recorded.
+    assert memory["fusion"]["position_weight"] == 0.0 and memory["calibration"]["prompt_position_score"] is None
     assert memory["built_with"]["image_size"] == 56 and memory["built_with"]["layers"] == [6]
     loaded = _load(path)
     assert isinstance(loaded.memory, LineMemory) and loaded.feature_layers == (6, 3)
@@ -503,7 +506,8 @@ def test_memory_set_switches_mode_and_weights_without_rebuilding(tiny_detector_b
                            "--prompt-weight", "0.25"], capsys)
     assert code == 0, err
     again = _load(tmp_path / "memory-only")
-    assert again.memory.fusion == FusionSettings(mode="fused", prompt_weight=0.25)
+    # Four calibration images: too few for the position term, which the bundle records as off.
+    assert again.memory.fusion == FusionSettings(mode="fused", prompt_weight=0.25, position_weight=0.0)
     reference.memory.configure(FusionSettings(prompt_weight=0.25), sigma=reference.settings.sigma)
     assert again.memory.image_calibration == reference.memory.image_calibration
     expected, got = reference.predict(images), again.predict(images)
@@ -607,10 +611,10 @@ def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported
         for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro"):
             assert report[key] == pytest.approx(table[name][key], abs=1e-6), (name, key)
     # The input bundle is untouched; --dry-run writes nothing.
-    assert _load(bundle).memory.fusion == FusionSettings()
+    assert _load(bundle).memory.fusion == FusionSettings(position_weight=0.0)
     code, out, _ = _cli(["memory", "tune", "--detector", str(bundle), "--data", data[0], "--dry-run", "--quiet"], capsys)
     assert code == 0 and "out" not in json.loads(out) and not (tmp_path / "line").with_name("x").exists()
-    assert _load(bundle).memory.fusion == FusionSettings()
+    assert _load(bundle).memory.fusion == FusionSettings(position_weight=0.0)
 
 
 def test_memory_tune_refuses_bad_input_and_writes_nothing(tiny_detector_bundle, line_data, tmp_path, capsys):
@@ -678,7 +682,7 @@ def test_memory_mode_bundles_from_before_rules_2_score_as_they_did(tiny_detector
     so its scores (and the thresholds set on them) do not change under it."""
     detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory")
     meta = detector.memory.metadata()
-    assert meta["fusion"]["rules"] == 2 and meta["fusion"]["image_evidence"] == 0.5
+    assert meta["fusion"]["rules"] == 3 and meta["fusion"]["image_evidence"] == 0.5
     old = dict(meta, fusion={k: v for k, v in meta["fusion"].items() if k != "rules"})
     legacy = LineMemory.from_saved(old, detector.memory.tensors())
     assert legacy.fusion.image_evidence == 0.0
@@ -723,3 +727,131 @@ def test_memory_tune_works_on_a_bundle_in_prompts_mode(tiny_detector_bundle, lin
     table = json.loads(out)["candidates"]
     assert list(table) == ["prompts", "memory"]
     assert table["memory"]["image_auroc"] != table["prompts"]["image_auroc"]
+
+
+# --- the prompt map normalised per position --------------------------------------------------------
+
+def test_position_stats_shrink_each_spread_towards_the_mean_spread():
+    from anomalyfleet.memory import PositionStats, upsample_patch_scores
+
+    torch.manual_seed(11)
+    maps = torch.randn(20, 9) * torch.linspace(0.5, 2.0, 9) + torch.arange(9.0)
+    plain = PositionStats.fit(maps, prior=0)
+    torch.testing.assert_close(plain.mean, maps.mean(0))
+    torch.testing.assert_close(plain.spread, maps.std(0))
+    shrunk = PositionStats.fit(maps, prior=8)
+    spread = ((19 * maps.var(0) + 8 * maps.var(0).mean()) / 27).sqrt()
+    torch.testing.assert_close(shrunk.mean, maps.mean(0))  # means are kept
+    torch.testing.assert_close(shrunk.spread, spread)
+    flat = PositionStats.fit(maps, prior=1e9)  # all prior: one spread, the positions' mean variance
+    torch.testing.assert_close(flat.spread, torch.full((9,), float(maps.var(0).mean().sqrt())), atol=1e-4, rtol=0)
+    # A map at the per-position centre is 0 everywhere, on the grid and upsampled.
+    assert shrunk.apply(shrunk.mean[None], (3, 3)).abs().max() < 1e-6
+    upsampled = upsample_patch_scores(shrunk.mean[None], (3, 3), 12)
+    assert shrunk.apply(upsampled, (3, 3)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="two normal images"):
+        PositionStats.fit(maps[:1])
+
+
+def test_position_normalisation_discounts_a_response_every_normal_image_has():
+    """A fixed bright spot (a busbar, an image border) outscores a real defect on the global scale;
+    per position it is normal, and the defect stands out."""
+    from anomalyfleet.memory import PositionStats
+
+    torch.manual_seed(12)
+    grid = (4, 4)
+    normals = 0.1 * torch.randn(24, 16)
+    normals[:, 0] += 3.0  # every normal image responds at position 0
+    normal, defect = 0.1 * torch.randn(2, 16)
+    normal[0] += 3.0
+    defect[0] += 3.0
+    defect[9] += 1.0  # the defect: weaker than the fixed response, where normals are quiet
+    stats = PositionStats.fit(normals)
+    raw = torch.stack([normal, defect]).amax(dim=1)
+    assert abs(float(raw[1] - raw[0])) < 0.5  # the global top cannot tell them apart
+    z = stats.apply(torch.stack([normal, defect]), grid).amax(dim=1)
+    assert float(z[1]) > float(z[0]) + 3.0
+
+
+@pytest.fixture(scope="module")
+def rich_normals(tmp_path_factory):
+    """16 normal images: 4 memory images and 12 calibration images, enough for the position term."""
+    from tests.image_sets import write_folder_dataset
+
+    return write_folder_dataset(tmp_path_factory.mktemp("rich") / "normals", normals=16, anomalies=0, seed=7)
+
+
+def test_fused_score_holds_the_position_term_as_documented(tiny_detector_bundle, rich_normals, line_data, tmp_path):
+    from anomalyfleet.bundle import read_bundle_metadata, save_bundle
+    from anomalyfleet.memory import (PositionStats, leave_one_out_position_scores, upsample_patch_scores)
+
+    detector = _with_memory(tiny_detector_bundle, rich_normals)
+    memory, sigma = detector.memory, detector.settings.sigma
+    assert memory.fusion.position_weight == 0.1 and memory.calibration_set.prompt_map.shape[0] == 12
+    # The position score's scale: each calibration image under the other images' statistics.
+    cal_maps = memory.calibration_set.prompt_map
+    size = detector.image_size
+    by_hand = []
+    for i in range(12):
+        others = torch.cat([cal_maps[:i], cal_maps[i + 1:]])
+        z = PositionStats.fit(others).apply(cal_maps[i:i + 1], memory.grid)
+        smoothed = mapping.smooth_maps(upsample_patch_scores(z, memory.grid, size), sigma)
+        by_hand.append(float(top_fraction_mean(torch.from_numpy(smoothed), 0.01)[0]))
+    torch.testing.assert_close(leave_one_out_position_scores(cal_maps, memory.grid, size, sigma, 0.01),
+                               torch.tensor(by_hand), atol=1e-5, rtol=0)
+    assert memory.position_calibration == MapCalibration.fit(torch.tensor(by_hand))
+
+    images, _ = _images(_samples(line_data[1]), detector)
+    fused = detector.predict(images)
+    with torch.inference_mode():
+        features = detector.extract(images)
+        memory_raw = memory.raw_maps([features.patch_features[1]], size)
+        prompt_scores, prompt_raw = detector.score_features(features)
+    local = mapping.smooth_maps(memory.memory_calibration.apply(memory_raw), sigma)
+    memory_part = memory.image_calibration.apply(top_fraction_mean(torch.from_numpy(local), 0.01))
+    prompt_part = memory.score_calibration.apply(prompt_scores)
+    z = PositionStats.fit(cal_maps).apply(prompt_raw, memory.grid)
+    position_part = memory.position_calibration.apply(
+        top_fraction_mean(torch.from_numpy(mapping.smooth_maps(z, sigma)), 0.01))
+    expected = 0.8 * memory_part + 0.1 * prompt_part + 0.1 * position_part
+    np.testing.assert_allclose(fused.scores, expected.numpy(), atol=1e-4)
+    # Without the term: the previous formula, other scores.
+    memory.configure(FusionSettings(position_weight=0.0), sigma)
+    without = detector.predict(images)
+    np.testing.assert_allclose(without.scores, (0.9 * memory_part + 0.1 * prompt_part).numpy(), atol=1e-4)
+    assert not np.allclose(without.scores, fused.scores, atol=1e-3)
+    # The bundle keeps the weight and the scale; scores survive the round trip exactly.
+    memory.configure(FusionSettings(), sigma)
+    path = save_bundle(detector, tmp_path / "positioned")
+    meta = read_bundle_metadata(path)["memory"]
+    assert meta["fusion"]["position_weight"] == 0.1 and meta["fusion"]["rules"] == 3
+    assert meta["calibration"]["prompt_position_score"] == memory.position_calibration.to_dict()
+    again = _load(path).predict(images)
+    assert np.array_equal(again.scores, fused.scores) and np.array_equal(again.maps, fused.maps)
+    # A bundle from before the term (no position weight recorded) loads without it.
+    old = {k: v for k, v in meta["fusion"].items() if k != "position_weight"}
+    assert FusionSettings.from_dict(old).position_weight == 0.0
+
+
+def test_position_weight_options_and_limits(tiny_detector_bundle, rich_normals, line_data, tmp_path, capsys):
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.memory_tuning import candidate_settings
+
+    with pytest.raises(ValueError, match="at most 1"):
+        FusionSettings(prompt_weight=0.95, position_weight=0.1)
+    # Tuning candidates leave the memory its share: w = 1 takes the whole score.
+    named = dict(candidate_settings(FusionSettings(), [0.5, 1.0]))
+    assert named["fused w=0.5"].position_weight == 0.1 and named["fused w=1"].position_weight == 0.0
+    rich = save_bundle(_with_memory(tiny_detector_bundle, rich_normals), tmp_path / "rich")
+    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--position-weight", "0.3"], capsys)
+    assert code == 0, err
+    assert _load(rich).memory.fusion.position_weight == 0.3 and "position term is off" not in err
+    code, _, err = _cli(["memory", "set", "--detector", str(rich), "--prompt-weight", "0.9"], capsys)
+    assert code != 0 and "at most 1" in err and len(err.strip().splitlines()) == 1
+    assert _load(rich).memory.fusion.prompt_weight == 0.1  # nothing written
+    # Four calibration images: the term cannot be fitted; the command says so and records it off.
+    poor = save_bundle(_with_memory(tiny_detector_bundle, line_data[0]), tmp_path / "poor")
+    code, out, err = _cli(["memory", "set", "--detector", str(poor), "--position-weight", "0.2"], capsys)
+    assert code == 0, err
+    assert "position term is off" in err and "this memory has 4" in err
+    assert _load(poor).memory.fusion.position_weight == 0.0

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -469,7 +470,26 @@ def config_from_args(args) -> BulkScoreConfig:
     ).validate()
 
 
+def thresholds_warnings(config: BulkScoreConfig) -> list[str]:
+    """Lines whose bundle's thresholds were set the other way (with or without peers) than this run scores."""
+    from anomalyfleet.bundle import read_bundle_metadata
+    from anomalyfleet.calibration import thresholds_mismatch
+
+    if config.batch_zero_shot:  # scores on the group's own scale: the bundle's thresholds are not used
+        return []
+    out = []
+    for item in config.inputs:
+        meta = read_bundle_metadata(item.bundle)
+        reason = thresholds_mismatch(meta, meta.get("thresholds") or {}, config.peers)
+        if reason:
+            out.append(f"line {item.line}: {reason}")
+    return out
+
+
 def cmd_bulk_score(args) -> int:
-    summary = run_bulk_score(config_from_args(args), progress=not args.quiet)
+    config = config_from_args(args)
+    for warning in thresholds_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = run_bulk_score(config, progress=not args.quiet)
     print(format_summary(summary))
     return 0

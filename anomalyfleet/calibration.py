@@ -265,6 +265,26 @@ def apply_calibration(detector, calibration: Calibration, data: Sequence[str] = 
     detector.metadata["extras"] = extras
 
 
+def thresholds_mismatch(metadata: dict, thresholds: dict, peers: int | None) -> str | None:
+    """Why a bundle's thresholds do not hold for scoring with (or without) peers, or None.
+
+    Peers can only lower a patch's score, so a threshold set one way flags a different share of
+    normal images the other way: set without peers it flags fewer images with them, set with peers
+    it raises false alarms without them."""
+    calibration = (metadata.get("extras") or {}).get("calibration") or {}
+    if not thresholds or not calibration:
+        return None
+    set_with = calibration.get("peers")
+    if bool(set_with) == bool(peers):
+        return None
+    if set_with:
+        return (f"the bundle's thresholds were set for scoring with peers (groups of {set_with}); without them "
+                f"normal images score higher and more are flagged: score with --peers {set_with}, or recalibrate "
+                f"without --peers")
+    return (f"the bundle's thresholds were set without peers; with them normal images score lower and fewer "
+            f"images are flagged: recalibrate with `anomalyfleet calibrate --peers {peers}`")
+
+
 # --- the plot ------------------------------------------------------------------------------------
 
 _COLOURS = {"precision": (31, 119, 180), "recall": (44, 160, 44), "fpr": (214, 39, 40), "f1": (148, 103, 189)}

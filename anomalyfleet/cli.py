@@ -127,22 +127,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _warn_thresholds_mismatch(metadata: dict, thresholds: dict, peers: int | None) -> None:
+    from anomalyfleet.calibration import thresholds_mismatch
+
+    reason = thresholds_mismatch(metadata, thresholds, peers)
+    if reason:
+        print(f"warning: {reason}", file=sys.stderr)
+
+
 def cmd_score(args) -> int:
     from anomalyfleet.scoring import list_images, score_images
 
     if args.ray:
-        from anomalyfleet.bulk_scoring import BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score
+        from anomalyfleet.bulk_scoring import (BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score,
+                                                thresholds_warnings)
 
         bundle = resolve_detector(args.detector)
         config = BulkScoreConfig(inputs=resolve_inputs([f"images={args.images}"], None, bundle), output=args.out,
                                  batch_size=args.batch_size, actors=args.actors, write_maps=not args.no_maps,
                                  device=args.device, batch_zero_shot=args.batch_zero_shot,
                                  peers=args.peers).validate()
+        for warning in thresholds_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print(format_summary(run_bulk_score(config, progress=not args.quiet)))
         return 0
 
     images = list_images(args.images)
     detector = _load_detector(args, args.detector)
+    if not args.batch_zero_shot:  # that scores on each group's own scale, not with the thresholds
+        _warn_thresholds_mismatch(detector.metadata, detector.thresholds, args.peers)
     path = score_images(
         detector, images, args.out, batch_size=args.batch_size,
         write_maps=not args.no_maps, write_overlays=not args.no_overlays, progress=not args.quiet,

@@ -372,3 +372,22 @@ def test_calibrate_with_peers_sets_thresholds_for_scoring_with_peers(memory_bund
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "this bundle has none" in err and len(err.strip().splitlines()) == 1 and not never.exists()
+    # Scoring the other way than the thresholds were set warns; the same way does not.
+    images = str(write_folder_dataset(tmp_path / "to-score", normals=5, anomalies=0, seed=8) / "normal")
+    cases = ((tmp_path / "peers", [], "set for scoring with peers (groups of 5)"),
+             (tmp_path / "peers", ["--peers", "5"], None),
+             (tmp_path / "plain", ["--peers", "5"], "calibrate --peers 5"),
+             (tmp_path / "plain", [], None))
+    for i, (scored_bundle, extra, warning) in enumerate(cases):
+        assert main(["score", "--detector", str(scored_bundle), "--images", images, "--out", str(tmp_path / f"s{i}"),
+                     "--no-overlays", "--no-maps", "--quiet", *extra]) == 0
+        err = capsys.readouterr().err
+        assert (warning in err) if warning else "warning" not in err, (extra, err)
+    # Bulk scoring reads each line's bundle the same way before any actor starts.
+    from anomalyfleet.bulk_scoring import BulkScoreConfig, resolve_inputs, thresholds_warnings
+
+    for peers, count in ((None, 1), (5, 0)):
+        config = BulkScoreConfig(inputs=resolve_inputs([f"line-7={images}"], None, str(tmp_path / "peers")),
+                                 output=str(tmp_path / "bulk"), peers=peers)
+        found = thresholds_warnings(config)
+        assert len(found) == count and all(w.startswith("line line-7: ") for w in found)

@@ -265,8 +265,9 @@ def apply_calibration(detector, calibration: Calibration, data: Sequence[str] = 
     detector.metadata["extras"] = extras
 
 
-def thresholds_mismatch(metadata: dict, thresholds: dict, peers: int | None) -> str | None:
-    """Why a bundle's thresholds do not hold for scoring with (or without) peers, or None.
+def thresholds_mismatch(metadata: dict, thresholds: dict, peers: int | None, advice: bool = True) -> str | None:
+    """Why a bundle's thresholds do not hold for scoring with (or without) peers, or None; with
+    `advice`, what to run about it.
 
     Peers can only lower a patch's score, so a threshold set one way flags a different share of
     normal images the other way: set without peers it flags fewer images with them, set with peers
@@ -278,11 +279,11 @@ def thresholds_mismatch(metadata: dict, thresholds: dict, peers: int | None) -> 
     if bool(set_with) == bool(peers):
         return None
     if set_with:
-        return (f"the bundle's thresholds were set for scoring with peers (groups of {set_with}); without them "
-                f"normal images score higher and more are flagged: score with --peers {set_with}, or recalibrate "
-                f"without --peers")
-    return (f"the bundle's thresholds were set without peers; with them normal images score lower and fewer "
-            f"images are flagged: recalibrate with `anomalyfleet calibrate --peers {peers}`")
+        reason = (f"the bundle's thresholds were set for scoring with peers (groups of {set_with}); without them "
+                  f"normal images score higher and more are flagged")
+        return reason + (f": score with --peers {set_with}, or recalibrate without --peers" if advice else "")
+    reason = "the bundle's thresholds were set without peers; with them normal images score lower and fewer are flagged"
+    return reason + (f": recalibrate with `anomalyfleet calibrate --peers {peers}`" if advice else "")
 
 
 # --- the plot ------------------------------------------------------------------------------------

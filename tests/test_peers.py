@@ -391,3 +391,14 @@ def test_calibrate_with_peers_sets_thresholds_for_scoring_with_peers(memory_bund
                                  output=str(tmp_path / "bulk"), peers=peers)
         found = thresholds_warnings(config)
         assert len(found) == count and all(w.startswith("line line-7: ") for w in found)
+    # The service says it per line in /v1/lines (the registry's line state), and serves anyway.
+    from anomalyfleet.serving.config import WindowSettings
+    from anomalyfleet.serving.registry import LineSpec, resolve_line
+
+    peers_window = WindowSettings(size=5, min_images=3, peers=True)
+    for scored_bundle, window, noted in ((tmp_path / "peers", None, True), (tmp_path / "peers", peers_window, False),
+                                         (tmp_path / "plain", peers_window, True), (tmp_path / "plain", None, False)):
+        state = resolve_line("line-7", LineSpec(bundle=str(scored_bundle), window=window), None)
+        assert bool(state.notes) == noted and state.public()["notes"] == list(state.notes)
+    ignored = resolve_line("line-7", LineSpec(bundle=str(tmp_path / "peers"), threshold=0.5), None)
+    assert ignored.notes == ()  # a registry threshold replaces the bundle's

@@ -146,6 +146,8 @@ class LineInfo(BaseModel):
     calibrated: bool
     description: str = ""
     window: WindowSettings | None = None
+    notes: list[str] = Field(default_factory=list, description="what to know about the line's scores, e.g. a bundle "
+                             "threshold set with peers on a line served without them")
 
 
 class LinesResponse(BaseModel):

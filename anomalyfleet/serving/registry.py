@@ -128,6 +128,7 @@ class LineState:
     signature: tuple | None = None  # stat of the bundle manifest, for cheap change checks
     spec: LineSpec | None = None  # the registry entry it was resolved from
     window: WindowSettings | None = None  # batch zero-shot mode, when the line has one
+    notes: tuple[str, ...] = ()  # what a client should know about the line's scores (e.g. a threshold mismatch)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -144,6 +145,7 @@ class LineState:
             "calibrated": self.calibrated,
             "description": self.description,
             "window": None if self.window is None else self.window.model_dump(),
+            "notes": list(self.notes),
         }
 
 
@@ -271,6 +273,7 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
         # than normal on average over layers" is half the number of layers.
         pixel = 0.5 * len(settings["layers"])
     return LineState(
+        notes=_threshold_notes(meta, bundle_thresholds if source == "bundle" else {}, spec.window),
         name=name,
         bundle=spec.bundle,
         bundle_uri=uri,
@@ -290,6 +293,17 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
         spec=spec,
         window=spec.window,
     )
+
+
+def _threshold_notes(meta: dict, thresholds: dict, window: WindowSettings | None) -> tuple[str, ...]:
+    """A bundle threshold set with peers served without them (or the reverse) flags another share of
+    normal images than it was set for: said in /v1/lines and the log, not refused."""
+    from anomalyfleet.calibration import thresholds_mismatch
+
+    if window is not None and not window.peers:  # batch zero-shot: scores on the window's own scale
+        return ()
+    reason = thresholds_mismatch(meta, thresholds, window.size if window is not None else None, advice=False)
+    return () if reason is None else (reason,)
 
 
 class LineRegistry:

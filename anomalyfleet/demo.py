@@ -136,23 +136,26 @@ def story(samples: list[Sample], zero_shot: dict, out: Path) -> dict:
 
 
 MEMORY_SHOTS = 4
+# Other normal cells that set the sources' scales (memory build takes up to 32): with 8 or more the
+# fused score also holds the prompt map normalised per position (cells are always framed alike).
+CALIBRATION_CELLS = 12
 PEER_GROUP = 32  # cells per group of peers (score/eval --peers): what a line's recent images give
 
 
 def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, dict, dict]:
-    """The bundled detector plus a line memory of 4 normal cells that are not among `samples` (what
-    `anomalyfleet memory build --detector default --data ... --k 4` writes), scoring `samples` again:
-    reports of the bundle's fused mode, of the same with the other cells as peers in groups of
-    PEER_GROUP (`eval --peers`), and of the memory alone (`memory set --mode memory`).
-
-    With only the memory's 4 images, their scale is calibrated leave-one-out (each against the other 3).
+    """The bundled detector plus a line memory of 4 normal cells that are not among `samples`,
+    calibrated on CALIBRATION_CELLS more (what `anomalyfleet memory build --detector default --data
+    ... --k 4` writes from 16 normal cells), scoring `samples` again: reports of the bundle's fused
+    mode, of the same with the other cells as peers in groups of PEER_GROUP (`eval --peers`), and of
+    the memory alone (`memory set --mode memory`).
     """
     from anomalyfleet.bundle import save_bundle
     from anomalyfleet.evaluation import evaluate_detector
     from anomalyfleet.manifest import atomic_write_bytes
     from anomalyfleet.memory import build_line_memory
 
-    normals = [Sample(image, 0, None, "elpv_normal") for image in split_normals(samples, MEMORY_SHOTS, seed=2)]
+    normals = [Sample(image, 0, None, "elpv_normal")
+               for image in split_normals(samples, MEMORY_SHOTS + CALIBRATION_CELLS, seed=2)]
     device = detector.device
     detector.memory = build_line_memory(detector, normals, k=MEMORY_SHOTS, progress=False)
     detector.memory.info["data"] = [n.image for n in normals]

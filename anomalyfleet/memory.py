@@ -284,8 +284,13 @@ class FusionSettings:
     points on Magnetic Tile (a = 0.5, in both modes); w = 0.1 is the largest prompt share of those
     tried (0.05 ... 0.5) that lowers image AUROC on none of the three products. Where the prompts
     transfer well (Magnetic Tile) it adds about one point of image AUROC; where they transfer badly
-    (ELPV, 67-71 against the memory's 87-93) it changes nothing measurable. The weight is chosen on
-    those products' labels: it is a default, not a per-line optimum (`memory set --prompt-weight`).
+    (ELPV, 67-71 against the memory's 87-93) it changes nothing measurable. The position term
+    carries what the global score loses on a framed product: the prompt map normalised per position
+    reaches 86.5 image AUROC alone on ELPV mono cells (the global score: 66.6), and u = 0.1 adds
+    +0.7 (Magnetic Tile) and +1.0 (mono cells) image AUROC at k = 4, +0.4 / +0.0 at k = 16; it is
+    the largest u tried (0.05, 0.1, 0.2) that costs no product more than 0.1 (poly cells at k = 16).
+    The weights are chosen on those products' labels: defaults, not per-line optima (`memory set
+    --prompt-weight / --position-weight`).
     """
 
     mode: str = "fused"

@@ -480,7 +480,10 @@ def thresholds_warnings(config: BulkScoreConfig) -> list[str]:
     out = []
     for item in config.inputs:
         meta = read_bundle_metadata(item.bundle)
-        reason = thresholds_mismatch(meta, meta.get("thresholds") or {}, config.peers)
+        thresholds = meta.get("thresholds") or {}
+        if item.threshold is None or item.threshold != thresholds.get("image"):
+            continue  # the line scores against a registry threshold (or none), not the bundle's
+        reason = thresholds_mismatch(meta, thresholds, config.peers)
         if reason:
             out.append(f"line {item.line}: {reason}")
     return out

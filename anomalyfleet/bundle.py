@@ -31,8 +31,11 @@ from anomalyfleet.memory import LineMemory
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
 
 FORMAT = "anomalyfleet-detector"
-FORMAT_VERSION = 2  # the newest this code reads and writes
+FORMAT_VERSION = 3  # the newest this code reads and writes
 MEMORY_FORMAT_VERSION = 2  # bundles with a line memory; those without stay at 1
+# A fused score with the position term: older code would read the bundle and score without the term,
+# against thresholds set with it; a newer format makes it refuse the bundle instead.
+POSITION_FORMAT_VERSION = 3
 DETECTOR_JSON = "detector.json"
 PROMPTS_FILE = "prompts.pt"
 MEMORY_FILE = "memory.pt"
@@ -45,10 +48,16 @@ def _prompt_config_dict(prompts) -> dict | None:
     return None
 
 
+def _format_version(memory: LineMemory | None) -> int:
+    if memory is None:
+        return 1
+    return POSITION_FORMAT_VERSION if memory.fusion.position_weight > 0 else MEMORY_FORMAT_VERSION
+
+
 def bundle_metadata(detector: Detector, training: dict | None = None) -> dict:
     meta = {
         "format": FORMAT,
-        "format_version": 1 if detector.memory is None else MEMORY_FORMAT_VERSION,
+        "format_version": _format_version(detector.memory),
         "anomalyfleet_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "backbone": detector.backbone.spec(),

@@ -71,8 +71,9 @@ def _position_note(memory, requested: float) -> None:
 
     if memory.fusion.mode == "fused" and requested > 0 and memory.fusion.position_weight == 0:
         have = 0 if memory.calibration_set is None else int(memory.calibration_set.prompt_map.shape[0])
-        print(f"note: the position term is off: it needs {POSITION_MIN_IMAGES} calibration images (normal images "
-              f"beyond the memory's, or {POSITION_MIN_IMAGES} memory images), this memory has {have}", file=sys.stderr)
+        print(f"note: the position term is off: it needs {POSITION_MIN_IMAGES} calibration images and this memory "
+              f"has {have} (the normal images of --data beyond the memory's k; with none, the memory's own images)",
+              file=sys.stderr)
 
 
 def cmd_memory_build(args) -> int:

@@ -250,12 +250,14 @@ class PositionStats:
 def leave_one_out_position_scores(normal_maps: Tensor, grid: tuple[int, int], size: int, sigma: float,
                                   fraction: float) -> Tensor:
     """(n,) position scores of each normal image under statistics fitted on the other images: the
-    scale a new image's score is calibrated against (an image's own statistics would flatter it)."""
+    scale a new image's score is calibrated against (an image's own statistics would flatter it).
+    Normalised exactly as scoring normalises a new image: its upsampled map against the upsampled
+    statistics (`LineMemory.position_scores`)."""
     n = normal_maps.shape[0]
     keep = ~torch.eye(n, dtype=torch.bool)
-    z = torch.stack([PositionStats.fit(normal_maps[keep[i]]).apply(normal_maps[i:i + 1], grid)[0] for i in range(n)])
-    smoothed = smooth_maps(upsample_patch_scores(z, grid, size), sigma)
-    return top_fraction_mean(torch.from_numpy(smoothed), fraction)
+    raw = upsample_patch_scores(normal_maps.float(), grid, size)  # as the detector's raw prompt maps
+    z = torch.stack([PositionStats.fit(normal_maps[keep[i]]).apply(raw[i:i + 1], grid)[0] for i in range(n)])
+    return top_fraction_mean(torch.from_numpy(smooth_maps(z, sigma)), fraction)
 
 
 @dataclass(frozen=True)
@@ -308,8 +310,8 @@ class FusionSettings:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name.replace('_', ' ')} must be in [0, 1], got {value}")
         if self.prompt_weight + self.position_weight > 1.0 + 1e-9:
-            raise ValueError(f"prompt weight + position weight must be at most 1 (the memory keeps the rest), "
-                             f"got {self.prompt_weight} + {self.position_weight}")
+            raise ValueError(f"prompt weight + position weight must be at most 1 (the memory keeps the rest), got "
+                             f"{self.prompt_weight} + {self.position_weight}: lower one of them (--position-weight)")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
 
@@ -333,10 +335,14 @@ class FusionSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionSettings":
+        rules = int(data.get("rules", 1))
+        if rules > FUSION_RULES:
+            raise ValueError(f"the memory's fusion rules ({rules}) are newer than this anomalyfleet's ({FUSION_RULES}); "
+                             f"upgrade anomalyfleet to score with it")
         weight = float(data.get("prompt_weight", 0.2))
         mode = str(data.get("mode", "fused"))
         evidence = float(data.get("image_evidence", 0.0))
-        if mode == "memory" and int(data.get("rules", 1)) < 2:
+        if mode == "memory" and rules < 2:
             # Before rules 2, memory mode ignored the stored image evidence: its scores and maps,
             # and the thresholds set on them, stay as they were.
             evidence = 0.0
@@ -446,7 +452,7 @@ class LineMemory(torch.nn.Module):
         self.calibration_set = calibration_set
         self.position_calibration = position_calibration
         self.info = dict(info or {})
-        self._position_stats: PositionStats | None = None
+        self._position_stats: tuple[CalibrationSet, PositionStats] | None = None  # for this calibration set
 
     def bank(self, layer: int) -> PatchMemory:
         return PatchMemory(features=getattr(self, f"bank_{layer}"), layer=layer, grid=self.grid, shots=self.shots)
@@ -490,9 +496,9 @@ class LineMemory(torch.nn.Module):
         cal = self.calibration_set
         if cal is None or cal.prompt_map.shape[0] < POSITION_MIN_IMAGES:
             return None
-        if self._position_stats is None:
-            self._position_stats = PositionStats.fit(cal.prompt_map)
-        return self._position_stats
+        if self._position_stats is None or self._position_stats[0] is not cal:
+            self._position_stats = (cal, PositionStats.fit(cal.prompt_map))
+        return self._position_stats[1]
 
     def position_scores(self, prompt_raw: Tensor, sigma: float) -> Tensor:
         """(B,) calibrated image scores of the position-normalised prompt maps (B, S, S)."""

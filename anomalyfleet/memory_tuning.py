@@ -185,7 +185,11 @@ def compare_candidates(detector, outputs: SourceOutputs,
     candidates = []
     try:
         for name, fusion in candidate_settings(before, weights):
-            candidates.append(Candidate(name, fusion, *evaluate_candidate(detector, outputs, fusion)))
+            report, scores = evaluate_candidate(detector, outputs, fusion)
+            # What the memory ran: configure turns off what it cannot fit (the position term with
+            # too few calibration images), and the bundle must record that, not the request.
+            ran = fusion if fusion.mode == "prompts" else memory.fusion
+            candidates.append(Candidate(name, ran, report, scores))
     finally:
         memory.configure(before, detector.settings.sigma)
     return candidates, next(c for c in candidates if c.name == candidate_name(before))

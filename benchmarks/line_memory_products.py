@@ -294,6 +294,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
             raw, _ = memory_raw_maps(memory, test_patches, detector.image_size)
             for name, fusion in named:
                 memory.configure(fusion, sigma)
+                assert memory.fusion == fusion, f"{name}: the memory could not take {fusion}"
                 scores, maps, _ = fuse_timed(memory, raw, test_prompts, sigma)
                 results.setdefault(name, []).append(report(labels, masks, scores, maps))
             if masks is not None:

@@ -101,7 +101,9 @@ def fusion_variants() -> list[tuple[str, object]]:
     """The fused rules compared: the default, one change at a time, and the rules it replaced."""
     from anomalyfleet.memory import FusionSettings
 
-    return [("equal weights (w=0.5), the previous default", FusionSettings(prompt_weight=0.5)),
+    return [("equal weights (w=0.5, no position term), the previous default",
+             FusionSettings(prompt_weight=0.5, position_weight=0.0)),
+            ("no position term (u=0)", FusionSettings(position_weight=0.0)),
             ("prompt map share v=0.1", FusionSettings(prompt_map_weight=0.1)),
             ("no image evidence in the map (a=0)", FusionSettings(image_evidence=0.0)),
             ("w=0.2 on map and score, no image scale (the first rule)", "legacy")]

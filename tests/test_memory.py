@@ -271,9 +271,9 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
 
     newer = shutil.copytree(path, tmp_path / "newer")
     meta = json.loads((newer / "detector.json").read_text())
-    (newer / "detector.json").write_text(json.dumps(dict(meta, format_version=3)))
+    (newer / "detector.json").write_text(json.dumps(dict(meta, format_version=4)))
     write_manifest(newer)
-    with pytest.raises(BundleError, match="bundle format 3 is newer"):
+    with pytest.raises(BundleError, match="bundle format 4 is newer"):
         _load(newer)
 
 
@@ -794,8 +794,9 @@ def test_fused_score_holds_the_position_term_as_documented(tiny_detector_bundle,
     by_hand = []
     for i in range(12):
         others = torch.cat([cal_maps[:i], cal_maps[i + 1:]])
-        z = PositionStats.fit(others).apply(cal_maps[i:i + 1], memory.grid)
-        smoothed = mapping.smooth_maps(upsample_patch_scores(z, memory.grid, size), sigma)
+        # The held-out map upsampled first, as scoring sees a new image's raw prompt map.
+        raw = upsample_patch_scores(cal_maps[i:i + 1], memory.grid, size)
+        smoothed = mapping.smooth_maps(PositionStats.fit(others).apply(raw, memory.grid), sigma)
         by_hand.append(float(top_fraction_mean(torch.from_numpy(smoothed), 0.01)[0]))
     torch.testing.assert_close(leave_one_out_position_scores(cal_maps, memory.grid, size, sigma, 0.01),
                                torch.tensor(by_hand), atol=1e-5, rtol=0)
@@ -825,12 +826,16 @@ def test_fused_score_holds_the_position_term_as_documented(tiny_detector_bundle,
     path = save_bundle(detector, tmp_path / "positioned")
     meta = read_bundle_metadata(path)["memory"]
     assert meta["fusion"]["position_weight"] == 0.1 and meta["fusion"]["rules"] == 3
+    # Older code would score without the term: the bundle's format is one it refuses.
+    assert read_bundle_metadata(path)["format_version"] == 3
     assert meta["calibration"]["prompt_position_score"] == memory.position_calibration.to_dict()
     again = _load(path).predict(images)
     assert np.array_equal(again.scores, fused.scores) and np.array_equal(again.maps, fused.maps)
     # A bundle from before the term (no position weight recorded) loads without it.
     old = {k: v for k, v in meta["fusion"].items() if k != "position_weight"}
     assert FusionSettings.from_dict(old).position_weight == 0.0
+    with pytest.raises(ValueError, match="newer than this anomalyfleet"):
+        FusionSettings.from_dict(dict(meta["fusion"], rules=99))
 
 
 def test_position_weight_options_and_limits(tiny_detector_bundle, rich_normals, line_data, tmp_path, capsys):

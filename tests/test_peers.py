@@ -391,6 +391,12 @@ def test_calibrate_with_peers_sets_thresholds_for_scoring_with_peers(memory_bund
                                  output=str(tmp_path / "bulk"), peers=peers)
         found = thresholds_warnings(config)
         assert len(found) == count and all(w.startswith("line line-7: ") for w in found)
+    # A registry threshold replaces the bundle's: nothing to warn about.
+    from anomalyfleet.bulk_scoring import LineInput
+
+    own = BulkScoreConfig(inputs=(LineInput("line-7", images, str(tmp_path / "peers"), 0.5),),
+                          output=str(tmp_path / "bulk"))
+    assert thresholds_warnings(own) == []
     # The service says it per line in /v1/lines (the registry's line state), and serves anyway.
     from anomalyfleet.serving.config import WindowSettings
     from anomalyfleet.serving.registry import LineSpec, resolve_line

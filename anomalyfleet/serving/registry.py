@@ -297,7 +297,8 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
 
 def _threshold_notes(meta: dict, thresholds: dict, window: WindowSettings | None) -> tuple[str, ...]:
     """A bundle threshold set with peers served without them (or the reverse) flags another share of
-    normal images than it was set for: said in /v1/lines and the log, not refused."""
+    normal images than it was set for: said in /v1/lines, not refused. (A window of peers scores its
+    first `min_images` images without peers; that start is not noted.)"""
     from anomalyfleet.calibration import thresholds_mismatch
 
     if window is not None and not window.peers:  # batch zero-shot: scores on the window's own scale

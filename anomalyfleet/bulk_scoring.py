@@ -489,10 +489,15 @@ def thresholds_warnings(config: BulkScoreConfig) -> list[str]:
     return out
 
 
-def cmd_bulk_score(args) -> int:
-    config = config_from_args(args)
+def warn_thresholds(config: BulkScoreConfig) -> None:
+    """`thresholds_warnings` on stderr, one line each, before the run starts."""
     for warning in thresholds_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def cmd_bulk_score(args) -> int:
+    config = config_from_args(args)
+    warn_thresholds(config)
     summary = run_bulk_score(config, progress=not args.quiet)
     print(format_summary(summary))
     return 0

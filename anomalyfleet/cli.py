@@ -140,15 +140,14 @@ def cmd_score(args) -> int:
 
     if args.ray:
         from anomalyfleet.bulk_scoring import (BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score,
-                                                thresholds_warnings)
+                                                warn_thresholds)
 
         bundle = resolve_detector(args.detector)
         config = BulkScoreConfig(inputs=resolve_inputs([f"images={args.images}"], None, bundle), output=args.out,
                                  batch_size=args.batch_size, actors=args.actors, write_maps=not args.no_maps,
                                  device=args.device, batch_zero_shot=args.batch_zero_shot,
                                  peers=args.peers).validate()
-        for warning in thresholds_warnings(config):
-            print(f"warning: {warning}", file=sys.stderr)
+        warn_thresholds(config)
         print(format_summary(run_bulk_score(config, progress=not args.quiet)))
         return 0
 

@@ -31,11 +31,12 @@ from anomalyfleet.memory import LineMemory
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
 
 FORMAT = "anomalyfleet-detector"
-FORMAT_VERSION = 3  # the newest this code reads and writes
+FORMAT_VERSION = 4  # the newest this code reads and writes
 MEMORY_FORMAT_VERSION = 2  # bundles with a line memory; those without stay at 1
 # A fused score with the position term: older code would read the bundle and score without the term,
 # against thresholds set with it; a newer format makes it refuse the bundle instead.
 POSITION_FORMAT_VERSION = 3
+MEMORY_POSITION_FORMAT_VERSION = 4  # likewise for the memory's position share
 DETECTOR_JSON = "detector.json"
 PROMPTS_FILE = "prompts.pt"
 MEMORY_FILE = "memory.pt"
@@ -51,6 +52,8 @@ def _prompt_config_dict(prompts) -> dict | None:
 def _format_version(memory: LineMemory | None) -> int:
     if memory is None:
         return 1
+    if memory.fusion.memory_position > 0:
+        return MEMORY_POSITION_FORMAT_VERSION
     return POSITION_FORMAT_VERSION if memory.fusion.position_weight > 0 else MEMORY_FORMAT_VERSION
 
 

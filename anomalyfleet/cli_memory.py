@@ -27,13 +27,16 @@ def weight_list(text: str) -> tuple[float, ...]:
 # FusionSettings' defaults, for help texts only (the parser is built without importing torch);
 # tests check they agree.
 FUSION_DEFAULTS = {"prompt_weight": 0.1, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01,
-                   "position_weight": 0.1}
+                   "position_weight": 0.1, "memory_position": 1.0}
 # Options that set a FusionSettings field, shared by `build` and `set`: only those given are applied.
 FUSION_OPTIONS = (
     ("--prompt-weight", "prompt_weight", _weight,
      "share of the prompts' global score in the fused image score (default {})"),
     ("--position-weight", "position_weight", _weight,
      "share in the fused image score of the prompt map normalised per position on the line's normal images "
+     "(needs 8 calibration images; default {})"),
+    ("--memory-position", "memory_position", _weight,
+     "share of the memory's image score read from its map normalised per position on the line's normal images "
      "(needs 8 calibration images; default {})"),
     ("--prompt-map-weight", "prompt_map_weight", _weight,
      "share of the prompt map in each pixel's local evidence (default {})"),
@@ -65,15 +68,24 @@ def _recalibrate_note(dropped: dict, bundle) -> None:
               file=sys.stderr)
 
 
-def _position_note(memory, requested: float) -> None:
-    """Say so when the position term was asked for but the memory could not fit it."""
+def _position_note(memory, requested) -> None:
+    """Say so when a position-normalised score was asked for (`requested`, FusionSettings) but the
+    memory could not fit it."""
     from anomalyfleet.memory import POSITION_MIN_IMAGES
 
-    if memory.fusion.mode == "fused" and requested > 0 and memory.fusion.position_weight == 0:
-        have = 0 if memory.calibration_set is None else int(memory.calibration_set.prompt_map.shape[0])
-        print(f"note: the position term is off: it needs {POSITION_MIN_IMAGES} calibration images and this memory "
-              f"has {have} (the normal images of --data beyond the memory's k; with none, the memory's own images)",
-              file=sys.stderr)
+    fusion = memory.fusion
+    off = []
+    if fusion.mode == "fused" and requested.position_weight > 0 and fusion.position_weight == 0:
+        off.append("the position term")
+    # Memory mode with --image-evidence 0 keeps the raw score by definition: nothing to note there.
+    calibrated = fusion.mode == "fused" or (fusion.mode == "memory" and fusion.image_evidence > 0)
+    if calibrated and requested.memory_position > 0 and fusion.memory_position == 0:
+        off.append("the memory position share")
+    if off:
+        have = 0 if memory.calibration_set is None else int(memory.calibration_set.memory.shape[0])
+        print(f"note: {' and '.join(off)} {'is' if len(off) == 1 else 'are'} off: position statistics need "
+              f"{POSITION_MIN_IMAGES} calibration images and this memory has {have} (the normal images of --data "
+              f"beyond the memory's k; with none, the memory's own images)", file=sys.stderr)
 
 
 def cmd_memory_build(args) -> int:
@@ -113,7 +125,7 @@ def cmd_memory_build(args) -> int:
     print(f"line memory from {memory.shots} normal images of {len(samples)} -> {args.out} "
           f"(mode {memory.fusion.mode}, layer(s) {','.join(map(str, memory.layers))})", file=sys.stderr)
     _recalibrate_note(dropped, args.out)
-    _position_note(memory, fusion.position_weight)
+    _position_note(memory, fusion)
     return 0
 
 
@@ -140,8 +152,8 @@ def cmd_memory_set(args) -> int:
     if args.mode is not None:
         changes["mode"] = args.mode
     if not changes:
-        raise ConfigError("nothing to set: give --mode, --prompt-weight, --position-weight, --prompt-map-weight, "
-                          "--image-evidence or --top-fraction")
+        raise ConfigError("nothing to set: give --mode, --prompt-weight, --position-weight, --memory-position, "
+                          "--prompt-map-weight, --image-evidence or --top-fraction")
     bundle = resolve_detector(args.detector)
     out = args.out or bundle
     check_bundle_target(out)
@@ -157,7 +169,7 @@ def cmd_memory_set(args) -> int:
                "thresholds_dropped": sorted(dropped)}
     print(json.dumps(summary, indent=2))
     _recalibrate_note(dropped, out)
-    _position_note(memory, replace(before, **changes).position_weight)
+    _position_note(memory, replace(before, **changes))
     return 0
 
 

@@ -200,8 +200,9 @@ def top_fraction_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
 
 FUSION_MODES = ("fused", "memory", "prompts")
 # Version of the fusion formulas a bundle records; 2: memory mode mixes its image score into its map;
-# 3: the fused score may hold the prompt map's position-normalised evidence (`position_weight`).
-FUSION_RULES = 3
+# 3: the fused score may hold the prompt map's position-normalised evidence (`position_weight`);
+# 4: the memory's image score may be read from its map normalised per position (`memory_position`).
+FUSION_RULES = 4
 # Position statistics: each position's variance is shrunk towards all positions' mean variance with
 # the weight of this many images (see PositionStats), and not fitted from fewer images than this.
 POSITION_PRIOR_IMAGES = 8
@@ -268,15 +269,18 @@ class FusionSettings:
     image of the line, 1: the normals' 99th percentile), so the weights compare like with like.
     `fused`:
     - local evidence per pixel: (1 - v) * memory map + v * prompt map, v = `prompt_map_weight`;
-    - image score: (1 - w - u) * the local map's top-`top_fraction` mean (rescaled on the line's
-      normal images) + w * the prompts' global score + u * the top-`top_fraction` mean of the prompt
-      map normalised per position on the line's normal images (`PositionStats`, rescaled the same
-      way), w = `prompt_weight`, u = `position_weight`;
+    - image score: (1 - w - u) * the memory's image score + w * the prompts' global score + u * the
+      top-`top_fraction` mean of the prompt map normalised per position on the line's normal images
+      (`PositionStats`, rescaled on them), w = `prompt_weight`, u = `position_weight`;
+    - the memory's image score: (1 - s) * the local map's top-`top_fraction` mean (rescaled on the
+      line's normal images) + s * the top-`top_fraction` mean of the memory map normalised per
+      position the same way, s = `memory_position`;
     - fused map: (1 - a) * local evidence + a * the image's score, a = `image_evidence`: a pixel
       is as anomalous as its surroundings and its image (the ranking inside one image is the local
       evidence's).
-    `memory`: the calibrated memory map alone; with a > 0 its image score is rescaled on the
-    normals too and mixed into the map the same way (a = 0: the raw top-pixel score and map).
+    `memory`: the calibrated memory map alone; with a > 0 its image score (with its position share
+    s) is rescaled on the normals too and mixed into the map the same way (a = 0: the raw top-pixel
+    score and map, s unused).
     `prompts`: the learned prompts alone, exactly as without a memory.
 
     Defaults, measured on three products with benchmarks/line_memory_products.py (Magnetic Tile's
@@ -291,8 +295,18 @@ class FusionSettings:
     reaches 86.5 image AUROC alone on ELPV mono cells (the global score: 66.6), and u = 0.1 adds
     +0.7 (Magnetic Tile) and +1.0 (mono cells) image AUROC at k = 4, +0.4 / +0.0 at k = 16; it is
     the largest u tried (0.05, 0.1, 0.2) that costs no product more than 0.1 (poly cells at k = 16).
+    The memory map has fixed places of its own: a patch far from every normal patch of the memory
+    images is often one whose position varies most among normal images (cell edges and corners, a
+    tile's border), so the memory's top pixels are partly where they always are. Normalised per
+    position like the prompt map, the memory's image score rose on every product at k <= 4 (ELPV
+    mono 89.6 -> 92.5 at k = 4, poly 86.8 -> 88.1, Magnetic Tile 76.2 -> 77.9; 84.4 -> 90.6 on mono
+    cells with one memory image) and on poly cells at k = 16 (89.4 -> 90.8); it ties on mono cells at
+    k = 16 and loses 0.6 on Magnetic Tile there, which the other terms make up (fused 81.7 against
+    81.6 with s = 0). s = 1 did best of 0 ... 1 with the other defaults. The normalised memory map
+    is not used as a map: it lowered pixel AUROC and AUPRO on Magnetic Tile (the image score
+    carries its gain into the map through a).
     The weights are chosen on those products' labels: defaults, not per-line optima (`memory set
-    --prompt-weight / --position-weight`).
+    --prompt-weight / --position-weight / --memory-position`).
     """
 
     mode: str = "fused"
@@ -301,11 +315,12 @@ class FusionSettings:
     prompt_map_weight: float = 0.0
     image_evidence: float = 0.5
     position_weight: float = 0.1
+    memory_position: float = 1.0
 
     def __post_init__(self):
         if self.mode not in FUSION_MODES:
             raise ValueError(f"fusion mode must be one of {', '.join(FUSION_MODES)}, got {self.mode!r}")
-        for name in ("prompt_weight", "prompt_map_weight", "image_evidence", "position_weight"):
+        for name in ("prompt_weight", "prompt_map_weight", "image_evidence", "position_weight", "memory_position"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name.replace('_', ' ')} must be in [0, 1], got {value}")
@@ -324,14 +339,16 @@ class FusionSettings:
         if self.mode == "prompts":
             return ("prompts",)
         if self.mode == "memory":
-            return ("memory", self.top_fraction, self.image_evidence > 0)
+            calibrated = self.image_evidence > 0
+            return ("memory", self.top_fraction, calibrated, self.memory_position if calibrated else 0.0)
         return ("fused", self.prompt_weight, self.top_fraction, self.prompt_map_weight, self.image_evidence,
-                self.position_weight)
+                self.position_weight, self.memory_position)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "prompt_weight": self.prompt_weight, "top_fraction": self.top_fraction,
                 "prompt_map_weight": self.prompt_map_weight, "image_evidence": self.image_evidence,
-                "position_weight": self.position_weight, "sources": self.sources, "rules": FUSION_RULES}
+                "position_weight": self.position_weight, "memory_position": self.memory_position,
+                "sources": self.sources, "rules": FUSION_RULES}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionSettings":
@@ -347,10 +364,12 @@ class FusionSettings:
             # and the thresholds set on them, stay as they were.
             evidence = 0.0
         # Bundles from before the per-pair weights used one weight for the map and the score.
-        # Bundles from before rules 3 had no position term: 0 keeps their scores.
+        # Bundles from before rules 3 (4) had no position term (no memory position share): 0 keeps
+        # their scores.
         return cls(mode=mode, prompt_weight=weight, top_fraction=float(data.get("top_fraction", 0.01)),
                    prompt_map_weight=float(data.get("prompt_map_weight", weight)), image_evidence=evidence,
-                   position_weight=float(data.get("position_weight", 0.0)))
+                   position_weight=float(data.get("position_weight", 0.0)),
+                   memory_position=float(data.get("memory_position", 0.0)))
 
 
 @dataclass
@@ -384,14 +403,25 @@ class CalibrationSet:
         return cls(tensors["calibration_memory"], tensors["calibration_prompt_map"], tensors["calibration_prompt_score"])
 
 
+def _share(score: Tensor, weight: float, share: Tensor | None, name: str) -> Tensor:
+    """`score` with `weight` of it replaced by the calibrated (B,) `share`."""
+    if weight == 0:
+        return score
+    if share is None:
+        raise ValueError(f"a {name} above 0 needs its position scores")
+    return (1 - weight) * score + weight * share.detach().float().cpu()
+
+
 def fused_outputs(memory_map: Tensor, prompt_map: Tensor, prompt_score: Tensor, fusion: FusionSettings,
                   image_calibration: MapCalibration | None, sigma: float,
-                  position_score: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  position_score: Tensor | None = None,
+                  memory_position_score: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores (B,), smoothed maps (B, S, S)) of `fused` mode from calibrated sources (see FusionSettings).
 
     Without `image_calibration` (memories built before it existed), their formula, unchanged: the
     score is the local map's top pixels + w * the prompt score, and the map is the local evidence.
-    `position_score` (B,), calibrated, is needed when the position weight is above 0.
+    `position_score` / `memory_position_score` (B,), calibrated, are needed when the position
+    weight / memory position share is above 0.
     """
     v, w, a, u = fusion.prompt_map_weight, fusion.prompt_weight, fusion.image_evidence, fusion.position_weight
     local = smooth_maps((1 - v) * memory_map + v * prompt_map.to(memory_map.device), sigma)
@@ -399,7 +429,9 @@ def fused_outputs(memory_map: Tensor, prompt_map: Tensor, prompt_score: Tensor, 
     prompt_score = prompt_score.detach().float().cpu()
     if image_calibration is None:
         return (top + w * prompt_score).numpy().astype(np.float32), local
-    scores = (1 - w - u) * image_calibration.apply(top) + w * prompt_score
+    memory_score = _share(image_calibration.apply(top), fusion.memory_position, memory_position_score,
+                          "memory position share")
+    scores = (1 - w - u) * memory_score + w * prompt_score
     if u > 0:
         if position_score is None:
             raise ValueError("a position weight above 0 needs the position scores")
@@ -433,6 +465,7 @@ class LineMemory(torch.nn.Module):
         image_calibration: MapCalibration | None = None,
         calibration_set: CalibrationSet | None = None,
         position_calibration: MapCalibration | None = None,
+        memory_position_calibration: MapCalibration | None = None,
     ):
         super().__init__()
         if len(layers) != len(banks) or not layers:
@@ -451,8 +484,10 @@ class LineMemory(torch.nn.Module):
         self.image_calibration = image_calibration
         self.calibration_set = calibration_set
         self.position_calibration = position_calibration
+        self.memory_position_calibration = memory_position_calibration
         self.info = dict(info or {})
-        self._position_stats: tuple[CalibrationSet, PositionStats] | None = None  # for this calibration set
+        # Per calibration-set field, its position statistics and the calibration set they were fitted on.
+        self._position_stats: dict[str, tuple[CalibrationSet, PositionStats]] = {}
 
     def bank(self, layer: int) -> PatchMemory:
         return PatchMemory(features=getattr(self, f"bank_{layer}"), layer=layer, grid=self.grid, shots=self.shots)
@@ -489,50 +524,75 @@ class LineMemory(torch.nn.Module):
         see `patch_scores`)."""
         return upsample_patch_scores(self.patch_scores(patches, peers), self.grid, size)
 
+    def _stats(self, field: str) -> PositionStats | None:
+        """Per-position statistics of one calibration-set map (`prompt_map` or `memory`) on the
+        calibration images; None with fewer than POSITION_MIN_IMAGES of them. Recomputed from the
+        calibration set, never stored twice."""
+        cal = self.calibration_set
+        if cal is None or cal.memory.shape[0] < POSITION_MIN_IMAGES:
+            return None
+        cached = self._position_stats.get(field)
+        if cached is None or cached[0] is not cal:
+            cached = self._position_stats[field] = (cal, PositionStats.fit(getattr(cal, field)))
+        return cached[1]
+
     @property
     def position_stats(self) -> PositionStats | None:
-        """The prompt map's per-position statistics on the calibration images (None with fewer than
-        POSITION_MIN_IMAGES of them); recomputed from the calibration set, never stored twice."""
-        cal = self.calibration_set
-        if cal is None or cal.prompt_map.shape[0] < POSITION_MIN_IMAGES:
-            return None
-        if self._position_stats is None or self._position_stats[0] is not cal:
-            self._position_stats = (cal, PositionStats.fit(cal.prompt_map))
-        return self._position_stats[1]
+        """The prompt map's per-position statistics on the calibration images."""
+        return self._stats("prompt_map")
+
+    @property
+    def memory_position_stats(self) -> PositionStats | None:
+        """The memory patch scores' per-position statistics on the calibration images."""
+        return self._stats("memory")
+
+    def _normalised_scores(self, stats: PositionStats, raw: Tensor, calibration: MapCalibration, sigma: float) -> Tensor:
+        z = stats.apply(raw.float().cpu(), self.grid)
+        return calibration.apply(top_fraction_mean(torch.from_numpy(smooth_maps(z, sigma)), self.fusion.top_fraction))
 
     def position_scores(self, prompt_raw: Tensor, sigma: float) -> Tensor:
         """(B,) calibrated image scores of the position-normalised prompt maps (B, S, S)."""
-        z = self.position_stats.apply(prompt_raw.float(), self.grid)
-        top = top_fraction_mean(torch.from_numpy(smooth_maps(z, sigma)), self.fusion.top_fraction)
-        return self.position_calibration.apply(top)
+        return self._normalised_scores(self.position_stats, prompt_raw, self.position_calibration, sigma)
 
-    def fit_position_calibration(self, sigma: float) -> MapCalibration | None:
-        """The position score's scale on the line's normal images (leave-one-out); None where the
-        calibration set is too small for position statistics."""
-        if self.position_stats is None:
+    def memory_position_scores(self, memory_raw: Tensor, sigma: float) -> Tensor:
+        """(B,) calibrated image scores of the position-normalised raw memory maps (B, S, S)."""
+        return self._normalised_scores(self.memory_position_stats, memory_raw, self.memory_position_calibration, sigma)
+
+    def _fit_normalised_calibration(self, field: str, sigma: float) -> MapCalibration | None:
+        """The scale of a position-normalised score on the line's normal images (leave-one-out);
+        None where the calibration set is too small for position statistics."""
+        if self._stats(field) is None:
             return None
         size = int(self.built_with["image_size"])
-        scores = leave_one_out_position_scores(self.calibration_set.prompt_map.float(), self.grid, size, sigma,
+        scores = leave_one_out_position_scores(getattr(self.calibration_set, field).float(), self.grid, size, sigma,
                                                self.fusion.top_fraction)
         return MapCalibration.fit(scores)
+
+    def fit_position_calibration(self, sigma: float) -> MapCalibration | None:
+        return self._fit_normalised_calibration("prompt_map", sigma)
+
+    def fit_memory_position_calibration(self, sigma: float) -> MapCalibration | None:
+        return self._fit_normalised_calibration("memory", sigma)
 
     def fuse(self, memory_raw: Tensor, prompt_scores: Tensor | None, prompt_raw: Tensor | None,
              sigma: float) -> tuple[np.ndarray, np.ndarray]:
         """(scores (B,), smoothed maps (B, S, S)) of the active mode from the sources' raw maps."""
         mem = self.memory_calibration.apply(memory_raw) if self.memory_calibration else memory_raw
+        memory_position = self.memory_position_scores(memory_raw, sigma) if self.fusion.memory_position > 0 else None
         if self.fusion.mode == "memory":
             maps = smooth_maps(mem, sigma)
             top = top_fraction_mean(torch.from_numpy(maps), self.fusion.top_fraction)
             a = self.fusion.image_evidence
             if a == 0 or self.image_calibration is None:
                 return top.numpy(), maps
-            scores = self.image_calibration.apply(top).numpy().astype(np.float32)
+            scores = _share(self.image_calibration.apply(top), self.fusion.memory_position, memory_position,
+                            "memory position share").numpy().astype(np.float32)
             return scores, ((1 - a) * maps + a * scores[:, None, None]).astype(np.float32)
         if not self.can_fuse:
             raise ValueError("fused scoring needs calibrations of both sources (rebuild the memory)")
         position = self.position_scores(prompt_raw, sigma) if self.fusion.position_weight > 0 else None
         return fused_outputs(mem, self.prompt_calibration.apply(prompt_raw), self.score_calibration.apply(prompt_scores),
-                             self.fusion, self.image_calibration, sigma, position)
+                             self.fusion, self.image_calibration, sigma, position, memory_position)
 
     def fit_image_calibration(self, sigma: float) -> MapCalibration | None:
         """The image score's scale for the current settings (the local map's top pixels on the
@@ -571,11 +631,19 @@ class LineMemory(torch.nn.Module):
             if self.position_calibration is None or self.image_calibration is None:
                 # Too few normal images beyond the memory's to measure each position: the term is
                 # off, and the bundle says so.
-                self.fusion = replace(fusion, position_weight=0.0)
+                self.fusion = replace(self.fusion, position_weight=0.0)
         if fusion.mode == "memory" and fusion.image_evidence > 0 and self.image_calibration is None:
             # No normal image beyond the memory's single one: there is no scale to put the image
             # score on, so the map stays the memory's own (recorded, not silently ignored).
-            self.fusion = replace(fusion, image_evidence=0.0)
+            self.fusion = replace(self.fusion, image_evidence=0.0)
+        self.memory_position_calibration = None
+        calibrated_score = self.fusion.mode == "fused" or (self.fusion.mode == "memory" and self.fusion.image_evidence > 0)
+        if self.fusion.memory_position > 0 and calibrated_score and self.image_calibration is not None:
+            self.memory_position_calibration = self.fit_memory_position_calibration(sigma)
+        if self.fusion.mode != "prompts" and self.memory_position_calibration is None:
+            # Off where the image score is uncalibrated or too few normal images measure each
+            # position; recorded, as the position term is.
+            self.fusion = replace(self.fusion, memory_position=0.0)
         return self
 
     # --- persistence: tensors in memory.pt, the rest in detector.json ---------------------------
@@ -599,7 +667,8 @@ class LineMemory(torch.nn.Module):
             "fusion": self.fusion.to_dict(),
             "calibration": {"memory_map": cal(self.memory_calibration), "prompt_map": cal(self.prompt_calibration),
                             "prompt_score": cal(self.score_calibration), "fused_score": cal(self.image_calibration),
-                            "prompt_position_score": cal(self.position_calibration)},
+                            "prompt_position_score": cal(self.position_calibration),
+                            "memory_position_score": cal(self.memory_position_calibration)},
             "calibration_images": 0 if self.calibration_set is None else int(self.calibration_set.memory.shape[0]),
             "info": self.info,
         }
@@ -623,6 +692,7 @@ class LineMemory(torch.nn.Module):
             prompt_calibration=cal("prompt_map"), score_calibration=cal("prompt_score"), info=meta.get("info"),
             image_calibration=cal("fused_score"), calibration_set=CalibrationSet.from_tensors(tensors),
             position_calibration=cal("prompt_position_score"),
+            memory_position_calibration=cal("memory_position_score"),
         )
 
     def with_mode(self, mode: str) -> "LineMemory":

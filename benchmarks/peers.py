@@ -12,7 +12,8 @@ them (benchmarks/zero_shot.py `draw_memory`, 3 draws per k, the next 32 normals 
 Products and detector as in benchmarks/line_memory_products.py.
 
 Rows per product and k: the single sources (the prompts; batch zero-shot mode, no normal image, in
-the same groups; the memory alone, a = 0.5), the shipped fused detector, and both with peers. Then
+the same groups; the memory alone, a = 0.5, its image score without and with its position share s), the
+shipped fused detector, and the memory and fused rows with peers. Then
 the fused detector with peers minus the best single source, per metric. Last, the known weakness:
 defects shared by many images of a group find close patches among their peers; the same rows at
 several shares of defective test images (normals or defects subsampled, seeded), where groups are
@@ -41,7 +42,7 @@ from zero_shot import DRAWS, draw_memory, print_table  # noqa: E402
 from anomalyfleet.maps import smooth_maps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SINGLES = ("prompts", "batch zero-shot", "memory (a=0.5)")
+SINGLES = ("prompts", "batch zero-shot", "memory (a=0.5, s=0)", "memory (a=0.5)")
 
 
 def stream_groups(count: int, group: int, seed: int) -> list[torch.Tensor]:
@@ -88,7 +89,8 @@ def detectors_with_and_without_peers(memory, patches: torch.Tensor, prompts, ind
     out = {}
     for suffix, patch in (("", alone), (" + peers", torch.minimum(alone, peers))):
         raw = _maps(memory, patch, size)
-        for name, fusion in (("memory (a=0.5)", FusionSettings(mode="memory")), ("fused (default)", FusionSettings())):
+        for name, fusion in (("memory (a=0.5, s=0)", FusionSettings(mode="memory", memory_position=0.0)),
+                             ("memory (a=0.5)", FusionSettings(mode="memory")), ("fused (default)", FusionSettings())):
             memory.configure(fusion, sigma)
             out[name + suffix] = memory.fuse(raw, prompts.scores[index], prompts.raw[index], sigma)
     return out, seconds

@@ -101,8 +101,9 @@ def fusion_variants() -> list[tuple[str, object]]:
     """The fused rules compared: the default, one change at a time, and the rules it replaced."""
     from anomalyfleet.memory import FusionSettings
 
-    return [("equal weights (w=0.5, no position term), the previous default",
-             FusionSettings(prompt_weight=0.5, position_weight=0.0)),
+    return [("equal weights (w=0.5, no position terms), the first calibrated default",
+             FusionSettings(prompt_weight=0.5, position_weight=0.0, memory_position=0.0)),
+            ("no memory position share (s=0), the previous default", FusionSettings(memory_position=0.0)),
             ("no position term (u=0)", FusionSettings(position_weight=0.0)),
             ("prompt map share v=0.1", FusionSettings(prompt_map_weight=0.1)),
             ("no image evidence in the map (a=0)", FusionSettings(image_evidence=0.0)),
@@ -197,6 +198,7 @@ def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: 
     test_patches = test_table.patch_features[:, li].float()
     rows = []
     settings = [("memory", FusionSettings(mode="memory")),
+                ("memory, no position share (s=0)", FusionSettings(mode="memory", memory_position=0.0)),
                 ("memory, raw map (a=0)", FusionSettings(mode="memory", image_evidence=0.0)),
                 ("fused", FusionSettings())]
     for k in ks:

@@ -246,10 +246,11 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     assert memory["layers"] == [3] and memory["shots"] == 4 and memory["bank_sizes"] == {"3": 4 * 16}
     assert memory["fusion"]["mode"] == "fused" and memory["fusion"]["sources"] == {"prompts": True, "memory": True}
     assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score", "fused_score",
-                                          "prompt_position_score"}
+                                          "prompt_position_score", "memory_position_score"}
     assert memory["calibration_images"] == 4 and memory["calibration"]["fused_score"]["spread"] > 0
-    # Four calibration images are too few to measure the prompt map per position: the term is off, recorded.
+    # Four calibration images are too few to measure either map per position: both terms are off, recorded.
     assert memory["fusion"]["position_weight"] == 0.0 and memory["calibration"]["prompt_position_score"] is None
+    assert memory["fusion"]["memory_position"] == 0.0 and memory["calibration"]["memory_position_score"] is None
     assert memory["built_with"]["image_size"] == 56 and memory["built_with"]["layers"] == [6]
     loaded = _load(path)
     assert isinstance(loaded.memory, LineMemory) and loaded.feature_layers == (6, 3)
@@ -271,9 +272,9 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
 
     newer = shutil.copytree(path, tmp_path / "newer")
     meta = json.loads((newer / "detector.json").read_text())
-    (newer / "detector.json").write_text(json.dumps(dict(meta, format_version=4)))
+    (newer / "detector.json").write_text(json.dumps(dict(meta, format_version=5)))
     write_manifest(newer)
-    with pytest.raises(BundleError, match="bundle format 4 is newer"):
+    with pytest.raises(BundleError, match="bundle format 5 is newer"):
         _load(newer)
 
 
@@ -507,7 +508,8 @@ def test_memory_set_switches_mode_and_weights_without_rebuilding(tiny_detector_b
     assert code == 0, err
     again = _load(tmp_path / "memory-only")
     # Four calibration images: too few for the position term, which the bundle records as off.
-    assert again.memory.fusion == FusionSettings(mode="fused", prompt_weight=0.25, position_weight=0.0)
+    assert again.memory.fusion == FusionSettings(mode="fused", prompt_weight=0.25, position_weight=0.0,
+                                                 memory_position=0.0)
     reference.memory.configure(FusionSettings(prompt_weight=0.25), sigma=reference.settings.sigma)
     assert again.memory.image_calibration == reference.memory.image_calibration
     expected, got = reference.predict(images), again.predict(images)
@@ -611,10 +613,10 @@ def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported
         for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro"):
             assert report[key] == pytest.approx(table[name][key], abs=1e-6), (name, key)
     # The input bundle is untouched; --dry-run writes nothing.
-    assert _load(bundle).memory.fusion == FusionSettings(position_weight=0.0)
+    assert _load(bundle).memory.fusion == FusionSettings(position_weight=0.0, memory_position=0.0)
     code, out, _ = _cli(["memory", "tune", "--detector", str(bundle), "--data", data[0], "--dry-run", "--quiet"], capsys)
     assert code == 0 and "out" not in json.loads(out) and not (tmp_path / "line").with_name("x").exists()
-    assert _load(bundle).memory.fusion == FusionSettings(position_weight=0.0)
+    assert _load(bundle).memory.fusion == FusionSettings(position_weight=0.0, memory_position=0.0)
 
 
 def test_memory_tune_refuses_bad_input_and_writes_nothing(tiny_detector_bundle, line_data, tmp_path, capsys):
@@ -682,7 +684,7 @@ def test_memory_mode_bundles_from_before_rules_2_score_as_they_did(tiny_detector
     so its scores (and the thresholds set on them) do not change under it."""
     detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory")
     meta = detector.memory.metadata()
-    assert meta["fusion"]["rules"] == 3 and meta["fusion"]["image_evidence"] == 0.5
+    assert meta["fusion"]["rules"] == 4 and meta["fusion"]["image_evidence"] == 0.5
     old = dict(meta, fusion={k: v for k, v in meta["fusion"].items() if k != "rules"})
     legacy = LineMemory.from_saved(old, detector.memory.tensors())
     assert legacy.fusion.image_evidence == 0.0
@@ -781,7 +783,7 @@ def rich_normals(tmp_path_factory):
     return write_folder_dataset(tmp_path_factory.mktemp("rich") / "normals", normals=16, anomalies=0, seed=7)
 
 
-def test_fused_score_holds_the_position_term_as_documented(tiny_detector_bundle, rich_normals, line_data, tmp_path):
+def test_fused_score_holds_the_position_terms_as_documented(tiny_detector_bundle, rich_normals, line_data, tmp_path):
     from anomalyfleet.bundle import read_bundle_metadata, save_bundle
     from anomalyfleet.memory import (PositionStats, leave_one_out_position_scores, upsample_patch_scores)
 
@@ -814,31 +816,58 @@ def test_fused_score_holds_the_position_term_as_documented(tiny_detector_bundle,
     z = PositionStats.fit(cal_maps).apply(prompt_raw, memory.grid)
     position_part = memory.position_calibration.apply(
         top_fraction_mean(torch.from_numpy(mapping.smooth_maps(z, sigma)), 0.01))
-    expected = 0.8 * memory_part + 0.1 * prompt_part + 0.1 * position_part
+    # The memory's image score from its own map normalised per position (share s = 1), on the scale
+    # of the calibration images' memory scores, each under the others' statistics.
+    cal_memory = memory.calibration_set.memory
+    assert memory.memory_position_calibration == MapCalibration.fit(
+        leave_one_out_position_scores(cal_memory, memory.grid, size, sigma, 0.01))
+    zm = PositionStats.fit(cal_memory).apply(memory_raw, memory.grid)
+    memory_position_part = memory.memory_position_calibration.apply(
+        top_fraction_mean(torch.from_numpy(mapping.smooth_maps(zm, sigma)), 0.01))
+    expected = 0.8 * memory_position_part + 0.1 * prompt_part + 0.1 * position_part
     np.testing.assert_allclose(fused.scores, expected.numpy(), atol=1e-4)
-    # Without the term: the previous formula, other scores.
+    # Without the position term: other scores.
     memory.configure(FusionSettings(position_weight=0.0), sigma)
     without = detector.predict(images)
-    np.testing.assert_allclose(without.scores, (0.9 * memory_part + 0.1 * prompt_part).numpy(), atol=1e-4)
+    np.testing.assert_allclose(without.scores, (0.9 * memory_position_part + 0.1 * prompt_part).numpy(), atol=1e-4)
     assert not np.allclose(without.scores, fused.scores, atol=1e-3)
-    # The bundle keeps the weight and the scale; scores survive the round trip exactly.
+    # Half the memory's score from each of its maps; none from the normalised one: the previous formula.
+    memory.configure(FusionSettings(memory_position=0.5), sigma)
+    half = 0.5 * memory_part + 0.5 * memory_position_part
+    np.testing.assert_allclose(detector.predict(images).scores, (0.8 * half + 0.1 * prompt_part + 0.1 * position_part).numpy(),
+                               atol=1e-4)
+    memory.configure(FusionSettings(memory_position=0.0), sigma)
+    np.testing.assert_allclose(detector.predict(images).scores,
+                               (0.8 * memory_part + 0.1 * prompt_part + 0.1 * position_part).numpy(), atol=1e-4)
+    # Memory mode takes the same share into its calibrated score, and its map.
+    memory.configure(FusionSettings(mode="memory"), sigma)
+    alone = detector.predict(images)
+    np.testing.assert_allclose(alone.scores, memory_position_part.numpy(), atol=1e-4)
+    np.testing.assert_allclose(alone.maps, 0.5 * local + 0.5 * memory_position_part.numpy()[:, None, None], atol=1e-4)
+    # The bundle keeps the weights and the scales; scores survive the round trip exactly.
     memory.configure(FusionSettings(), sigma)
     path = save_bundle(detector, tmp_path / "positioned")
     meta = read_bundle_metadata(path)["memory"]
-    assert meta["fusion"]["position_weight"] == 0.1 and meta["fusion"]["rules"] == 3
-    # Older code would score without the term: the bundle's format is one it refuses.
-    assert read_bundle_metadata(path)["format_version"] == 3
+    assert meta["fusion"]["position_weight"] == 0.1 and meta["fusion"]["memory_position"] == 1.0
+    assert meta["fusion"]["rules"] == 4
+    # Older code would score without the terms: the bundle's format is one it refuses.
+    assert read_bundle_metadata(path)["format_version"] == 4
     assert meta["calibration"]["prompt_position_score"] == memory.position_calibration.to_dict()
+    assert meta["calibration"]["memory_position_score"] == memory.memory_position_calibration.to_dict()
     again = _load(path).predict(images)
     assert np.array_equal(again.scores, fused.scores) and np.array_equal(again.maps, fused.maps)
-    # A bundle from before the term (no position weight recorded) loads without it.
-    old = {k: v for k, v in meta["fusion"].items() if k != "position_weight"}
+    # Only the prompts' position term: format 3, as before the memory's share.
+    memory.configure(FusionSettings(memory_position=0.0), sigma)
+    assert read_bundle_metadata(save_bundle(detector, tmp_path / "prompt-position"))["format_version"] == 3
+    # A bundle from before either term (neither weight recorded) loads without them.
+    old = {k: v for k, v in meta["fusion"].items() if k not in ("position_weight", "memory_position")}
     assert FusionSettings.from_dict(old).position_weight == 0.0
+    assert FusionSettings.from_dict(old).memory_position == 0.0
     with pytest.raises(ValueError, match="newer than this anomalyfleet"):
         FusionSettings.from_dict(dict(meta["fusion"], rules=99))
 
 
-def test_position_weight_options_and_limits(tiny_detector_bundle, rich_normals, line_data, tmp_path, capsys):
+def test_position_options_and_limits(tiny_detector_bundle, rich_normals, line_data, tmp_path, capsys):
     from anomalyfleet.bundle import save_bundle
     from anomalyfleet.memory_tuning import candidate_settings
 
@@ -860,3 +889,17 @@ def test_position_weight_options_and_limits(tiny_detector_bundle, rich_normals, 
     assert code == 0, err
     assert "position term is off" in err and "this memory has 4" in err
     assert _load(poor).memory.fusion.position_weight == 0.0
+    code, out, err = _cli(["memory", "set", "--detector", str(poor), "--memory-position", "1",
+                           "--position-weight", "0.1"], capsys)
+    assert code == 0, err
+    assert "the position term and the memory position share are off" in err and "this memory has 4" in err
+    assert _load(poor).memory.fusion.memory_position == 0.0
+    # Memory mode without image evidence keeps the raw score: the share is unused, recorded 0, no note.
+    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--mode", "memory", "--image-evidence", "0",
+                           "--memory-position", "1"], capsys)
+    assert code == 0 and "off" not in err, err
+    assert _load(rich).memory.fusion.memory_position == 0.0
+    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--mode", "fused", "--image-evidence", "0.5",
+                           "--memory-position", "0.5"], capsys)
+    assert code == 0 and "off" not in err, err
+    assert _load(rich).memory.fusion.memory_position == 0.5

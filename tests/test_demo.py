@@ -35,8 +35,9 @@ def test_demo_runs_the_whole_story(tmp_path):
     assert [row["score"] for row in with_memory["per_image"]] != [zero_shot[row["image"]] for row in with_memory["per_image"]]
     bundle = json.loads((tmp_path / "detectors" / "elpv-line-memory" / "detector.json").read_text())
     assert bundle["memory"]["shots"] == 4 and bundle["memory"]["fusion"]["mode"] == "fused"
-    # 12 other normal cells set the scales, enough for the position term.
+    # 12 other normal cells set the scales, enough for both position-normalised scores.
     assert bundle["memory"]["calibration_images"] == 12 and bundle["memory"]["fusion"]["position_weight"] == 0.1
+    assert bundle["memory"]["fusion"]["memory_position"] == 1.0
     assert not set(bundle["memory"]["info"]["images"]) & set(zero_shot)  # the memory's cells are not scored
     summary = [line for line in result.stderr.splitlines() if line.startswith("summary:")]
     assert len(summary) == 1 and "zero-shot" in summary[0] and "with a line memory of 4 normal cells" in summary[0]

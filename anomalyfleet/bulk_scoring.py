@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +85,23 @@ class BulkScoreConfig:
     def group_mode(self) -> str:
         return "peers" if self.peers is not None else "batch zero-shot"
 
+    @cached_property
+    def bundle_metadata(self) -> dict[str, dict]:
+        """Each line bundle's metadata, read once per bundle for the checks before a run (for an
+        s3:// bundle, a remote read)."""
+        from anomalyfleet.bundle import read_bundle_metadata
+
+        return {uri: read_bundle_metadata(uri) for uri in dict.fromkeys(item.bundle for item in self.inputs)}
+
     def check_peers(self) -> None:
         """With peers, every line's bundle must have an active line memory: read from each bundle's
         metadata before any actor starts, so a wrong bundle is one line, not a failure per shard."""
         if self.peers is None:
             return
         from anomalyfleet.batch_zero_shot import memory_mode_problem
-        from anomalyfleet.bundle import read_bundle_metadata
 
         for item in self.inputs:
-            memory = read_bundle_metadata(item.bundle).get("memory")
+            memory = self.bundle_metadata[item.bundle].get("memory")
             problem = memory_mode_problem(None if memory is None else (memory.get("fusion") or {}).get("mode", "fused"))
             if problem:
                 raise ConfigError(f"line {item.line} ({item.bundle}): {problem}")
@@ -142,6 +150,11 @@ def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None)
         from anomalyfleet.cli import resolve_detector
 
         detector = resolve_detector(detector)
+    bundle_threshold = None
+    if snapshot is None and detector and pairs:  # one bundle for every line: its metadata read once
+        from anomalyfleet.bundle import read_bundle_metadata
+
+        bundle_threshold = (read_bundle_metadata(detector).get("thresholds") or {}).get("image")
     for pair in pairs:
         line, sep, uri = pair.partition("=")
         if not sep or not line or not uri:
@@ -158,10 +171,7 @@ def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None)
             state = snapshot.lines[line]
             lines.append(LineInput(line, uri, state.bundle_uri, state.threshold))
         elif detector:
-            from anomalyfleet.bundle import read_bundle_metadata
-
-            threshold = read_bundle_metadata(detector).get("thresholds", {}).get("image")
-            lines.append(LineInput(line, uri, detector, threshold))
+            lines.append(LineInput(line, uri, detector, bundle_threshold))
         else:
             raise ConfigError("give --registry (lines -> bundles) or --detector")
     return tuple(lines)
@@ -472,14 +482,13 @@ def config_from_args(args) -> BulkScoreConfig:
 
 def thresholds_warnings(config: BulkScoreConfig) -> list[str]:
     """Lines whose bundle's thresholds were set the other way (with or without peers) than this run scores."""
-    from anomalyfleet.bundle import read_bundle_metadata
     from anomalyfleet.calibration import thresholds_mismatch
 
     if config.batch_zero_shot:  # scores on the group's own scale: the bundle's thresholds are not used
         return []
     out = []
     for item in config.inputs:
-        meta = read_bundle_metadata(item.bundle)
+        meta = config.bundle_metadata[item.bundle]
         thresholds = meta.get("thresholds") or {}
         if item.threshold is None or item.threshold != thresholds.get("image"):
             continue  # the line scores against a registry threshold (or none), not the bundle's

@@ -6,8 +6,10 @@ optionally `memory.pt` (a line's normal patch memory; its layers, size, calibrat
 settings are under "memory" in detector.json) and `manifest.json` (sizes and SHA-256, written
 last and checked on load). A bundle without a memory is written as format 1, exactly as before;
 one with a memory as format 2, so an older anomalyfleet refuses it instead of silently scoring
-with the prompts alone against thresholds set for fused scores. It is published by writing
-a temporary directory and renaming it, so a reader never sees half a bundle.
+with the prompts alone against thresholds set for fused scores. Likewise format 3 for a fused score
+with the prompts' position term, and 4 where the memory's image score has its position share:
+each is refused by code that would score it without. It is published by writing a temporary
+directory and renaming it, so a reader never sees half a bundle.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _prompt_config_dict(prompts) -> dict | None:
 def _format_version(memory: LineMemory | None) -> int:
     if memory is None:
         return 1
-    if memory.fusion.memory_position > 0:
+    if memory.fusion.uses_memory_position:
         return MEMORY_POSITION_FORMAT_VERSION
     return POSITION_FORMAT_VERSION if memory.fusion.position_weight > 0 else MEMORY_FORMAT_VERSION
 

@@ -331,6 +331,11 @@ class FusionSettings:
             raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
 
     @property
+    def uses_memory_position(self) -> bool:
+        """The memory position share enters the scores: fused mode, or memory mode's calibrated score."""
+        return self.memory_position > 0 and (self.mode == "fused" or (self.mode == "memory" and self.image_evidence > 0))
+
+    @property
     def sources(self) -> dict[str, bool]:
         return {"prompts": self.mode in ("fused", "prompts"), "memory": self.mode in ("fused", "memory")}
 
@@ -338,17 +343,19 @@ class FusionSettings:
         """What the scores' scale depends on: thresholds set under one value do not hold under another."""
         if self.mode == "prompts":
             return ("prompts",)
+        share = self.memory_position if self.uses_memory_position else 0.0
         if self.mode == "memory":
-            calibrated = self.image_evidence > 0
-            return ("memory", self.top_fraction, calibrated, self.memory_position if calibrated else 0.0)
+            return ("memory", self.top_fraction, self.image_evidence > 0, share)
         return ("fused", self.prompt_weight, self.top_fraction, self.prompt_map_weight, self.image_evidence,
-                self.position_weight, self.memory_position)
+                self.position_weight, share)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "prompt_weight": self.prompt_weight, "top_fraction": self.top_fraction,
                 "prompt_map_weight": self.prompt_map_weight, "image_evidence": self.image_evidence,
                 "position_weight": self.position_weight, "memory_position": self.memory_position,
-                "sources": self.sources, "rules": FUSION_RULES}
+                # The oldest rules that score these settings alike: code from before the memory
+                # position share reads bundles that do not use it.
+                "sources": self.sources, "rules": FUSION_RULES if self.uses_memory_position else 3}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionSettings":
@@ -546,7 +553,11 @@ class LineMemory(torch.nn.Module):
         """The memory patch scores' per-position statistics on the calibration images."""
         return self._stats("memory")
 
-    def _normalised_scores(self, stats: PositionStats, raw: Tensor, calibration: MapCalibration, sigma: float) -> Tensor:
+    def _normalised_scores(self, stats: PositionStats | None, raw: Tensor, calibration: MapCalibration | None,
+                           sigma: float) -> Tensor:
+        if stats is None or calibration is None:
+            raise ValueError("position-normalised scores need position statistics and their calibration: "
+                             "configure the memory (or rebuild it with at least 8 calibration images)")
         z = stats.apply(raw.float().cpu(), self.grid)
         return calibration.apply(top_fraction_mean(torch.from_numpy(smooth_maps(z, sigma)), self.fusion.top_fraction))
 
@@ -578,21 +589,23 @@ class LineMemory(torch.nn.Module):
              sigma: float) -> tuple[np.ndarray, np.ndarray]:
         """(scores (B,), smoothed maps (B, S, S)) of the active mode from the sources' raw maps."""
         mem = self.memory_calibration.apply(memory_raw) if self.memory_calibration else memory_raw
-        memory_position = self.memory_position_scores(memory_raw, sigma) if self.fusion.memory_position > 0 else None
+        def memory_position() -> Tensor | None:
+            return self.memory_position_scores(memory_raw, sigma) if self.fusion.memory_position > 0 else None
+
         if self.fusion.mode == "memory":
             maps = smooth_maps(mem, sigma)
             top = top_fraction_mean(torch.from_numpy(maps), self.fusion.top_fraction)
             a = self.fusion.image_evidence
             if a == 0 or self.image_calibration is None:
                 return top.numpy(), maps
-            scores = _share(self.image_calibration.apply(top), self.fusion.memory_position, memory_position,
+            scores = _share(self.image_calibration.apply(top), self.fusion.memory_position, memory_position(),
                             "memory position share").numpy().astype(np.float32)
             return scores, ((1 - a) * maps + a * scores[:, None, None]).astype(np.float32)
         if not self.can_fuse:
             raise ValueError("fused scoring needs calibrations of both sources (rebuild the memory)")
         position = self.position_scores(prompt_raw, sigma) if self.fusion.position_weight > 0 else None
         return fused_outputs(mem, self.prompt_calibration.apply(prompt_raw), self.score_calibration.apply(prompt_scores),
-                             self.fusion, self.image_calibration, sigma, position, memory_position)
+                             self.fusion, self.image_calibration, sigma, position, memory_position())
 
     def fit_image_calibration(self, sigma: float) -> MapCalibration | None:
         """The image score's scale for the current settings (the local map's top pixels on the
@@ -637,13 +650,14 @@ class LineMemory(torch.nn.Module):
             # score on, so the map stays the memory's own (recorded, not silently ignored).
             self.fusion = replace(self.fusion, image_evidence=0.0)
         self.memory_position_calibration = None
-        calibrated_score = self.fusion.mode == "fused" or (self.fusion.mode == "memory" and self.fusion.image_evidence > 0)
-        if self.fusion.memory_position > 0 and calibrated_score and self.image_calibration is not None:
-            self.memory_position_calibration = self.fit_memory_position_calibration(sigma)
-        if self.fusion.mode != "prompts" and self.memory_position_calibration is None:
-            # Off where the image score is uncalibrated or too few normal images measure each
-            # position; recorded, as the position term is.
-            self.fusion = replace(self.fusion, memory_position=0.0)
+        if self.fusion.uses_memory_position:
+            if self.image_calibration is not None:
+                self.memory_position_calibration = self.fit_memory_position_calibration(sigma)
+            if self.memory_position_calibration is None:
+                # Too few normal images to measure each position (or no image scale): off, and
+                # the bundle says so. Where the share is merely unused (prompts mode, memory
+                # mode's raw score) it is kept, as the position weight is, for a later mode.
+                self.fusion = replace(self.fusion, memory_position=0.0)
         return self
 
     # --- persistence: tensors in memory.pt, the rest in detector.json ---------------------------
@@ -685,7 +699,7 @@ class LineMemory(torch.nn.Module):
             data = calibration.get(key)
             return None if data is None else MapCalibration.from_dict(data)
 
-        return cls(
+        memory = cls(
             layers=layers, banks=[tensors[f"layer_{layer}"] for layer in layers], grid=tuple(meta["grid"]),
             shots=int(meta["shots"]), built_with=meta.get("built_with", {}), coreset=meta.get("coreset"),
             fusion=FusionSettings.from_dict(meta.get("fusion", {})), memory_calibration=cal("memory_map"),
@@ -694,6 +708,14 @@ class LineMemory(torch.nn.Module):
             position_calibration=cal("prompt_position_score"),
             memory_position_calibration=cal("memory_position_score"),
         )
+        fusion = memory.fusion
+        for used, key, field in ((fusion.mode == "fused" and fusion.position_weight > 0, "prompt_position_score", "prompt_map"),
+                                 (fusion.uses_memory_position, "memory_position_score", "memory")):
+            if used and (cal(key) is None or memory._stats(field) is None):
+                # Refused on load, not on the first image scored.
+                raise ValueError(f"its fusion uses the {key.replace('_', ' ')} but it has no such calibration "
+                                 f"or too few calibration images")
+        return memory
 
     def with_mode(self, mode: str) -> "LineMemory":
         """Switch the mode, keeping the weights (`configure` at the smoothing the memory was built with)."""

@@ -684,7 +684,7 @@ def test_memory_mode_bundles_from_before_rules_2_score_as_they_did(tiny_detector
     so its scores (and the thresholds set on them) do not change under it."""
     detector = _with_memory(tiny_detector_bundle, line_data[0], mode="memory")
     meta = detector.memory.metadata()
-    assert meta["fusion"]["rules"] == 4 and meta["fusion"]["image_evidence"] == 0.5
+    assert meta["fusion"]["rules"] == 3 and meta["fusion"]["image_evidence"] == 0.5
     old = dict(meta, fusion={k: v for k, v in meta["fusion"].items() if k != "rules"})
     legacy = LineMemory.from_saved(old, detector.memory.tensors())
     assert legacy.fusion.image_evidence == 0.0
@@ -868,7 +868,7 @@ def test_fused_score_holds_the_position_terms_as_documented(tiny_detector_bundle
 
 
 def test_position_options_and_limits(tiny_detector_bundle, rich_normals, line_data, tmp_path, capsys):
-    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.bundle import read_bundle_metadata, save_bundle
     from anomalyfleet.memory_tuning import candidate_settings
 
     with pytest.raises(ValueError, match="at most 1"):
@@ -894,12 +894,72 @@ def test_position_options_and_limits(tiny_detector_bundle, rich_normals, line_da
     assert code == 0, err
     assert "the position term and the memory position share are off" in err and "this memory has 4" in err
     assert _load(poor).memory.fusion.memory_position == 0.0
-    # Memory mode without image evidence keeps the raw score: the share is unused, recorded 0, no note.
-    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--mode", "memory", "--image-evidence", "0",
-                           "--memory-position", "1"], capsys)
+    # Memory mode without image evidence keeps the raw score: the share is unused and kept for a later
+    # mode, no note; the bundle is one older code reads (rules 3, format 3: the position weight is on).
+    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--mode", "memory", "--image-evidence", "0"],
+                          capsys)
     assert code == 0 and "off" not in err, err
-    assert _load(rich).memory.fusion.memory_position == 0.0
-    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--mode", "fused", "--image-evidence", "0.5",
-                           "--memory-position", "0.5"], capsys)
+    raw_memory = _load(rich)
+    assert raw_memory.memory.fusion.memory_position == 1.0 and not raw_memory.memory.fusion.uses_memory_position
+    meta = read_bundle_metadata(rich)
+    assert meta["memory"]["fusion"]["rules"] == 3 and meta["format_version"] == 3
+    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--mode", "fused", "--image-evidence", "0.5"],
+                          capsys)
+    assert code == 0 and "off" not in err, err
+    assert _load(rich).memory.fusion.memory_position == 1.0
+    code, out, err = _cli(["memory", "set", "--detector", str(rich), "--memory-position", "0.5"], capsys)
     assert code == 0 and "off" not in err, err
     assert _load(rich).memory.fusion.memory_position == 0.5
+    # Tuning candidates keep the share.
+    assert all(f.memory_position == 1.0 for _, f in candidate_settings(FusionSettings(), [0.1, 0.5]))
+
+
+def test_memory_position_share_round_trips_and_older_bundles_keep_their_scores(tiny_detector_bundle, rich_normals,
+                                                                                line_data, tmp_path):
+    import shutil
+
+    from anomalyfleet.bundle import read_bundle_metadata, save_bundle
+    from anomalyfleet.errors import BundleError
+    from anomalyfleet.manifest import write_manifest
+
+    detector = _with_memory(tiny_detector_bundle, rich_normals, mode="memory")
+    sigma = detector.settings.sigma
+    assert detector.memory.fusion.uses_memory_position
+    images, _ = _images(_samples(line_data[1]), detector)
+    alone = detector.predict(images)
+    # Memory mode with its share, through a bundle: format 4, the same scores and maps.
+    path = save_bundle(detector, tmp_path / "memory-mode")
+    assert read_bundle_metadata(path)["format_version"] == 4
+    again = _load(path).predict(images)
+    assert np.array_equal(again.scores, alone.scores) and np.array_equal(again.maps, alone.maps)
+    # A fused bundle written by the code before the share (rules 3, format 3, no share recorded)
+    # scores as that code did: as this code with s = 0.
+    detector.memory.configure(FusionSettings(), sigma)
+    fused = save_bundle(detector, tmp_path / "fused")
+    older = shutil.copytree(fused, tmp_path / "older")
+    meta = json.loads((older / "detector.json").read_text())
+    meta["format_version"] = 3
+    meta["memory"]["fusion"] = {k: v for k, v in meta["memory"]["fusion"].items() if k != "memory_position"}
+    meta["memory"]["fusion"]["rules"] = 3
+    del meta["memory"]["calibration"]["memory_position_score"]
+    (older / "detector.json").write_text(json.dumps(meta))
+    write_manifest(older)
+    old_scores = _load(older).predict(images).scores
+    detector.memory.configure(FusionSettings(memory_position=0.0), sigma)
+    np.testing.assert_allclose(old_scores, detector.predict(images).scores, atol=1e-6)
+    assert not np.allclose(old_scores, _load(fused).predict(images).scores, atol=1e-3)
+    # A bundle whose fusion uses the share but lacks its calibration is refused on load, in one line.
+    broken = shutil.copytree(fused, tmp_path / "broken")
+    meta = json.loads((broken / "detector.json").read_text())
+    meta["memory"]["calibration"]["memory_position_score"] = None
+    (broken / "detector.json").write_text(json.dumps(meta))
+    write_manifest(broken)
+    with pytest.raises(BundleError, match="memory position score but it has no such calibration"):
+        _load(broken)
+    # A memory used before it is configured says what is missing instead of failing deep inside.
+    bare = LineMemory((3,), [torch.randn(8, 16)], (4, 4), shots=1, built_with={"image_size": 56},
+                      fusion=FusionSettings(mode="memory"),
+                      memory_calibration=MapCalibration.fit(torch.rand(4, 8, 8)),
+                      image_calibration=MapCalibration.fit(torch.rand(4)))
+    with pytest.raises(ValueError, match="need position statistics"):
+        bare.fuse(torch.rand(2, 56, 56), None, None, sigma)

@@ -64,7 +64,8 @@ def test_peers_clear_normal_variation_the_memory_lacks_and_keep_a_rare_defect():
 
 @pytest.fixture(scope="module")
 def memory_bundle(tmp_path_factory, openai_clip_file):
-    """A tiny detector with a line memory of 4 normal images (8 given: the rest calibrate it)."""
+    """A tiny detector with a line memory of 4 normal images (12 given: the other 8 calibrate it, enough
+    for the position-normalised scores, so peers are tested with them on)."""
     from anomalyfleet.backbones import BackboneSpec
     from anomalyfleet.bundle import load_bundle, save_bundle
     from anomalyfleet.detector import Detector
@@ -75,11 +76,12 @@ def memory_bundle(tmp_path_factory, openai_clip_file):
                                image_size=56, layers=(6,), dpam_layers=4, seed=5)
     detector.thresholds["image"] = 0.5
     plain = save_bundle(detector, root / "plain")
-    normals = write_folder_dataset(root / "normals", normals=8, anomalies=0, seed=1)
+    normals = write_folder_dataset(root / "normals", normals=12, anomalies=0, seed=1)
     with_memory = root / "with-memory"
     assert main(["memory", "build", "--detector", str(plain), "--data", f"folder:{normals}", "--k", "4",
                  "--out", str(with_memory), "--quiet"]) == 0
     detector = load_bundle(with_memory)
+    assert detector.memory.fusion.uses_memory_position and detector.memory.fusion.position_weight > 0
     detector.thresholds["image"] = 0.5  # building the memory dropped the prompts' (another scale)
     save_bundle(detector, with_memory)
     return plain, with_memory, write_line_images(root / "test", normals=9, anomalies=3, seed=2)

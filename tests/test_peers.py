@@ -404,9 +404,13 @@ def test_calibrate_with_peers_sets_thresholds_for_scoring_with_peers(memory_bund
     from anomalyfleet.serving.registry import LineSpec, resolve_line
 
     peers_window = WindowSettings(size=5, min_images=3, peers=True)
-    for scored_bundle, window, noted in ((tmp_path / "peers", None, True), (tmp_path / "peers", peers_window, False),
-                                         (tmp_path / "plain", peers_window, True), (tmp_path / "plain", None, False)):
+    # Thresholds set with peers, a window of peers: only its start, before it holds min_images, is noted.
+    for scored_bundle, window, noted in ((tmp_path / "peers", None, "set for scoring with peers"),
+                                         (tmp_path / "peers", peers_window, "until its window holds 3 images"),
+                                         (tmp_path / "plain", peers_window, "set without peers"),
+                                         (tmp_path / "plain", None, None)):
         state = resolve_line("line-7", LineSpec(bundle=str(scored_bundle), window=window), None)
-        assert bool(state.notes) == noted and state.public()["notes"] == list(state.notes)
+        assert state.public()["notes"] == list(state.notes)
+        assert (len(state.notes) == 1 and noted in state.notes[0]) if noted else state.notes == (), state.notes
     ignored = resolve_line("line-7", LineSpec(bundle=str(tmp_path / "peers"), threshold=0.5), None)
     assert ignored.notes == ()  # a registry threshold replaces the bundle's

@@ -297,14 +297,21 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
 
 def _threshold_notes(meta: dict, thresholds: dict, window: WindowSettings | None) -> tuple[str, ...]:
     """A bundle threshold set with peers served without them (or the reverse) flags another share of
-    normal images than it was set for: said in /v1/lines, not refused. (A window of peers scores its
-    first `min_images` images without peers; that start is not noted.)"""
+    normal images than it was set for: said in /v1/lines, not refused. So is the start of a window
+    of peers: until it holds `min_images` images, images are scored without peers."""
     from anomalyfleet.calibration import thresholds_mismatch
 
     if window is not None and not window.peers:  # batch zero-shot: scores on the window's own scale
         return ()
     reason = thresholds_mismatch(meta, thresholds, window.size if window is not None else None, advice=False)
-    return () if reason is None else (reason,)
+    if reason is not None:
+        return (reason,)
+    set_with_peers = bool(((meta.get("extras") or {}).get("calibration") or {}).get("peers"))
+    if window is not None and thresholds and set_with_peers:
+        return (f"until its window holds {window.min_images} images (at start-up, and after a restart that "
+                f"finds no snapshot) images are scored without peers, against thresholds set with them: "
+                f"more normal images are flagged then",)
+    return ()
 
 
 class LineRegistry:

@@ -1,7 +1,8 @@
 """`make demo`: the whole story on the offline default, with ELPV solar cells.
 
-1. score real cells zero-shot with the bundled detector; 2. score the same cells again with a line
-memory built from 4 other normal cells (`anomalyfleet memory build --k 4`); 3. make a synthetic
+1. score real cells zero-shot with the bundled detector; 2. score the same cells again, each cell
+kind (mono, poly: two production lines) with a line memory built from 4 other normal cells of that
+kind (`anomalyfleet memory build --k 4`); 3. make a synthetic
 defect library from other, normal cells on Ray; 4. train prompts on it and evaluate on the real
 defective cells; 5. publish to a registry and bulk-score on Ray Data; 6. answer HTTP requests with
 Ray Serve.
@@ -55,11 +56,13 @@ def elpv_samples(limit_per_class: int | None = None, seed: int = 0) -> list[Samp
     return chosen
 
 
-def split_normals(samples: list[Sample], count: int, seed: int = 1) -> list[str]:
-    """`count` normal ELPV cells that are not among `samples`: the synthetic library is made from
-    these, so the evaluation never sees an image the detector was trained on."""
+def split_normals(samples: list[Sample], count: int, seed: int = 1, category: str | None = None) -> list[str]:
+    """`count` normal ELPV cells (of `category` when given) that are not among `samples`: the
+    synthetic library and the line memories are made from these, so the evaluation never sees an
+    image the detector was trained on or that a memory holds."""
     used = {s.image for s in samples}
-    normals = [s.image for s in elpv_samples(None) if s.label == 0 and s.image not in used]
+    normals = [s.image for s in elpv_samples(None)
+               if s.label == 0 and s.image not in used and category in (None, s.category)]
     rng = np.random.default_rng(seed)
     return [normals[i] for i in sorted(rng.choice(len(normals), min(count, len(normals)), replace=False))]
 
@@ -136,43 +139,54 @@ def story(samples: list[Sample], zero_shot: dict, out: Path) -> dict:
 
 
 MEMORY_SHOTS = 4
-# Other normal cells that set the sources' scales (memory build takes up to 32): with 8 or more the
-# fused score also holds the prompt map normalised per position (cells are always framed alike).
+# Other normal cells that set the sources' scales (memory build takes up to 32): with 8 or more both
+# image scores are also read from maps normalised per position (a line frames its parts alike).
 CALIBRATION_CELLS = 12
 PEER_GROUP = 32  # cells per group of peers (score/eval --peers): what a line's recent images give
+# Mono and poly cells come from different production lines, each framed its own way: one line
+# memory per kind, as a factory builds one per line (one memory for both mixes two framings in its
+# per-position statistics; measured in the README).
+CELL_LINES = {"elpv_mono": "elpv-mono-line", "elpv_poly": "elpv-poly-line"}
 
 
-def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, dict, dict]:
-    """The bundled detector plus a line memory of 4 normal cells that are not among `samples`,
-    calibrated on CALIBRATION_CELLS more (what `anomalyfleet memory build --detector default --data
-    ... --k 4` writes from 16 normal cells), scoring `samples` again: reports of the bundle's fused
-    mode, of the same with the other cells as peers in groups of PEER_GROUP (`eval --peers`), and of
-    the memory alone (`memory set --mode memory`).
+def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, dict, dict, list[Path]]:
+    """Per cell kind, the bundled detector plus a line memory of 4 normal cells of that kind that
+    are not among `samples`, calibrated on CALIBRATION_CELLS more (what `anomalyfleet memory build
+    --detector default --data ... --k 4` writes from 16 normal cells of the line), scoring that
+    kind's `samples` again: reports of the bundles' fused mode, of the same with the other cells of
+    the line as peers in groups of PEER_GROUP (`eval --peers`), and of the memory alone (`memory
+    set --mode memory`), each merged over the lines, and the bundles written.
     """
     from anomalyfleet.bundle import save_bundle
-    from anomalyfleet.evaluation import evaluate_detector
+    from anomalyfleet.evaluation import evaluate_detector, merge_reports
     from anomalyfleet.manifest import atomic_write_bytes
     from anomalyfleet.memory import build_line_memory
 
-    normals = [Sample(image, 0, None, "elpv_normal")
-               for image in split_normals(samples, MEMORY_SHOTS + CALIBRATION_CELLS, seed=2)]
     device = detector.device
-    detector.memory = build_line_memory(detector, normals, k=MEMORY_SHOTS, progress=False)
-    detector.memory.info["data"] = [n.image for n in normals]
-    bundle = save_bundle(detector.to("cpu"), out / "detectors" / "elpv-line-memory")
-    memory = detector.memory
-    print(f"[2/6] the same cells with a line memory of {memory.shots} other normal cells (mode {memory.fusion.mode}, "
-          f"block {','.join(map(str, memory.layers))}, {memory.info['memory_calibration']}) -> {bundle}",
-          file=sys.stderr)
-    report = evaluate_detector(detector.to(device), samples, per_image=True, progress=False)
+    fused, with_peers, alone, bundles = [], [], [], []
+    for category, line in CELL_LINES.items():
+        scored = [s for s in samples if s.category == category]
+        if not scored:
+            continue
+        normals = [Sample(image, 0, None, category)
+                   for image in split_normals(samples, MEMORY_SHOTS + CALIBRATION_CELLS, seed=2, category=category)]
+        detector.memory = build_line_memory(detector, normals, k=MEMORY_SHOTS, progress=False)
+        detector.memory.info["data"] = [n.image for n in normals]
+        bundles.append(save_bundle(detector.to("cpu"), out / "detectors" / line))
+        memory = detector.memory
+        print(f"[2/6] the {len(scored)} {category.split('_')[1]} cells with a line memory of {memory.shots} other "
+              f"normal cells of their line (mode {memory.fusion.mode}, block {','.join(map(str, memory.layers))}, "
+              f"{memory.info['memory_calibration']}) -> {bundles[-1]}", file=sys.stderr)
+        fused.append(evaluate_detector(detector.to(device), scored, per_image=True, progress=False))
+        with_peers.append(evaluate_detector(detector, scored, progress=False, peers=PEER_GROUP))
+        # The memory alone as well, to show what the prompts add on this product (little: they transfer poorly to cells).
+        memory.with_mode("memory")
+        alone.append(evaluate_detector(detector, scored, progress=False))
+        detector.memory = None
+    report, peers_report = merge_reports(fused), merge_reports(with_peers)
     atomic_write_bytes(out / "report-line-memory.json", json.dumps(report, indent=2).encode())
-    with_peers = evaluate_detector(detector, samples, progress=False, peers=PEER_GROUP)
-    atomic_write_bytes(out / "report-line-memory-peers.json", json.dumps(with_peers, indent=2).encode())
-    # The memory alone as well, to show what the prompts add on this product (little: they transfer poorly to cells).
-    memory.with_mode("memory")
-    alone = evaluate_detector(detector, samples, progress=False)
-    detector.memory = None
-    return report, with_peers, alone
+    atomic_write_bytes(out / "report-line-memory-peers.json", json.dumps(peers_report, indent=2).encode())
+    return report, peers_report, merge_reports(alone), bundles
 
 
 def serve_demo(bundle: str, threshold: float, images: list[Sample], out: Path) -> None:
@@ -250,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         pick = ranked[:half] + ranked[-half:]
         score_images(detector, [Path(r["image"]) for r in pick], out / "overlays", write_maps=False, progress=False)
         print(f"report: {out / 'report.json'}; overlays: {out / 'overlays'}", file=sys.stderr)
-        with_memory, with_peers, memory_alone = line_memory_step(detector, samples, out)
+        with_memory, with_peers, memory_alone, _ = line_memory_step(detector, samples, out)
         print(format_table(with_memory))
-        print(f"      image AUROC: zero-shot {auroc(report)}, with the line memory {auroc(with_memory)} (fused; the "
+        print(f"      image AUROC: zero-shot {auroc(report)}, with the line memories {auroc(with_memory)} (fused; the "
               f"memory alone {auroc(memory_alone)}), fused with the other cells as peers (groups of {PEER_GROUP}) "
               f"{auroc(with_peers)}; report: {out / 'report-line-memory.json'}", file=sys.stderr)
         synthetic = None if args.zero_shot_only else story(samples, report, out)
         print(f"summary: {len(samples)} ELPV cells, image AUROC zero-shot {auroc(report)}, with a line memory of "
-              f"{MEMORY_SHOTS} normal cells {auroc(with_memory)} (memory alone {auroc(memory_alone)}; with peers "
+              f"{MEMORY_SHOTS} normal cells per cell kind {auroc(with_memory)} (memory alone {auroc(memory_alone)}; with peers "
               f"{auroc(with_peers)})"
               + ("" if synthetic is None else f", prompts trained on synthetic defects {auroc(synthetic)}"),
               file=sys.stderr)

@@ -74,3 +74,22 @@ def evaluate_detector(
         ]
     return report
 
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from `evaluate_detector` reports of disjoint categories (e.g. one line each):
+    their categories side by side and the mean over all of them, as if evaluated together."""
+    if not reports:
+        raise ValueError("no reports to merge")
+    per_category: dict[str, dict] = {}
+    for report in reports:
+        overlap = set(per_category) & set(report["per_category"])
+        if overlap:
+            raise ValueError(f"categories in more than one report: {', '.join(sorted(overlap))}")
+        per_category.update(report["per_category"])
+    merged = {**reports[0], "per_category": per_category, "mean": metrics.mean_of_present(list(per_category.values())),
+              "images": sum(r["images"] for r in reports), "seconds": sum(r["seconds"] for r in reports),
+              "detector": [r["detector"] for r in reports]}
+    if all("per_image" in r for r in reports):
+        merged["per_image"] = [row for r in reports for row in r["per_image"]]
+    return merged
+

@@ -336,7 +336,7 @@ def _pixel_metrics(entry: dict) -> dict[str, float | None]:
     }
 
 
-def _mean_of_present(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+def mean_of_present(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
     means: dict[str, float | None] = {}
     for key in METRIC_KEYS:
         present = [row[key] for row in rows if row[key] is not None]
@@ -357,7 +357,7 @@ def evaluate(per_category: dict[str, dict]) -> dict:
         warnings.simplefilter("ignore", RuntimeWarning)
         for name, entry in per_category.items():
             report[name] = {**_image_metrics(entry), **_pixel_metrics(entry)}
-    return {"per_category": report, "mean": _mean_of_present(list(report.values()))}
+    return {"per_category": report, "mean": mean_of_present(list(report.values()))}
 
 
 def _cell(value: float | None, width: int) -> str:

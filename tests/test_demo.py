@@ -33,12 +33,21 @@ def test_demo_runs_the_whole_story(tmp_path):
     zero_shot = {row["image"]: row["score"] for row in json.loads((tmp_path / "report.json").read_text())["per_image"]}
     assert {row["image"] for row in with_memory["per_image"]} == set(zero_shot)
     assert [row["score"] for row in with_memory["per_image"]] != [zero_shot[row["image"]] for row in with_memory["per_image"]]
-    bundle = json.loads((tmp_path / "detectors" / "elpv-line-memory" / "detector.json").read_text())
-    assert bundle["memory"]["shots"] == 4 and bundle["memory"]["fusion"]["mode"] == "fused"
-    # 12 other normal cells set the scales, enough for both position-normalised scores.
-    assert bundle["memory"]["calibration_images"] == 12 and bundle["memory"]["fusion"]["position_weight"] == 0.1
-    assert bundle["memory"]["fusion"]["memory_position"] == 1.0
-    assert not set(bundle["memory"]["info"]["images"]) & set(zero_shot)  # the memory's cells are not scored
+    # One line memory per cell kind, each of that kind's cells only.
+    from anomalyfleet.demo import elpv_samples
+
+    kind_of = {s.image: s.category for s in elpv_samples(None)}
+    kinds = {row["category"] for row in with_memory["per_image"]}
+    assert kinds and set(with_memory["per_category"]) == kinds
+    for kind in kinds:
+        bundle = json.loads((tmp_path / "detectors" / f"{kind.replace('_', '-')}-line" / "detector.json").read_text())
+        assert bundle["memory"]["shots"] == 4 and bundle["memory"]["fusion"]["mode"] == "fused"
+        # 12 other normal cells set the scales, enough for both position-normalised scores.
+        assert bundle["memory"]["calibration_images"] == 12 and bundle["memory"]["fusion"]["position_weight"] == 0.1
+        assert bundle["memory"]["fusion"]["memory_position"] == 1.0
+        held = bundle["memory"]["info"]["images"]
+        assert not set(held) & set(zero_shot)  # the memory's cells are not scored
+        assert {kind_of[image] for image in bundle["memory"]["info"]["data"]} == {kind}  # memory and calibration cells
     summary = [line for line in result.stderr.splitlines() if line.startswith("summary:")]
     assert len(summary) == 1 and "zero-shot" in summary[0] and "with a line memory of 4 normal cells" in summary[0]
     assert "memory alone" in summary[0] and "prompts trained on synthetic defects" in summary[0]

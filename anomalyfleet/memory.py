@@ -302,7 +302,9 @@ class FusionSettings:
     mono 89.6 -> 92.5 at k = 4, poly 86.8 -> 88.1, Magnetic Tile 76.2 -> 77.9; 84.4 -> 90.6 on mono
     cells with one memory image) and on poly cells at k = 16 (89.4 -> 90.8); it ties on mono cells at
     k = 16 and loses 0.6 on Magnetic Tile there, which the other terms make up (fused 81.7 against
-    81.6 with s = 0). s = 1 did best of 0 ... 1 with the other defaults. The normalised memory map
+    81.6 with s = 0). s = 1 did best of 0, 0.5 and 1 with the other defaults (a tie with 0.5 on poly
+    cells at k = 4). It assumes one framing per line: on one memory for mono and poly cells
+    together it cost 1.2 image AUROC against s = 0. The normalised memory map
     is not used as a map: it lowered pixel AUROC and AUPRO on Magnetic Tile (the image score
     carries its gain into the map through a).
     The weights are chosen on those products' labels: defaults, not per-line optima (`memory set

@@ -78,8 +78,7 @@ def _position_note(memory, requested) -> None:
     if fusion.mode == "fused" and requested.position_weight > 0 and fusion.position_weight == 0:
         off.append("the position term")
     # Memory mode with --image-evidence 0 keeps the raw score by definition: nothing to note there.
-    calibrated = fusion.mode == "fused" or (fusion.mode == "memory" and fusion.image_evidence > 0)
-    if calibrated and requested.memory_position > 0 and fusion.memory_position == 0:
+    if fusion.calibrated_image_score and requested.memory_position > 0 and fusion.memory_position == 0:
         off.append("the memory position share")
     if off:
         have = 0 if memory.calibration_set is None else int(memory.calibration_set.memory.shape[0])

@@ -203,6 +203,7 @@ FUSION_MODES = ("fused", "memory", "prompts")
 # 3: the fused score may hold the prompt map's position-normalised evidence (`position_weight`);
 # 4: the memory's image score may be read from its map normalised per position (`memory_position`).
 FUSION_RULES = 4
+RULES_BEFORE_MEMORY_POSITION = 3  # recorded by settings that do not use the memory position share
 # Position statistics: each position's variance is shrunk towards all positions' mean variance with
 # the weight of this many images (see PositionStats), and not fitted from fewer images than this.
 POSITION_PRIOR_IMAGES = 8
@@ -293,8 +294,9 @@ class FusionSettings:
     (ELPV, 67-71 against the memory's 87-93) it changes nothing measurable. The position term
     carries what the global score loses on a framed product: the prompt map normalised per position
     reaches 86.5 image AUROC alone on ELPV mono cells (the global score: 66.6), and u = 0.1 adds
-    +0.7 (Magnetic Tile) and +1.0 (mono cells) image AUROC at k = 4, +0.4 / +0.0 at k = 16; it is
-    the largest u tried (0.05, 0.1, 0.2) that costs no product more than 0.1 (poly cells at k = 16).
+    +0.7 (Magnetic Tile) and +1.0 (mono cells) image AUROC at k = 4, +0.4 / +0.0 at k = 16 (measured
+    before the memory position share; with it +0.8 / +0.2 and +0.5 / +0.0); it is the largest u
+    tried (0.05, 0.1, 0.2) that cost no product more than 0.1 (poly cells at k = 16).
     The memory map has fixed places of its own: a patch far from every normal patch of the memory
     images is often one whose position varies most among normal images (cell edges and corners, a
     tile's border), so the memory's top pixels are partly where they always are. Normalised per
@@ -333,9 +335,15 @@ class FusionSettings:
             raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
 
     @property
+    def calibrated_image_score(self) -> bool:
+        """The memory's image score is put on the normal-calibrated scale: fused mode, or memory mode
+        with image evidence (memory mode with a = 0 keeps the raw top-pixel score)."""
+        return self.mode == "fused" or (self.mode == "memory" and self.image_evidence > 0)
+
+    @property
     def uses_memory_position(self) -> bool:
-        """The memory position share enters the scores: fused mode, or memory mode's calibrated score."""
-        return self.memory_position > 0 and (self.mode == "fused" or (self.mode == "memory" and self.image_evidence > 0))
+        """The memory position share enters the scores (it only shares a calibrated image score)."""
+        return self.memory_position > 0 and self.calibrated_image_score
 
     @property
     def sources(self) -> dict[str, bool]:
@@ -357,7 +365,8 @@ class FusionSettings:
                 "position_weight": self.position_weight, "memory_position": self.memory_position,
                 # The oldest rules that score these settings alike: code from before the memory
                 # position share reads bundles that do not use it.
-                "sources": self.sources, "rules": FUSION_RULES if self.uses_memory_position else 3}
+                "sources": self.sources,
+                "rules": FUSION_RULES if self.uses_memory_position else RULES_BEFORE_MEMORY_POSITION}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionSettings":

@@ -75,7 +75,7 @@ def _position_note(memory, requested) -> None:
 
     fusion = memory.fusion
     off = []
-    if fusion.mode == "fused" and requested.position_weight > 0 and fusion.position_weight == 0:
+    if requested.uses_position_term and fusion.position_weight == 0:
         off.append("the position term")
     # Memory mode with --image-evidence 0 keeps the raw score by definition: nothing to note there.
     if fusion.calibrated_image_score and requested.memory_position > 0 and fusion.memory_position == 0:

@@ -341,6 +341,11 @@ class FusionSettings:
         return self.mode == "fused" or (self.mode == "memory" and self.image_evidence > 0)
 
     @property
+    def uses_position_term(self) -> bool:
+        """The prompts' position-normalised score enters the scores (only fused scores add it)."""
+        return self.mode == "fused" and self.position_weight > 0
+
+    @property
     def uses_memory_position(self) -> bool:
         """The memory position share enters the scores (it only shares a calibrated image score)."""
         return self.memory_position > 0 and self.calibrated_image_score
@@ -614,7 +619,7 @@ class LineMemory(torch.nn.Module):
             return scores, ((1 - a) * maps + a * scores[:, None, None]).astype(np.float32)
         if not self.can_fuse:
             raise ValueError("fused scoring needs calibrations of both sources (rebuild the memory)")
-        position = self.position_scores(prompt_raw, sigma) if self.fusion.position_weight > 0 else None
+        position = self.position_scores(prompt_raw, sigma) if self.fusion.uses_position_term else None
         return fused_outputs(mem, self.prompt_calibration.apply(prompt_raw), self.score_calibration.apply(prompt_scores),
                              self.fusion, self.image_calibration, sigma, position, memory_position())
 
@@ -650,7 +655,7 @@ class LineMemory(torch.nn.Module):
         if self.calibration_set is not None:
             self.image_calibration = self.fit_image_calibration(sigma)
         self.position_calibration = None
-        if fusion.mode == "fused" and fusion.position_weight > 0:
+        if fusion.uses_position_term:
             self.position_calibration = self.fit_position_calibration(sigma)
             if self.position_calibration is None or self.image_calibration is None:
                 # Too few normal images beyond the memory's to measure each position: the term is
@@ -720,7 +725,7 @@ class LineMemory(torch.nn.Module):
             memory_position_calibration=cal("memory_position_score"),
         )
         fusion = memory.fusion
-        for used, key, field in ((fusion.mode == "fused" and fusion.position_weight > 0, "prompt_position_score", "prompt_map"),
+        for used, key, field in ((fusion.uses_position_term, "prompt_position_score", "prompt_map"),
                                  (fusion.uses_memory_position, "memory_position_score", "memory")):
             if used and (cal(key) is None or memory._stats(field) is None):
                 # Refused on load, not on the first image scored.

@@ -117,14 +117,14 @@ def main() -> int:
     if products is None:
         return 2
     started = time.perf_counter()
-    detector, base = detector_and_base(str(default_detector_path()), args.memory_layer)
+    detector, base, layer = detector_and_base(str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
-          f"default detector | memory block {args.memory_layer} | {DRAWS} draws per k | {FOLDS}-fold CV on the test labels")
+          f"default detector | memory block {layer} | {DRAWS} draws per k | {FOLDS}-fold CV on the test labels")
     rows = []
     for product in products:
         describe, product_table = product_rows(detector, base, product, args.data_root, args.cache_dir, ks,
-                                               args.memory_layer)
+                                               layer)
         print(f"# {describe}")
         rows.extend(product_table)
     print_table(["product", "k", "image AUROC of", "mean", "min .. max over draws"], rows)

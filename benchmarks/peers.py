@@ -161,15 +161,15 @@ def main() -> int:
     if products is None:
         return 2
     started = time.perf_counter()
-    detector, base = detector_and_base(str(default_detector_path()), args.memory_layer)
+    detector, base, layer = detector_and_base(str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
-          f"default detector | memory block {args.memory_layer} | {DRAWS} draws per k | groups of at most {args.group} "
+          f"default detector | memory block {layer} | {DRAWS} draws per k | groups of at most {args.group} "
           f"in a seeded order per draw")
     rows, summary, shares = [], [], []
     for product in products:
         describe, product_rows_, product_summary, product_shares = product_rows(
-            detector, base, product, args.data_root, args.cache_dir, ks, args.group, args.memory_layer)
+            detector, base, product, args.data_root, args.cache_dir, ks, args.group, layer)
         print(f"# {describe}")
         rows.extend(product_rows_)
         summary.extend(product_summary)

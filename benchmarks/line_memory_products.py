@@ -109,7 +109,7 @@ def detector_and_base(source: str, memory_layer: int | None):
     from anomalyfleet.memory import default_memory_layers
 
     detector = load_bundle(source)
-    layer = memory_layer or default_memory_layers(detector.backbone.num_layers)[0]
+    layer = default_memory_layers(detector.backbone.num_layers)[0] if memory_layer is None else memory_layer
     base = load_bundle(source, backbone=detector.backbone)
     base.with_settings(layers=sorted(set(detector.settings.layers) | {layer}))
     return detector, base, layer

@@ -83,6 +83,9 @@ def main() -> int:
                         help="candidate memory blocks, comma-separated; 6+9: one memory on both")
     parser.add_argument("--modes", default="memory,fused,batch", help="rows per block: memory, fused, batch")
     args = parser.parse_args()
+    if args.memory_layer is not None:
+        print("--blocks chooses the blocks here, not --memory-layer", file=sys.stderr)
+        return 2
     products = chosen_products(args.products, args.data_root)
     if products is None:
         return 2

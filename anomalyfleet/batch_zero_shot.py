@@ -66,7 +66,8 @@ def memory_mode_problem(mode: str | None) -> str | None:
 
 
 def batch_layer(detector: Detector) -> int:
-    """The feature block compared: the line memory's when the bundle has one, else the middle block."""
+    """The feature block compared: the line memory's when the bundle has one, else a line memory's
+    default block."""
     if detector.memory is not None:
         return detector.memory.layers[0]
     return default_memory_layers(detector.backbone.num_layers)[0]

@@ -259,7 +259,7 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--coreset", type=positive_int, default=None,
                    help="keep at most N patches per layer (greedy coreset; default: all)")
     b.add_argument("--layer", type=layer_list, default=None,
-                   help="feature block(s) of the memory, e.g. 6 or 6,9 (default: the middle block)")
+                   help="feature block(s) of the memory, e.g. 8 or 6,9 (default: block 8 of 12, two thirds up)")
     b.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"scoring sources recorded in the bundle (default {DEFAULT_MODE})")
     for flag, field, kind, text in FUSION_OPTIONS:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/magnetic-tile"))
     parser.add_argument("--sizes", default="32,64", help="window sizes, comma separated")
-    parser.add_argument("--layer", type=int, default=None, help="feature block (default: the middle block, as the service)")
+    parser.add_argument("--layer", type=int, default=None, help="feature block (default: a line memory's, as the service)")
     parser.add_argument("--fraction", type=float, default=WindowSettings().fraction)
     parser.add_argument("--orders", type=int, default=2, help="shuffled stream orders per size")
     parser.add_argument("--threads", type=int, default=2)

@@ -55,7 +55,7 @@ def test_batch_scores_rank_as_mutual_scoring_and_find_the_defects(tiny_bundle, l
     scores = np.array([r["score"] for r in records])
     assert np.abs(scores).min() < 1e-5  # a robust z-score: the group's median image sits at 0
 
-    # Plain mutual scoring of the same files at the middle block, up to the group's affine z-scale.
+    # Plain mutual scoring of the same files at a line memory's default block, up to the group's affine z-scale.
     detector = load_bundle(tiny_bundle)
     files = list_images(line)
     assert [r["image"] for r in records] == [str(f) for f in files]

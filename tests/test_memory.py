@@ -243,7 +243,7 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     assert meta["format_version"] == 2
     assert "memory.pt" in json.loads((path / "manifest.json").read_text())["files"]
     memory = meta["memory"]
-    assert memory["layers"] == [3] and memory["shots"] == 4 and memory["bank_sizes"] == {"3": 4 * 16}
+    assert memory["layers"] == [4] and memory["shots"] == 4 and memory["bank_sizes"] == {"4": 4 * 16}
     assert memory["fusion"]["mode"] == "fused" and memory["fusion"]["sources"] == {"prompts": True, "memory": True}
     assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score", "fused_score",
                                           "prompt_position_score", "memory_position_score"}
@@ -253,7 +253,7 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     assert memory["fusion"]["memory_position"] == 0.0 and memory["calibration"]["memory_position_score"] is None
     assert memory["built_with"]["image_size"] == 56 and memory["built_with"]["layers"] == [6]
     loaded = _load(path)
-    assert isinstance(loaded.memory, LineMemory) and loaded.feature_layers == (6, 3)
+    assert isinstance(loaded.memory, LineMemory) and loaded.feature_layers == (6, 4)
     for name, value in detector.memory.calibration_set.tensors().items():  # kept in memory.pt
         assert torch.equal(loaded.memory.calibration_set.tensors()[name], value), name
     after = loaded.predict(images)
@@ -436,7 +436,7 @@ def test_memory_build_command_end_to_end(tiny_detector_bundle, line_data, tmp_pa
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
-    assert summary["mode"] == "memory" and summary["shots"] == 4 and summary["bank_sizes"] == {"3": 40}
+    assert summary["mode"] == "memory" and summary["shots"] == 4 and summary["bank_sizes"] == {"4": 40}
     assert summary["thresholds_dropped"] == ["image"] and "calibrate" in captured.err
     detector = _load(out)
     assert detector.memory.fusion.mode == "memory" and detector.thresholds == {}
@@ -556,7 +556,7 @@ def test_memory_show_prints_the_memory_metadata(tiny_detector_bundle, line_data,
     shown = json.loads(out)
     assert shown["format_version"] == 2 and shown["thresholds"] == {}
     memory = shown["memory"]
-    assert memory["shots"] == 4 and memory["coreset"] == 40 and memory["bank_sizes"] == {"3": 40}
+    assert memory["shots"] == 4 and memory["coreset"] == 40 and memory["bank_sizes"] == {"4": 40}
     assert memory["fusion"]["mode"] == "fused" and memory["calibration_images"] == 4
     assert memory["calibration"] == _load(built).memory.metadata()["calibration"]
     code, out, err = _cli(["memory", "show", "--detector", str(tiny_detector_bundle)], capsys)

@@ -334,9 +334,9 @@ def test_pool_scores_with_the_bundle_until_the_window_fills(tmp_path, openai_cli
     expected = reference.predict(batch)
     assert abs(first[2].score - expected.scores[0]) < 1e-5 and abs(third[2].score - expected.scores[1]) < 1e-5
     assert np.allclose(third[2].map, expected.maps[1], atol=1e-5)
-    # The window holds the middle block's features (block 3 of the tiny six-block backbone).
+    # The window holds a line memory's default block (block 4 of the tiny six-block backbone).
     images = torch.stack([preprocess_image(load_image(paths[i]), 56, reference.mean, reference.std) for i in (0, 1, 2, 3, 6)])
-    block = reference.extract(images, layers=(3,)).patch_features[0]
+    block = reference.extract(images, layers=(4,)).patch_features[0]
     window = pool.window("w", settings, loaded)
     assert torch.allclose(window.held(), F.normalize(block, dim=-1), atol=1e-4)
     # New scoring settings keep the held images; another block (other features) starts afresh; a

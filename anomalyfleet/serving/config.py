@@ -49,9 +49,9 @@ class WindowSettings(BaseModel):
     size: int = Field(32, ge=3, le=WINDOW_MAX_SIZE)
     # Images needed before the window scores; fewer give a noisy leave-one-out scale.
     min_images: int = Field(8, ge=3)
-    # Feature block compared; None: the backbone's middle block, as for a line memory. On a
-    # Magnetic Tile held-out stream (ViT-S/14, window 32) block 6 of 12 gave the best pixel AUROC
-    # of blocks 4, 6 and 8 (0.70); block 8 ranked images a little better (0.79 against 0.75).
+    # Feature block compared; None: a line memory's default block (8 of the ViT-S's 12). On a
+    # Magnetic Tile held-out stream (benchmarks/results-rolling-window.md) block 8 ranked images
+    # better than block 6 (image AUROC 0.79-0.81 against 0.75-0.77) at 1-2 points lower pixel AUROC.
     layer: int | None = Field(None, ge=1)
     # Share of the window's images whose nearest-patch distances are averaged (smallest first):
     # below the share of normal images, so a minority of defective images cannot raise the score.
@@ -59,8 +59,8 @@ class WindowSettings(BaseModel):
     # Image score: mean of the calibrated map's top pixels.
     top_fraction: float = Field(0.01, gt=0.0, le=1.0)
     # Decision threshold on the window's scale: robust standard deviations above the window's
-    # own images (see anomalyfleet.rolling_window). On that Magnetic Tile stream 3 flagged 1-2%
-    # of the normal images, 4 about 0.5%.
+    # own images (see anomalyfleet.rolling_window). On that Magnetic Tile stream 3 flagged 0.4-1.9%
+    # of the normal images (block 6: 0.9-1.5%, and 4 about 0.5%).
     threshold: float = WINDOW_THRESHOLD
     # Map level for defect boxes, on the window's pixel scale (1 = the 99th percentile of the
     # window's own pixels; normal pixels above 2: about 0.05% on that stream); the map PNG spans

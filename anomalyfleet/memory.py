@@ -285,28 +285,28 @@ class FusionSettings:
     `prompts`: the learned prompts alone, exactly as without a memory.
 
     Defaults, measured on three products with benchmarks/line_memory_products.py (Magnetic Tile's
-    held-out defects, ELPV mono and poly cells; k = 4 and 16, three draws each): the prompts
+    held-out defects, ELPV mono and poly cells; k = 1, 4 and 16, three draws each): the prompts
     carry image-level information only. A prompt map share lowered pixel AUROC everywhere
-    (v = 0); mixing the image's score into its map raised the memory's own pixel AUROC by 7-8
+    (v = 0); mixing the image's score into its map raised the memory's own pixel AUROC by 7-10
     points on Magnetic Tile (a = 0.5, in both modes); w = 0.1 is the largest prompt share of those
-    tried (0.05 ... 0.5) that lowers image AUROC on none of the three products. Where the prompts
-    transfer well (Magnetic Tile) it adds about one point of image AUROC; where they transfer badly
-    (ELPV, 67-71 against the memory's 87-93) it changes nothing measurable. The position term
-    carries what the global score loses on a framed product: the prompt map normalised per position
-    reaches 86.5 image AUROC alone on ELPV mono cells (the global score: 66.6), and u = 0.1 adds
-    +0.7 (Magnetic Tile) and +1.0 (mono cells) image AUROC at k = 4, +0.4 / +0.0 at k = 16 (measured
-    before the memory position share; with it +0.8 / +0.2 and +0.5 / +0.0); it is the largest u
-    tried (0.05, 0.1, 0.2) that cost no product more than 0.1 (poly cells at k = 16).
+    tried (0.05 ... 0.5) that lowered image AUROC on none of the three products at block 6, before
+    the position terms. Where the prompts transfer well (Magnetic Tile) it adds 0.5-2 points of
+    image AUROC; where they transfer badly (ELPV, 67-71 against the memory's 83-94) it changes
+    little (at block 8, 0.1-0.2 below the memory alone at k >= 4). The position term carries what
+    the global score loses on a framed product: the prompt map normalised per position reaches 86.5
+    image AUROC alone on ELPV mono cells (the global score: 66.6); u = 0.1 was the largest u tried
+    (0.05, 0.1, 0.2) that cost no product more than 0.1 at block 6, and at block 8 adds +0.2 to +0.8
+    on Magnetic Tile and -0.2 to +0.2 on cells.
     The memory map has fixed places of its own: a patch far from every normal patch of the memory
     images is often one whose position varies most among normal images (cell edges and corners, a
     tile's border), so the memory's top pixels are partly where they always are. Normalised per
-    position like the prompt map, the memory's image score rose on every product at k <= 4 (ELPV
-    mono 89.6 -> 92.5 at k = 4, poly 86.8 -> 88.1, Magnetic Tile 76.2 -> 77.9; 84.4 -> 90.6 on mono
-    cells with one memory image) and on poly cells at k = 16 (89.4 -> 90.8); it ties on mono cells at
-    k = 16 and loses 0.6 on Magnetic Tile there, which the other terms make up (fused 81.7 against
-    81.6 with s = 0). s = 1 did best of 0, 0.5 and 1 with the other defaults (a tie with 0.5 on poly
-    cells at k = 4). It assumes one framing per line: on one memory for mono and poly cells
-    together it cost 1.2 image AUROC against s = 0. The normalised memory map
+    position like the prompt map, the memory's image score rose on every product at k <= 4 (block 8:
+    ELPV mono 89.5 -> 92.9 at k = 4, poly 87.5 -> 88.5, Magnetic Tile 80.0 -> 81.5; 85.8 -> 91.4 on
+    mono cells with one memory image) and on poly cells at k = 16 (89.9 -> 91.0); it ties on mono
+    cells at k = 16 and loses 0.5 on Magnetic Tile there, which the other terms make up (fused 84.4
+    against 84.3 with s = 0). s = 1 did best of 0, 0.5 and 1 at k <= 4 but for poly cells at k = 4
+    (0.1 below 0.5). It assumes one framing per line: on one memory for mono and poly cells
+    together it cost 1.2 image AUROC against s = 0 (block 6). The normalised memory map
     is not used as a map: it lowered pixel AUROC and AUPRO on Magnetic Tile (the image score
     carries its gain into the map through a).
     The weights are chosen on those products' labels: defaults, not per-line optima (`memory set

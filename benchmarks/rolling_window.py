@@ -1,7 +1,7 @@
 """The service's batch zero-shot mode on Magnetic Tile: no normal image, only a rolling window.
 
 Run: .venv/bin/python benchmarks/rolling_window.py [--data-root ../shared/data/magnetic-tile]
-     [--sizes 32,64] [--layer 6] [--fraction 0.3] [--orders 2] [--out FILE]
+     [--sizes 32,64] [--layer 8] [--fraction 0.3] [--orders 2] [--out FILE]
 
 The held-out test set of the zero-shot protocol (Fray and Uneven defects with the test-half normal
 tiles) arrives one image at a time in a shuffled order, as a camera stream would, and goes through

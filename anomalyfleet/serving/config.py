@@ -51,7 +51,8 @@ class WindowSettings(BaseModel):
     min_images: int = Field(8, ge=3)
     # Feature block compared; None: a line memory's default block (8 of the ViT-S's 12). On a
     # Magnetic Tile held-out stream (benchmarks/results-rolling-window.md) block 8 ranked images
-    # better than block 6 (image AUROC 0.79-0.81 against 0.75-0.77) at 1-2 points lower pixel AUROC.
+    # better than block 6 (image AUROC 0.785-0.808 against 0.752-0.765) at 1-2 points lower pixel
+    # AUROC.
     layer: int | None = Field(None, ge=1)
     # Share of the window's images whose nearest-patch distances are averaged (smallest first):
     # below the share of normal images, so a minority of defective images cannot raise the score.
@@ -60,10 +61,10 @@ class WindowSettings(BaseModel):
     top_fraction: float = Field(0.01, gt=0.0, le=1.0)
     # Decision threshold on the window's scale: robust standard deviations above the window's
     # own images (see anomalyfleet.rolling_window). On that Magnetic Tile stream 3 flagged 0.4-1.9%
-    # of the normal images (block 6: 0.9-1.5%, and 4 about 0.5%).
+    # of the normal images (block 6: 0.9-1.5%).
     threshold: float = WINDOW_THRESHOLD
     # Map level for defect boxes, on the window's pixel scale (1 = the 99th percentile of the
-    # window's own pixels; normal pixels above 2: about 0.05% on that stream); the map PNG spans
+    # window's own pixels; normal pixels above 2: 0.03-0.09% on that stream); the map PNG spans
     # twice this level.
     pixel_threshold: float = Field(WINDOW_PIXEL_THRESHOLD, gt=0.0)
     # One window for the line, held by a Ray actor every scorer replica sends its images to, instead
@@ -75,9 +76,9 @@ class WindowSettings(BaseModel):
     # mutual score among the window's images where that is smaller (anomalyfleet.memory
     # .peer_patch_scores). Measured on closed groups of 32 (benchmarks/peers.py, as `eval --peers`
     # forms them; not on a window, where each image meets only the ones before it and the first
-    # `min_images` get no peers): with 4 memory images it added 1.8 image AUROC on Magnetic Tile and
-    # 1.4 on ELPV poly cells to the fused detector, 0.1 on mono cells; with 16, 0.0-0.2
-    # (benchmarks/results-peers.txt). Needs a bundle with an active line memory on one block (the
+    # `min_images` get no peers): with 1 memory image it added 3.7 image AUROC on Magnetic Tile,
+    # 4.9 on ELPV poly cells and 0.6 on mono cells to the fused detector; with 4, 1.2 on poly cells
+    # and -0.1 to +0.1 on the others; with 16, 0.0-0.1 (benchmarks/results-peers.txt). Needs a bundle with an active line memory on one block (the
     # window compares that block); `threshold` and `pixel_threshold` are then unused. Like the
     # window itself, it misses defects that many of the window's images share.
     peers: bool = False

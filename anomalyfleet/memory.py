@@ -288,9 +288,9 @@ class FusionSettings:
     held-out defects, ELPV mono and poly cells; k = 1, 4 and 16, three draws each): the prompts
     carry image-level information only. A prompt map share lowered pixel AUROC everywhere
     (v = 0); mixing the image's score into its map raised the memory's own pixel AUROC by 9-10
-    points on Magnetic Tile at block 8 (7-9 at block 6; a = 0.5, in both modes); w = 0.1 is the largest prompt share of those
-    tried (0.05 ... 0.5) that lowered image AUROC on none of the three products at block 6, before
-    the position terms. Where the prompts transfer well (Magnetic Tile) it adds 0.5-2 points of
+    points on Magnetic Tile at block 8 (7-9 at block 6; a = 0.5, in both modes); w = 0.1 is the
+    largest prompt share of those tried (0.05 ... 0.5) that lowered image AUROC on none of the three
+    products at block 6, before the position terms. Where the prompts transfer well (Magnetic Tile) it adds 0.5-2 points of
     image AUROC; where they transfer badly (ELPV, 67-71 against the memory's 83-94) it changes
     little (at block 8, 0.1-0.2 below the memory alone at k >= 4). The position term carries what
     the global score loses on a framed product: the prompt map normalised per position reaches 86.5

@@ -78,9 +78,10 @@ class WindowSettings(BaseModel):
     # forms them; not on a window, where each image meets only the ones before it and the first
     # `min_images` get no peers): with 1 memory image it added 3.7 image AUROC on Magnetic Tile,
     # 4.9 on ELPV poly cells and 0.6 on mono cells to the fused detector; with 4, 1.2 on poly cells
-    # and -0.1 to +0.1 on the others; with 16, 0.0-0.1 (benchmarks/results-peers.txt). Needs a bundle with an active line memory on one block (the
-    # window compares that block); `threshold` and `pixel_threshold` are then unused. Like the
-    # window itself, it misses defects that many of the window's images share.
+    # and -0.1 to +0.1 on the others; with 16, 0.0-0.1 (benchmarks/results-peers.txt). Needs a
+    # bundle with an active line memory on one block (the window compares that block);
+    # `threshold` and `pixel_threshold` are then unused. Like the window itself, it misses defects
+    # that many of the window's images share.
     peers: bool = False
 
     @model_validator(mode="after")

@@ -243,8 +243,11 @@ def test_two_workers_give_the_prompts_of_one_worker(runs, dataset, openai_clip_f
     difference = max_difference(prompts_of(one.detector), prompts_of(two.detector))
     print(f"max |prompts(2 workers) - prompts(1 worker)| = {difference:.2e}")
     assert difference <= EQUIVALENCE_ATOL
-    for a, b in zip(one.history, two.history):  # the epoch losses are the same global-batch means
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    # The epoch losses are the same global-batch means, summed in another order: relative, not
+    # absolute, agreement (a loss near 5.7 once differed by 1.4e-5, 2.5e-6 relative, while the
+    # prompts agreed to 2e-6).
+    for a, b in zip(one.history, two.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert [h["workers"] for h in two.history] == [2] * EPOCHS
     # ... and one worker is the single-process trainer on the same features.
     spec = BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file))

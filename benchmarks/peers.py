@@ -13,7 +13,11 @@ Products and detector as in benchmarks/line_memory_products.py.
 
 Rows per product and k: the single sources (the prompts; batch zero-shot mode, no normal image, in
 the same groups; the memory alone, a = 0.5, its image score without and with its position share s), the
-shipped fused detector, and the memory and fused rows with peers. Then
+shipped fused detector, and the memory and fused rows with peers. "+ window peers" rows take their
+peers as the service does (`window: {peers: true}`): the same seeded stream passes one image at a
+time through a rolling window of `--group` images (`RollingWindow.peers_then_add`, the service's
+default window settings), each image compared with the images before it only; the first
+`min_images` of a stream have no peers and are scored by the memory alone. Then
 the fused detector with peers minus the best single source, per metric. Last, the known weakness:
 defects shared by many images of a group find close patches among their peers; the same rows at
 several shares of defective test images (normals or defects subsampled, seeded), where groups are
@@ -78,16 +82,41 @@ def batch_zero_shot(detector, patches: torch.Tensor, groups: list[torch.Tensor],
     return scores, maps
 
 
+def window_peer_scores(detector, patches: torch.Tensor, order: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
+    """(N, P) peer scores as a line's rolling window hands them to its memory in the service: the
+    images arrive in `order`, each compared with the window as it was, then added; +inf (the memory
+    alone) while the window holds fewer than `min_images`. And the seconds per image."""
+    from anomalyfleet.rolling_window import RollingWindow
+    from anomalyfleet.serving.config import WindowSettings
+
+    settings = WindowSettings(size=size, peers=True)
+    window = RollingWindow(settings.size, detector.backbone.grid, detector.image_size, min_images=settings.min_images,
+                           fraction=settings.fraction, sigma=detector.settings.sigma,
+                           top_fraction=settings.top_fraction)
+    out = torch.full(patches.shape[:2], float("inf"))
+    start = time.perf_counter()
+    for i in order.tolist():
+        peers = window.peers_then_add(patches[i : i + 1])
+        if peers is not None:
+            out[i] = peers[0]
+    return out, (time.perf_counter() - start) / len(order)
+
+
 def detectors_with_and_without_peers(memory, patches: torch.Tensor, prompts, index: torch.Tensor,
-                                     groups: list[torch.Tensor], size: int, sigma: float) -> tuple[dict, float]:
+                                     groups: list[torch.Tensor], size: int, sigma: float,
+                                     window_peers: torch.Tensor | None = None) -> tuple[dict, float]:
     """{name: (scores, maps)} of the memory alone and the fused detector, each with and without peers,
-    on the test rows `index` split into `groups` (positions within `index`)."""
+    on the test rows `index` split into `groups` (positions within `index`); with `window_peers`
+    ((len(index), P) scores from `window_peer_scores`), also with those as peers."""
     from anomalyfleet.memory import FusionSettings
 
     alone = memory.patch_scores([patches[index]])
     peers, seconds = peer_scores(patches[index], groups)
     out = {}
-    for suffix, patch in (("", alone), (" + peers", torch.minimum(alone, peers))):
+    variants = [("", alone), (" + peers", torch.minimum(alone, peers))]
+    if window_peers is not None:
+        variants.append((" + window peers", torch.minimum(alone, window_peers)))
+    for suffix, patch in variants:
         raw = _maps(memory, patch, size)
         for name, fusion in (("memory (a=0.5, s=0)", FusionSettings(mode="memory", memory_position=0.0)),
                              ("memory (a=0.5)", FusionSettings(mode="memory")), ("fused (default)", FusionSettings())):
@@ -113,6 +142,9 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     prompt_report = report(labels, masks, prompts.scores.numpy(), smooth_maps(prompts.raw, sigma))
     batch_reports = [report(labels, masks, *batch_zero_shot(detector, patches, stream_groups(len(test), group, 3000 + d),
                                                             size)) for d in range(DRAWS)]
+    # The service's window sees the stream in the order the groups cut it into.
+    streams = [window_peer_scores(detector, patches, torch.cat(stream_groups(len(test), group, 3000 + d)), group)
+               for d in range(DRAWS)]
     rows, summary, shares = [], [], []
     for k in ks:
         results: dict[str, list[dict]] = {"prompts": [prompt_report], "batch zero-shot": batch_reports}
@@ -121,7 +153,8 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         for draw in range(DRAWS):
             memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
             groups = stream_groups(len(test), group, 3000 + draw)
-            outputs, spent = detectors_with_and_without_peers(memory, patches, prompts, everything, groups, size, sigma)
+            outputs, spent = detectors_with_and_without_peers(memory, patches, prompts, everything, groups, size, sigma,
+                                                              streams[draw][0])
             seconds.append(spent)
             for name, (scores, maps) in outputs.items():
                 results.setdefault(name, []).append(report(labels, masks, scores, maps))
@@ -136,11 +169,14 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
                         by_share.setdefault((share, name, metric), []).append(found[metric])
         means = {name: {m: _mean([r[m] for r in rs]) for m in METRICS} for name, rs in results.items()}
         for name, values in means.items():
-            ms = f"{1000 * np.mean(seconds):.1f}" if name.endswith("peers") else ""
+            spent = seconds if name.endswith(" + peers") else [t for _, t in streams] if name.endswith("window peers") else []
+            ms = f"{1000 * np.mean(spent):.1f}" if spent else ""
             rows.append([product, str(k), name, *(_fmt(values[m]) for m in METRICS), ms])
-        best = {m: None if means["fused (default) + peers"][m] is None else
-                means["fused (default) + peers"][m] - max(means[s][m] for s in SINGLES) for m in METRICS}
-        summary.append([product, str(k), *("-" if best[m] is None else f"{100 * best[m]:+.1f}" for m in METRICS)])
+        for peers in ("peers", "window peers"):
+            fused = means[f"fused (default) + {peers}"]
+            best = {m: None if fused[m] is None else fused[m] - max(means[s][m] for s in SINGLES) for m in METRICS}
+            summary.append([product, str(k), peers,
+                            *("-" if best[m] is None else f"{100 * best[m]:+.1f}" for m in METRICS)])
         for share in PREVALENCES if k == 4 else ():
             index = prevalence_subset(labels, share, seed=2000)
             shown = f"{100 * labels.mean():.0f}% (all)" if share is None else f"{100 * share:.0f}%"
@@ -176,8 +212,9 @@ def main() -> int:
         shares.extend(product_shares)
     metric_names = ["image AUROC", "image AP", "pixel AUROC", "AUPRO"]
     print_table(["product", "k", "detector", *metric_names, "ms/img (peers)"], rows)
-    print(f"\n# fused with peers minus the best single source ({', '.join(SINGLES)}), points")
-    print_table(["product", "k", *metric_names], summary)
+    print(f"\n# fused with peers (closed groups, or the service's rolling window) minus the best single source "
+          f"({', '.join(SINGLES)}), points")
+    print_table(["product", "k", "peers", *metric_names], summary)
     if shares:
         print("\n# by share of defective test images (k = 4; subsets seeded per draw, groups formed in each subset)")
         print_table(["product", "k", "defective", "images", "image AUROC fused", "image AUROC + peers",

@@ -74,11 +74,11 @@ class WindowSettings(BaseModel):
     # Peers for the line memory instead of a scorer of its own: the bundle scores every image (its
     # scale, thresholds and `source`, with "+peers"), each patch's memory distance lowered to its
     # mutual score among the window's images where that is smaller (anomalyfleet.memory
-    # .peer_patch_scores). Measured on closed groups of 32 (benchmarks/peers.py, as `eval --peers`
-    # forms them; not on a window, where each image meets only the ones before it and the first
-    # `min_images` get no peers): with 1 memory image it added 3.7 image AUROC on Magnetic Tile,
-    # 4.9 on ELPV poly cells and 0.6 on mono cells to the fused detector; with 4, 1.2 on poly cells
-    # and -0.1 to +0.1 on the others; with 16, 0.0-0.1 (benchmarks/results-peers.txt). Needs a
+    # .peer_patch_scores). Measured this way on a stream of the three products (benchmarks/peers.py,
+    # '+ window peers': window 32, each image meets only the ones before it, the first `min_images`
+    # get no peers): with 1 memory image it added 3.0 image AUROC on Magnetic Tile, 4.7 on ELPV poly
+    # cells and 0.9 on mono cells to the fused detector; with 4, 1.2 on poly cells, 0.2 on mono
+    # cells and -0.2 on Magnetic Tile; with 16, 0.0 to -0.1 (benchmarks/results-peers.txt). Needs a
     # bundle with an active line memory on one block (the window compares that block);
     # `threshold` and `pixel_threshold` are then unused. Like the window itself, it misses defects
     # that many of the window's images share.

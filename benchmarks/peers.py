@@ -86,13 +86,13 @@ def window_peer_scores(detector, patches: torch.Tensor, order: torch.Tensor, siz
     """(N, P) peer scores as a line's rolling window hands them to its memory in the service: the
     images arrive in `order`, each compared with the window as it was, then added; +inf (the memory
     alone) while the window holds fewer than `min_images`. And the seconds per image."""
-    from anomalyfleet.rolling_window import RollingWindow
     from anomalyfleet.serving.config import WindowSettings
+    from anomalyfleet.serving.window_keeper import WindowSpec
 
-    settings = WindowSettings(size=size, peers=True)
-    window = RollingWindow(settings.size, detector.backbone.grid, detector.image_size, min_images=settings.min_images,
-                           fraction=settings.fraction, sigma=detector.settings.sigma,
-                           top_fraction=settings.top_fraction)
+    # Built as the service builds a line's window (no features key: nothing here carries over).
+    spec = WindowSpec((), WindowSettings(size=size, peers=True), detector.backbone.grid, detector.image_size,
+                      detector.settings.sigma)
+    window = spec.build(detector.device)
     out = torch.full(patches.shape[:2], float("inf"))
     start = time.perf_counter()
     for i in order.tolist():
@@ -140,11 +140,10 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     patches = data.test_patches
     everything = torch.arange(len(test))
     prompt_report = report(labels, masks, prompts.scores.numpy(), smooth_maps(prompts.raw, sigma))
-    batch_reports = [report(labels, masks, *batch_zero_shot(detector, patches, stream_groups(len(test), group, 3000 + d),
-                                                            size)) for d in range(DRAWS)]
+    draw_groups = [stream_groups(len(test), group, 3000 + d) for d in range(DRAWS)]
+    batch_reports = [report(labels, masks, *batch_zero_shot(detector, patches, groups, size)) for groups in draw_groups]
     # The service's window sees the stream in the order the groups cut it into.
-    streams = [window_peer_scores(detector, patches, torch.cat(stream_groups(len(test), group, 3000 + d)), group)
-               for d in range(DRAWS)]
+    streams = [window_peer_scores(detector, patches, torch.cat(groups), group) for groups in draw_groups]
     rows, summary, shares = [], [], []
     for k in ks:
         results: dict[str, list[dict]] = {"prompts": [prompt_report], "batch zero-shot": batch_reports}
@@ -152,9 +151,8 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         by_share: dict[tuple, list[float]] = {}
         for draw in range(DRAWS):
             memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
-            groups = stream_groups(len(test), group, 3000 + draw)
-            outputs, spent = detectors_with_and_without_peers(memory, patches, prompts, everything, groups, size, sigma,
-                                                              streams[draw][0])
+            outputs, spent = detectors_with_and_without_peers(memory, patches, prompts, everything, draw_groups[draw],
+                                                              size, sigma, streams[draw][0])
             seconds.append(spent)
             for name, (scores, maps) in outputs.items():
                 results.setdefault(name, []).append(report(labels, masks, scores, maps))

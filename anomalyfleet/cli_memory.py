@@ -14,6 +14,9 @@ _weight = in_range(0.0, 1.0, "a weight")
 _fraction = in_range(0.0, 1.0, "a top fraction", low_open=True)
 # memory_tuning's choices, for the parser (built without importing torch); tests check they agree.
 TUNING_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+# memory_views' view sets and default, likewise.
+VIEW_SETS = ("none", "flips", "d4")
+DEFAULT_VIEWS = "d4"
 
 
 def weight_list(text: str) -> tuple[float, ...]:
@@ -106,7 +109,7 @@ def cmd_memory_build(args) -> int:
     memory = build_line_memory(
         detector, samples, k=args.k, coreset=args.coreset, layers=args.layer, fusion=fusion,
         calibration_images=args.calibration_images, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, views=args.views,
     )
     memory.info["data"] = list(args.data)
     memory.info["bundle_in"] = bundle
@@ -117,7 +120,8 @@ def cmd_memory_build(args) -> int:
     save_bundle(detector, args.out)
     meta = memory.metadata()
     summary = {"bundle": str(args.out), "mode": memory.fusion.mode, "layers": list(memory.layers),
-               "shots": memory.shots, "bank_sizes": meta["bank_sizes"], "coreset": memory.coreset,
+               "shots": memory.shots, "views": args.views, "bank_sizes": meta["bank_sizes"],
+               "coreset": memory.coreset,
                "calibration": meta["calibration"], "memory_calibration": memory.info.get("memory_calibration"),
                "thresholds_dropped": sorted(dropped)}
     print(json.dumps(summary, indent=2))
@@ -257,7 +261,12 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output bundle (may be the input bundle: replaced atomically)")
     b.add_argument("--k", type=positive_int, default=16, help="normal images in the memory (default 16)")
     b.add_argument("--coreset", type=positive_int, default=None,
-                   help="keep at most N patches per layer (greedy coreset; default: all)")
+                   help="keep at most N patches per layer (greedy coreset; default: all, or with views what a "
+                        "memory of max(k, 16) images without views holds)")
+    b.add_argument("--views", choices=VIEW_SETS, default=DEFAULT_VIEWS,
+                   help="views of each memory image in the memory: none, flips (mirror images and the half "
+                        "turn: 4 views) or d4 (also quarter turns and transposes: 8 views, square images); the "
+                        f"bank and the search time grow with the views (default {DEFAULT_VIEWS})")
     b.add_argument("--layer", type=layer_list, default=None,
                    help="feature block(s) of the memory, e.g. 8 or 6,9 (default: block 8 of 12, two thirds up)")
     b.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from anomalyfleet.errors import DataError
 from anomalyfleet.maps import smooth_maps
+from anomalyfleet.memory_views import DEFAULT_VIEWS, other_view_patches, view_bank_limit, view_names
 
 
 def nearest_distance(queries: Tensor, memory: Tensor, chunk: int = 4096) -> Tensor:
@@ -766,22 +767,26 @@ def leave_one_out_coresets(features: Tensor, per_image: int, left_out: int, size
     return chosen
 
 
-def leave_one_out_scores(patches: Tensor, limit: int = 32, coreset: int | None = None, seed: int = 0) -> Tensor:
+def leave_one_out_scores(patches: Tensor, limit: int = 32, coreset: int | None = None, seed: int = 0,
+                         queries: int | None = None) -> Tensor:
     """(n, P) patch scores of each of the first `limit` images against the other images' patches.
 
     With `coreset`, each image is compared with what scoring compares a new image with: a greedy
     coreset of that many rows (same seed), here of the *other* images' patches. Against all their
     patches instead, distances would come out lower than scoring's, and the scale with them.
+    `queries`: only each image's first that many rows are scored (its own view, when its rows hold
+    several views of it: all of them stay out of its comparison); default all, P = the rows.
     """
     normed = F.normalize(patches.float(), dim=-1)
     n, per_image, width = normed.shape
+    own = per_image if queries is None else queries
     count = min(limit, n)
     flat = normed.reshape(-1, width)
     if coreset is not None and coreset < (n - 1) * per_image:
         rows = leave_one_out_coresets(flat, per_image, count, coreset, seed)
-        scores = [nearest_distance(normed[i], flat[rows[i]]) for i in range(count)]
+        scores = [nearest_distance(normed[i, :own], flat[rows[i]]) for i in range(count)]
     else:
-        scores = [nearest_distance(normed[i], torch.cat([flat[:i * per_image], flat[(i + 1) * per_image:]]))
+        scores = [nearest_distance(normed[i, :own], torch.cat([flat[:i * per_image], flat[(i + 1) * per_image:]]))
                   for i in range(count)]
     return torch.stack(scores)
 
@@ -810,10 +815,13 @@ def fit_line_memory(
     info: dict | None = None,
     prompt_patch_maps: Tensor | None = None,
     sigma: float = 4.0,
+    views: int = 1,
 ) -> LineMemory:
     """A line memory from patch features of normal images (tensors only; see `build_line_memory`).
 
-    shot_patches: per memory layer, (k, P, D) features of the k memory images. The memory map's
+    shot_patches: per memory layer, (k, V * P, D) features of the k memory images, each image's
+    `views` views (`memory_views`) together, its own first (V = 1: (k, P, D)); with views and no
+    `coreset`, the bank is cut to `view_bank_limit` rows when it holds more. The memory map's
     scale is calibrated on `calibration_patches` (other normal images of the line) when given,
     else leave-one-out over the memory images (each against the others, coreset-aware), else not
     at all (one image: fine for `memory` mode, refused for `fused`). The prompt map and score
@@ -822,6 +830,14 @@ def fit_line_memory(
     memory images then the calibration images: with them the calibration images' scores are kept
     (a `CalibrationSet`) and the fused score's scale is fitted at smoothing `sigma`.
     """
+    patches_per_view = grid[0] * grid[1]
+    for p in shot_patches:
+        if p.dim() != 3 or p.shape[1] != views * patches_per_view:
+            raise ValueError(f"memory patches of shape {tuple(p.shape)} do not hold {views} view(s) of a "
+                             f"{grid[0]}x{grid[1]} patch grid")
+    rows = shot_patches[0].shape[0] * shot_patches[0].shape[1]
+    if views > 1 and coreset is None and rows > view_bank_limit(shot_patches[0].shape[0], patches_per_view):
+        coreset = view_bank_limit(shot_patches[0].shape[0], patches_per_view)
     banks = [PatchMemory.build(p, layer, grid, max_size=coreset, seed=seed).features for layer, p in zip(layers, shot_patches)]
     shots, per_image = shot_patches[0].shape[:2]
     built_with = {"image_size": image_size, **built_with}
@@ -835,11 +851,14 @@ def fit_line_memory(
         images = torch.arange(shots, shots + n)
         how = f"{n} held-out normal images"
     elif shots >= 2:
-        calibration_scores = torch.stack([leave_one_out_scores(p, LEAVE_ONE_OUT_LIMIT, coreset, seed)
+        calibration_scores = torch.stack([leave_one_out_scores(p, LEAVE_ONE_OUT_LIMIT, coreset, seed,
+                                                               queries=patches_per_view)
                                           for p in shot_patches]).mean(dim=0)
         images = torch.arange(calibration_scores.shape[0])
         subsampled = coreset is not None and coreset < (shots - 1) * per_image
         against = f"a {coreset}-patch coreset of the others" if subsampled else "all patches of the others"
+        if views > 1:
+            against += f" ({views} views each)"
         how = f"leave-one-out over {len(images)} memory images, each against {against}"
     else:
         calibration_scores, images, how = None, None, None
@@ -899,13 +918,14 @@ def build_line_memory(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    views: str = DEFAULT_VIEWS,
 ) -> LineMemory:
     """A line memory for `detector` from the normal (label 0) images among `samples`.
 
-    k normal images (a seeded draw; all of them when k is None or larger) go into the memory; up to
-    `calibration_images` other normal images calibrate the maps' scales (else leave-one-out over
-    the memory images). Features come from the detector's frozen backbone at its own settings,
-    batched, on the detector's device.
+    k normal images (a seeded draw; all of them when k is None or larger) go into the memory, each
+    with its `views` (`memory_views`: flips, quarter turns); up to `calibration_images` other
+    normal images calibrate the maps' scales (else leave-one-out over the memory images). Features
+    come from the detector's frozen backbone at its own settings, batched, on the detector's device.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -928,11 +948,14 @@ def build_line_memory(
     wanted = detector.layers_with(layers)
     index = [wanted.index(layer) for layer in layers]
 
+    extra_views = len(view_names(views)) - 1
     dataset = AnomalyDataset(chosen + held, image_size=detector.image_size, mean=detector.mean, std=detector.std)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     patches: list[list[Tensor]] = [[] for _ in layers]
+    turned: list[list[Tensor]] = [[] for _ in layers]  # the memory images' other views, batch by batch
     prompt_scores, prompt_raw, prompt_grid = [], [], []
-    bar = tqdm(total=len(dataset), desc="memory", unit="img", disable=not progress)
+    bar = tqdm(total=len(dataset) + extra_views * k, desc="memory", unit="img", disable=not progress)
+    seen = 0
     with torch.inference_mode():
         # The prompt scales are calibrated in every mode, so a bundle's mode can be switched later.
         text = detector.text_features()
@@ -947,13 +970,21 @@ def build_line_memory(
             if room > 0:  # full-size maps: a few dozen images fix the scale
                 prompt_raw.append(raw[:room])
             bar.update(batch["image"].shape[0])
+            mine = batch["image"][:max(0, k - seen)]  # memory images come first in the dataset
+            seen += batch["image"].shape[0]
+            if extra_views and len(mine):
+                for slot, part in enumerate(other_view_patches(detector, mine.to(detector.device), layers, views)):
+                    turned[slot].append(part)
+                bar.update(extra_views * len(mine))
     bar.close()
     stacked = [torch.cat(p) for p in patches]
+    # Each memory image's rows: its own view, then the others (fit_line_memory's layout).
+    shots = [torch.cat([p[:k], torch.cat(t)], dim=1) if extra_views else p[:k] for p, t in zip(stacked, turned)]
     built_with = {"image_size": detector.settings.image_size, "dpam_layers": detector.settings.dpam_layers,
                   "layers": list(map_layers), "backbone_fingerprint": detector.backbone.fingerprint()}
-    info = {"images": [s.image for s in chosen], "calibration_images": len(held), "seed": seed}
+    info = {"images": [s.image for s in chosen], "calibration_images": len(held), "seed": seed, "views": views}
     return fit_line_memory(
-        layers, [p[:k] for p in stacked], detector.backbone.grid, detector.image_size, built_with,
+        layers, shots, detector.backbone.grid, detector.image_size, built_with, views=extra_views + 1,
         calibration_patches=[p[k:] for p in stacked] if held else None,
         prompt_scores=torch.cat(prompt_scores), prompt_raw=torch.cat(prompt_raw),
         coreset=coreset, fusion=fusion, seed=seed, info=info, prompt_patch_maps=torch.cat(prompt_grid),

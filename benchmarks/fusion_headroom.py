@@ -64,10 +64,10 @@ def cross_validated_auroc(features: np.ndarray, labels: np.ndarray, model: str, 
 
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
-                 layer: int) -> tuple[str, list[list]]:
+                 layer: int, views: str) -> tuple[str, list[list]]:
     from sklearn.metrics import roc_auc_score
 
-    data = load_product(detector, base, product, data_root, cache_dir, layer)
+    data = load_product(detector, base, product, data_root, cache_dir, layer, views)
     test, labels, li, normals = data.test, data.labels, data.layer_index, data.normals
     pool_table, pool_prompts, test_prompts = data.pool_table, data.pool_prompts, data.test_prompts
     sigma = detector.settings.sigma
@@ -76,7 +76,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
     for k in ks:
         results: dict[str, list[float]] = {}
         for draw in range(DRAWS):
-            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
+            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw, views=data.views)
             raw, _ = memory_raw_maps(memory, test_patches, detector.image_size)
             memory.configure(FusionSettings(), sigma)
             fused, _, _ = fuse_timed(memory, raw, test_prompts, sigma)
@@ -120,11 +120,12 @@ def main() -> int:
     detector, base, layer = detector_and_base(str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
-          f"default detector | memory block {layer} | {DRAWS} draws per k | {FOLDS}-fold CV on the test labels")
+          f"default detector | memory block {layer}, views {args.views} | {DRAWS} draws per k | {FOLDS}-fold CV on "
+          f"the test labels")
     rows = []
     for product in products:
         describe, product_table = product_rows(detector, base, product, args.data_root, args.cache_dir, ks,
-                                               layer)
+                                               layer, args.views)
         print(f"# {describe}")
         rows.extend(product_table)
     print_table(["product", "k", "image AUROC of", "mean", "min .. max over draws"], rows)

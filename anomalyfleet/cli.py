@@ -186,7 +186,8 @@ def cmd_eval(args) -> int:
     defective = sum(int(s.label) for s in samples) / max(1, len(samples))
     if memory is not None and memory.fusion.image_evidence > 0 and defective > 0.3:
         # Measured in benchmarks/results-line-memory-products.txt: at 70 % defective images the
-        # image evidence costs 4-5 AUPRO points, where on a line's real defect rate it gains.
+        # image evidence costs 3-4 AUPRO points (4-5 without views), where on a line's real defect
+        # rate it gains.
         print(f"note: {100 * defective:.0f}% of these images are defective; the bundle mixes each image's score into "
               f"its map (image evidence {memory.fusion.image_evidence:g}), which lowers pixel metrics on such sets. "
               f"For a localisation benchmark: anomalyfleet memory set --detector BUNDLE --image-evidence 0",

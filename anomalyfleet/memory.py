@@ -286,7 +286,8 @@ class FusionSettings:
     `prompts`: the learned prompts alone, exactly as without a memory.
 
     Defaults, measured on three products with benchmarks/line_memory_products.py (Magnetic Tile's
-    held-out defects, ELPV mono and poly cells; k = 1, 4 and 16, three draws each): the prompts
+    held-out defects, ELPV mono and poly cells; k = 1, 4 and 16, three draws each; memories without
+    views, as built before `memory_views` became the default): the prompts
     carry image-level information only. A prompt map share lowered pixel AUROC everywhere
     (v = 0); mixing the image's score into its map raised the memory's own pixel AUROC by 9-10
     points on Magnetic Tile at block 8 (7-9 at block 6; a = 0.5, in both modes); w = 0.1 is the

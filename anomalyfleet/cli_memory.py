@@ -265,7 +265,7 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
                         "memory of max(k, 16) images without views holds)")
     b.add_argument("--views", choices=VIEW_SETS, default=DEFAULT_VIEWS,
                    help="views of each memory image in the memory: none, flips (mirror images and the half "
-                        "turn: 4 views) or d4 (also quarter turns and transposes: 8 views, square images); the "
+                        "turn: 4 views) or d4 (also quarter turns and transposes: 8 views); the "
                         f"bank and the search time grow with the views (default {DEFAULT_VIEWS})")
     b.add_argument("--layer", type=layer_list, default=None,
                    help="feature block(s) of the memory, e.g. 8 or 6,9 (default: block 8 of 12, two thirds up)")

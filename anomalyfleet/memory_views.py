@@ -72,6 +72,6 @@ def other_view_patches(detector, images: Tensor, layers: Sequence[int], views: s
     One backbone pass per view, each the batch's size, so peak memory does not grow with V."""
     others = image_views(images, views)[1:]
     if not others:
-        return [images.new_zeros(images.shape[0], 0, 0) for _ in layers]
+        raise ValueError(f"views {views!r} hold the images alone: there are no other views to compute")
     parts = [detector.extract(view, layers=tuple(layers)).patch_features for view in others]
     return [torch.cat([part[slot] for part in parts], dim=1) for slot in range(len(layers))]

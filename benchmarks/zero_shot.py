@@ -150,7 +150,8 @@ class MemoryViews:
     """The other views (`memory_views`) of a feature table's images, computed when first asked for and
     kept: what `build_line_memory` appends to each memory image's own features, for memories drawn
     from cached features. `samples`: the table's images, in its row order; `layers`: the memory's
-    block numbers."""
+    block numbers. The views are float32 even where a table is kept in float16 (ELPV): within the
+    table's rounding of what `memory build` computes."""
 
     def __init__(self, base: Detector, samples: list, layers: tuple[int, ...], views: str):
         from anomalyfleet.memory_views import view_names

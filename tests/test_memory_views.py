@@ -39,6 +39,10 @@ def test_view_sets_reject_bad_input():
     with pytest.raises(ValueError, match="B, C, H, W"):
         image_views(torch.zeros(3, 4, 4), "flips")
     assert set(VIEW_SETS) == {"none", "flips", "d4"}
+    from anomalyfleet.memory_views import other_view_patches
+
+    with pytest.raises(ValueError, match="no other views"):
+        other_view_patches(None, torch.zeros(1, 3, 4, 4), (4,), "none")
 
 
 def test_leave_one_out_keeps_all_views_of_an_image_out_and_queries_its_own():
@@ -134,6 +138,35 @@ def test_a_memory_with_views_knows_its_images_flipped_and_turned(tiny_detector, 
     assert float(scores(flips, own[1]).max()) < 1e-4
     assert float(scores(flips, own[5]).mean()) > 1e-3  # a quarter turn is not among the flips
     assert max(float(scores(d4, view).max()) for view in own) < 1e-4
+
+
+def test_memory_images_across_batches_keep_their_views_together(tiny_detector, normals):
+    """k = 3 memory images in batches of 2, no held-out image (leave-one-out calibrates): the bank
+    holds, image after image, each one's own patches and then its flips, as computed one by one."""
+    from anomalyfleet.memory import MapCalibration, upsample_patch_scores
+
+    detector, layer = tiny_detector, 4
+    memory = build_line_memory(detector, normals, k=3, layers=(layer,), views="flips", calibration_images=0,
+                               batch_size=2, fusion=FusionSettings(mode="memory"), progress=False)
+    assert "leave-one-out over 3 memory images" in memory.info["memory_calibration"]
+    assert "(4 views each)" in memory.info["memory_calibration"]
+    chosen = [next(s for s in normals if s.image == path) for path in memory.info["images"]]
+    with torch.inference_mode():
+        expected = torch.stack([torch.cat([detector.extract(view, layers=(layer,)).patch_features[0][0]
+                                           for view in image_views(_image(sample, detector), "flips")])
+                                for sample in chosen])  # (3, 4 * P, D)
+    bank = memory.bank(layer).features
+    torch.testing.assert_close(bank, F.normalize(expected.reshape(-1, expected.shape[-1]), dim=-1),
+                               atol=1e-4, rtol=0)
+    # Leave-one-out: each image's own patches against the other two images and all their views.
+    grid = detector.backbone.grid
+    patches = grid[0] * grid[1]
+    rows = F.normalize(expected, dim=-1)
+    by_hand = torch.stack([nearest_distance(rows[i, :patches], torch.cat([rows[j] for j in range(3) if j != i]))
+                           for i in range(3)])
+    truth = MapCalibration.fit(upsample_patch_scores(by_hand, grid, detector.image_size))
+    assert abs(memory.memory_calibration.centre - truth.centre) < 1e-4
+    assert abs(memory.memory_calibration.spread - truth.spread) < 1e-4
 
 
 def test_views_are_recorded_in_the_bundle(tiny_detector, normals, tmp_path):

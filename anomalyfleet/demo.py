@@ -176,6 +176,7 @@ def line_memory_step(detector, samples: list[Sample], out: Path) -> tuple[dict, 
         memory = detector.memory
         print(f"[2/6] the {len(scored)} {category.split('_')[1]} cells with a line memory of {memory.shots} other "
               f"normal cells of their line (mode {memory.fusion.mode}, block {','.join(map(str, memory.layers))}, "
+              f"views {memory.info.get('views')}, "
               f"{memory.info['memory_calibration']}) -> {bundles[-1]}", file=sys.stderr)
         fused.append(evaluate_detector(detector.to(device), scored, per_image=True, progress=False))
         with_peers.append(evaluate_detector(detector, scored, progress=False, peers=PEER_GROUP))

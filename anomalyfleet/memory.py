@@ -841,9 +841,9 @@ def fit_line_memory(
         if p.dim() != 3 or p.shape[1] != views * patches_per_view:
             raise ValueError(f"memory patches of shape {tuple(p.shape)} do not hold {views} view(s) of a "
                              f"{grid[0]}x{grid[1]} patch grid")
-    rows = shot_patches[0].shape[0] * shot_patches[0].shape[1]
-    if views > 1 and coreset is None and rows > view_bank_limit(shot_patches[0].shape[0], patches_per_view):
-        coreset = view_bank_limit(shot_patches[0].shape[0], patches_per_view)
+    limit = view_bank_limit(shot_patches[0].shape[0], patches_per_view)
+    if views > 1 and coreset is None and shot_patches[0].shape[0] * shot_patches[0].shape[1] > limit:
+        coreset = limit
     banks = [PatchMemory.build(p, layer, grid, max_size=coreset, seed=seed).features for layer, p in zip(layers, shot_patches)]
     shots, per_image = shot_patches[0].shape[:2]
     built_with = {"image_size": image_size, **built_with}

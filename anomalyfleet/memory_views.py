@@ -27,6 +27,9 @@ _TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
     "anti_transpose": lambda x: x.transpose(-1, -2).flip(-1).flip(-2),
 }
 
+# The views that swap an image's rows and columns: they need square images.
+_TRANSPOSING = {"transpose", "turn_90_clockwise", "turn_90_anticlockwise", "anti_transpose"}
+
 # Named view sets, the identity first: a memory image's own patches come first among its rows.
 VIEW_SETS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
@@ -59,7 +62,7 @@ def image_views(images: Tensor, views: str) -> list[Tensor]:
     names = view_names(views)
     if images.dim() != 4:
         raise ValueError(f"image views need a (B, C, H, W) batch, got shape {tuple(images.shape)}")
-    if len(names) > 4 and images.shape[-1] != images.shape[-2]:
+    if _TRANSPOSING.intersection(names) and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"quarter turns need square images, got {images.shape[-2]}x{images.shape[-1]}; "
                          "use views 'flips' or 'none'")
     return [_TRANSFORMS[name](images).contiguous() for name in names]

@@ -53,7 +53,7 @@ from zero_shot import (DRAWS, MemoryViews, PromptOutputs, draw_memory, fuse_time
 
 from anomalyfleet import metrics  # noqa: E402
 from anomalyfleet.maps import smooth_maps  # noqa: E402
-from anomalyfleet.memory_views import DEFAULT_VIEWS  # noqa: E402
+from anomalyfleet.memory_views import DEFAULT_VIEWS, VIEW_SETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
@@ -87,7 +87,7 @@ def add_product_arguments(parser: argparse.ArgumentParser, ks: str) -> None:
     parser.add_argument("--memory-layer", type=int, default=None,
                         help="the memory's block (default: memory build's, anomalyfleet.memory.default_memory_layers)")
     parser.add_argument("--cache-dir", default=None, help="keep the frozen features on disk between runs")
-    parser.add_argument("--views", choices=("none", "flips", "d4"), default=DEFAULT_VIEWS,
+    parser.add_argument("--views", choices=tuple(VIEW_SETS), default=DEFAULT_VIEWS,
                         help=f"views of each memory image in the memory (default {DEFAULT_VIEWS}, memory build's)")
 
 

@@ -47,7 +47,7 @@ from anomalyfleet.detector import Detector, make_prompts  # noqa: E402
 from anomalyfleet.features import FeatureTable, compute_feature_table  # noqa: E402
 from anomalyfleet.maps import smooth_maps  # noqa: E402
 from anomalyfleet.memory import default_memory_layers  # noqa: E402
-from anomalyfleet.memory_views import DEFAULT_VIEWS  # noqa: E402
+from anomalyfleet.memory_views import DEFAULT_VIEWS, VIEW_SETS  # noqa: E402
 from anomalyfleet.training import TrainConfig, train_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,7 +400,7 @@ def main() -> int:
     parser.add_argument("--memory-layer", type=int, default=None,
                         help="feature block for line memory (default: memory build's; 0: skip those rows)")
     parser.add_argument("--memory-k", default="1,4,16", help="comma-separated k for the line memory rows")
-    parser.add_argument("--views", choices=("none", "flips", "d4"), default=DEFAULT_VIEWS,
+    parser.add_argument("--views", choices=tuple(VIEW_SETS), default=DEFAULT_VIEWS,
                         help=f"views of each memory image in the memory (default {DEFAULT_VIEWS}, memory build's)")
     parser.add_argument("--fusion-variants", action="store_true", help="also the fused variants (k > 1)")
     parser.add_argument("--bundle-k", default="4", help="comma-separated k for the bundle-path rows ('' to skip)")

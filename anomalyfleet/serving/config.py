@@ -76,9 +76,9 @@ class WindowSettings(BaseModel):
     # mutual score among the window's images where that is smaller (anomalyfleet.memory
     # .peer_patch_scores). Measured this way on a stream of the three products (benchmarks/peers.py,
     # '+ window peers': window 32, each image meets only the ones before it, the first `min_images`
-    # get no peers): with 1 memory image it added 3.0 image AUROC on Magnetic Tile, 4.7 on ELPV poly
-    # cells and 0.9 on mono cells to the fused detector; with 4, 1.2 on poly cells, 0.2 on mono
-    # cells and -0.2 on Magnetic Tile; with 16, 0.0 to -0.1 (benchmarks/results-peers.txt). Needs a
+    # get no peers; memories with the default views): with 1 memory image it added 2.9 image AUROC
+    # on Magnetic Tile, 3.4 on ELPV poly cells and 0.6 on mono cells to the fused detector; with 4,
+    # 0.2 on cells and -0.3 on Magnetic Tile; with 16, -0.4 to +0.1 (benchmarks/results-peers.txt). Needs a
     # bundle with an active line memory on one block (the window compares that block);
     # `threshold` and `pixel_threshold` are then unused. Like the window itself, it misses defects
     # that many of the window's images share.

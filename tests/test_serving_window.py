@@ -5,6 +5,8 @@ local Serve app (127.0.0.1)."""
 
 from __future__ import annotations
 
+import io
+import threading
 import time
 
 import numpy as np
@@ -270,18 +272,26 @@ def test_snapshots_asked_for_during_a_slow_write_are_coalesced_and_the_newest_la
     keeper = WindowKeeper(state_uri=str(state), snapshot_every=1)
     writes = []
     slow_write = keeper._write
+    started, release = threading.Event(), threading.Event()
 
-    def write(data: bytes) -> None:  # storage that takes a while: requests go on meanwhile
-        time.sleep(0.2)
-        writes.append(len(data))
+    def write(data: bytes) -> None:  # storage that holds the first write until told: requests go on meanwhile
+        started.set()
+        assert release.wait(30)
+        writes.append(len(torch.load(io.BytesIO(data), weights_only=True)["features"]))
         slow_write(data)
 
     keeper._write = write
-    for i in range(7):
-        keeper.score_then_add(_spec(WindowSettings(size=8, min_images=3)), line[i:i + 1])
+    settings = _spec(WindowSettings(size=8, min_images=3))
+    keeper.score_then_add(settings, line[0:1])
+    # Waiting for the writer to hold the first snapshot makes the order fixed (on a loaded machine the
+    # thread may otherwise start after every request and write only the last snapshot).
+    assert started.wait(30)
+    for i in range(1, 7):
+        keeper.score_then_add(settings, line[i:i + 1])
+    release.set()
     keeper.flush()
     assert len(torch.load(state, weights_only=True)["features"]) == 7
-    assert 2 <= len(writes) < 7  # skipped the stale ones, not the last
+    assert writes == [1, 7]  # the five stale snapshots in between were skipped, the newest was not
 
 
 def test_windows_cli_refuses_an_unreachable_cluster_in_one_line(capsys):

@@ -54,7 +54,7 @@ def _job(stop_file: str, name: str) -> None:
 
     metrics = JobMetrics(name, kind="synthesis", total=10_000)
     step = 0
-    deadline = time.time() + 240
+    deadline = time.time() + 1200  # a backstop only: the module's fixture stops it with the stop file
     while not os.path.exists(stop_file) and time.time() < deadline:
         step += 1
         metrics.advance(images=4)
@@ -236,8 +236,11 @@ def test_prometheus_scrapes_ray_through_the_service_discovery_file(stack):
     # The node's export port carries every series the dashboards read. (The dashboard process's own
     # small target listens on dashboard_host, 127.0.0.1 here, while the file names the node's address,
     # so it may be down in this test; on a cluster the head runs with --dashboard-host=0.0.0.0.)
-    node = [r for r in up if r["metric"]["instance"].endswith(f":{stack['metrics_port']}")]
-    assert len(node) == 1 and node[0]["value"][1] == "1", up
+    # Up in the last 30 s rather than at the last scrape: with 1 s scrape timeouts here, one slow
+    # answer on a loaded machine marks a live target down for a second.
+    recent = stack["prom"].query('max_over_time(up{job="ray"}[30s])')["result"]
+    node = [r for r in recent if r["metric"]["instance"].endswith(f":{stack['metrics_port']}")]
+    assert len(node) == 1 and node[0]["value"][1] == "1", recent
     # The relabelling added the cluster; the job's own `job` label survived the scrape (honor_labels).
     assert {r["metric"]["cluster"] for r in up} == {"anomalyfleet"}
     jobs = stack["prom"].query("ray_anomalyfleet_job_progress_ratio")["result"]
@@ -287,6 +290,10 @@ def test_every_rule_parses_and_evaluates(stack):
                    "job:anomalyfleet_job_progress:max"):
         assert prom.query(record)["result"], record
     # Nothing is on fire in a healthy, freshly started stack.
+    # Except the dashboard's own target, which may be down here (see the scrape test) and fires
+    # once the module has run for 5 minutes.
+    node = f":{stack['metrics_port']}"
     firing = [a for a in requests.get(f"{prom.url}/api/v1/alerts", timeout=30).json()["data"]["alerts"]
-              if a["state"] == "firing"]
+              if a["state"] == "firing" and not (a["labels"]["alertname"] == "AnomalyfleetRayTargetDown"
+                                                 and not a["labels"].get("instance", "").endswith(node))]
     assert not firing, firing

@@ -30,6 +30,9 @@ ALL_TOKEN = "client-token-all-lines"
 B_TOKEN = "line-b-only-token"
 MAX_BYTES = 300_000
 MAX_PIXELS = 1_000_000
+# The body timeout covers every request of the module: Serve hands a body from its proxy to the
+# gateway through actor calls, which on a loaded 2-core machine can take a few seconds.
+BODY_TIMEOUT_S = 10
 THRESHOLD_A = 0.41
 THRESHOLD_B = 0.55
 
@@ -62,7 +65,7 @@ def env(tmp_path_factory, openai_clip_file):
     config = ServiceConfig(
         registry=str(registry), registry_check_interval_s=0.2,
         min_replicas=1, max_replicas=1, num_cpus=0.5, gateway_num_cpus=0.25, gateway_max_replicas=1,
-        max_batch_size=4, batch_wait_timeout_s=0.02, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, body_timeout_s=2,
+        max_batch_size=4, batch_wait_timeout_s=0.02, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, body_timeout_s=BODY_TIMEOUT_S,
         tokens=[{"name": "qa", "token": ALL_TOKEN, "lines": ["*"], "admin": True}],
     )
     http_port, metrics_port = free_port(), free_port()
@@ -231,8 +234,8 @@ def test_bad_inputs_are_4xx_and_the_replica_keeps_serving(env):
             if not chunk:
                 break
             reply += chunk
-    assert reply.startswith(b"HTTP/1.1 408") and b"not received within 2 s" in reply, reply
-    assert time.monotonic() - started < 20
+    assert reply.startswith(b"HTTP/1.1 408") and f"not received within {BODY_TIMEOUT_S} s".encode() in reply, reply
+    assert time.monotonic() - started < BODY_TIMEOUT_S + 30
     # Still serving, on the same replicas.
     r = requests.post(f"{base}/v1/lines/line-a/score", data=good, headers=_auth(), timeout=60)
     assert r.status_code == 200

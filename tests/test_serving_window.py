@@ -495,6 +495,8 @@ def test_shared_window_is_one_window_across_replicas_and_survives_their_restart(
             if snapshot.is_file() and len(torch.load(snapshot, weights_only=True)["features"]) == 6:
                 break
             time.sleep(0.2)
+        else:
+            pytest.fail("the snapshot at 6 images was not written within 30 s")
         ray.kill(keeper, no_restart=True)
         # ray.kill is asynchronous: a call sent right after it may still be answered (seen once under
         # load), so wait until the actor is gone.
@@ -571,7 +573,10 @@ def test_windows_cli_lists_and_restarts_shared_windows(tmp_path, capsys, monkeyp
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        shared = SharedWindows(app="app", namespace=WINDOW_NAMESPACE, state=str(tmp_path / "windows"), snapshot_every=2)
+        # A generous call timeout: a new actor's process imports torch and restores the snapshot,
+        # which takes well over the service's 10 s default on a loaded machine.
+        shared = SharedWindows(app="app", namespace=WINDOW_NAMESPACE, state=str(tmp_path / "windows"), snapshot_every=2,
+                               timeout_s=60)
         line = _synthetic_line(normal=6, defective=0, seed=8)
         settings = WindowSettings(size=8, min_images=3)
         for i in range(4):
@@ -591,6 +596,8 @@ def test_windows_cli_lists_and_restarts_shared_windows(tmp_path, capsys, monkeyp
             if snapshot.is_file() and len(torch.load(snapshot, weights_only=True)["features"]) == 4:
                 break
             time.sleep(0.1)
+        else:
+            pytest.fail("the snapshot at 4 images was not written within 30 s")
         assert main(["windows", "restart", name]) == 0
         deadline = time.time() + 30
         with pytest.raises(ray.exceptions.RayActorError):

@@ -213,7 +213,7 @@ def test_failures_are_clear_and_bounded(s3_env, tmp_path):
         storage.read_bytes("s3://no-such-bucket-here/x", s3_env.options())
     with pytest.raises(StorageError, match=r"not found: s3://"):
         storage.read_bytes(uri + ".missing")
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # no retry storm (bounded), with room for a loaded machine
 
     from tests.s3server import free_port
 

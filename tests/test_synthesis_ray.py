@@ -66,7 +66,14 @@ def run_job_and_kill(tmp_path, data, ray_cluster, env: dict, timeout: float, pol
             os.killpg(job.pid, signal.SIGKILL)
         job.wait(30)
     # The job ran on a shared cluster: its actors outlive the killed driver until Ray reaps them,
-    # and a shard already in flight may still land. Take the snapshot once nothing changes.
+    # and a shard already in flight may still land. Wait until they are gone (their CPUs are back),
+    # then take the snapshot once nothing changes.
+    import ray
+
+    reaped = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < reaped:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], "the killed job's actors live on"
     before, stable_since = finished_shards(out), time.monotonic()
     while time.monotonic() - stable_since < 3 and time.monotonic() < deadline + 30:
         time.sleep(0.2)

@@ -416,13 +416,13 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
 
         # Progress for the Jobs dashboard and the stalled-job alert: one advance per finished shard.
         total_images = sum(len(s.images) for s in shards)
-        metrics = JobMetrics(config.job_name, kind="scoring", total=total_images)
-        done = total_images - sum(len(s.images) for s in todo)
-        metrics.advance(done=done)
-        for row in results.iter_rows():
-            done += int(row["images"])
-            metrics.advance(done=done, images=int(row["images"]))
-        metrics.finish()
+        with JobMetrics(config.job_name, kind="scoring", total=total_images) as metrics:
+            done = total_images - sum(len(s.images) for s in todo)
+            metrics.advance(done=done)
+            for row in results.iter_rows():
+                done += int(row["images"])
+                metrics.advance(done=done, images=int(row["images"]))
+            metrics.finish()
     summary = {
         "lines": summarize(config.output, shards),
         "shards": len(shards),

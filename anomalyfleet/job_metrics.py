@@ -24,6 +24,12 @@ the series carry the job's name, not the scrape job's.
     metrics.finish()
 
 Ray must be initialised in the process before the first record (a job's driver or any Ray worker is).
+
+Ray drops a gauge from the export port about 20 s after it was last set, so the gauges here are held
+(`held_gauges`): set again every few seconds while the job runs, which keeps a hung job's last
+progress time visible to the stall alert. `finish()` holds the final values for `FINISHED_HOLD_S`
+more, for the dashboards to scrape, then lets them go; `close()` lets a job's series go at once (a
+failed job is not stalled), and leaving a `with JobMetrics(...)` block closes it.
 """
 
 from __future__ import annotations
@@ -32,10 +38,24 @@ import threading
 import time
 from collections.abc import Callable
 
+from anomalyfleet.held_gauges import HeldGauges
+
 KINDS = ("synthesis", "training", "features", "scoring")
+# How long a finished job's final values stay on the export port: a few scrapes at 15 s.
+FINISHED_HOLD_S = 120.0
 
 _lock = threading.Lock()
 _instruments: dict[str, object] | None = None
+_held: HeldGauges | None = None
+
+
+def _held_gauges() -> HeldGauges:
+    """The process's held gauges (one refresh thread per process)."""
+    global _held
+    with _lock:
+        if _held is None:
+            _held = HeldGauges()
+        return _held
 
 
 def _metrics() -> dict[str, object]:
@@ -90,15 +110,27 @@ class JobMetrics:
         self._done = 0.0
         self._tags = {"job": job, "kind": kind}
         self._m = _metrics()
-        self._m["progress"].set(0.0, tags=self._tags)
+        self._held = _held_gauges()
+        self._keys: set = set()
+        self._finished = False
+        self._set("progress", 0.0, self._tags)
         self._beat()
+
+    def __enter__(self) -> "JobMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _set(self, name: str, value: float, tags: dict) -> None:
+        self._keys.add(self._held.set(self._m[name], value, tags))
 
     @property
     def done(self) -> float:
         return self._done
 
     def _beat(self) -> None:
-        self._m["heartbeat"].set(self._clock(), tags=self._tags)
+        self._set("heartbeat", self._clock(), self._tags)
 
     def advance(self, done: float | None = None, images: int = 0, total: float | None = None) -> None:
         """Report progress: `done` units of `total` so far (absolute), and `images` new images since the last call."""
@@ -111,33 +143,40 @@ class JobMetrics:
         if images:
             self._m["images"].inc(images, tags=self._tags)
         if self.total:
-            self._m["progress"].set(min(1.0, self._done / self.total), tags=self._tags)
+            self._set("progress", min(1.0, self._done / self.total), self._tags)
             eta = estimate_eta(self._done, self.total, self._clock() - self._started)
             if eta is not None:
-                self._m["eta"].set(eta, tags=self._tags)
+                self._set("eta", eta, self._tags)
         self._beat()
 
     def train(self, epoch: int, loss: float, samples_per_second: float | None = None) -> None:
         """Report a training epoch (or step); also counts as progress for the stall alert."""
-        self._m["epoch"].set(float(epoch), tags={"job": self.job})
-        self._m["loss"].set(float(loss), tags={"job": self.job})
+        self._set("epoch", float(epoch), {"job": self.job})
+        self._set("loss", float(loss), {"job": self.job})
         if samples_per_second is not None:
-            self._m["throughput"].set(float(samples_per_second), tags={"job": self.job})
+            self._set("throughput", float(samples_per_second), {"job": self.job})
         self._beat()
 
     def stage(self, stage: str, done: float, total: float) -> None:
         """Report a feature-cache stage (e.g. `extract`, `write`), `done` of `total` items."""
         ratio = 1.0 if total <= 0 else min(1.0, max(0.0, done / total))
-        self._m["stage"].set(ratio, tags={"job": self.job, "stage": stage})
+        self._set("stage", ratio, {"job": self.job, "stage": stage})
         self._beat()
 
     def finish(self) -> None:
         """Mark the job complete: progress 1, ETA 0 (a finished job is never reported as stalled)."""
         if self.total:
             self._done = max(self._done, float(self.total))
-        self._m["progress"].set(1.0, tags=self._tags)
-        self._m["eta"].set(0.0, tags=self._tags)
+        self._set("progress", 1.0, self._tags)
+        self._set("eta", 0.0, self._tags)
         self._beat()
+        self._finished = True
+        self._held.release(self._keys, after_s=FINISHED_HOLD_S)
+
+    def close(self) -> None:
+        """Stop holding this job's series (a finished job's go after their grace period)."""
+        if not self._finished:
+            self._held.release(self._keys)
 
 
-__all__ = ["JobMetrics", "KINDS", "estimate_eta"]
+__all__ = ["FINISHED_HOLD_S", "JobMetrics", "KINDS", "estimate_eta"]

@@ -224,7 +224,11 @@ def run_feature_stage(
                     metrics.stage("extract", finished, total)
                 if queue:
                     submit(actor)
+            if metrics is not None:
+                metrics.finish()  # else its progress (0) and last beat would read as a stalled job
         finally:
+            if metrics is not None:
+                metrics.close()
             bar.close()
             # The actors hold CPUs (or GPU fractions) that the training workers need next.
             for actor in pool:

@@ -41,6 +41,12 @@ class GatewayMetrics:
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
+        from anomalyfleet.held_gauges import HeldGauges
+
+        # Ray drops a gauge ~20 s after it was last set; thresholds change only on a reload.
+        self._held = HeldGauges()
+        self._threshold_keys: dict[str, object] = {}
+
         self.threshold = Gauge("anomalyfleet_line_threshold", description="Decision threshold in force, by line.",
                                tag_keys=("line",))
         self.requests = Counter("anomalyfleet_requests", description="Scoring requests by line, endpoint and HTTP status.",
@@ -82,8 +88,11 @@ class GatewayMetrics:
             self.anomalies.inc(1, tags={"line": line})
 
     def thresholds(self, lines: dict) -> None:
-        for name, state in lines.items():
-            self.threshold.set(float(state.threshold), tags={"line": name})
+        """The thresholds in force; a line no longer served stops being reported."""
+        keys = {name: self._held.set(self.threshold, float(state.threshold), {"line": name})
+                for name, state in lines.items()}
+        self._held.release(key for name, key in self._threshold_keys.items() if name not in keys)
+        self._threshold_keys = keys
 
     def reload(self, line: str, ok: bool) -> None:
         self.reloads.inc(1, tags={"line": line, "result": "ok" if ok else "failed"})
@@ -92,6 +101,11 @@ class GatewayMetrics:
 class ScorerMetrics:
     def __init__(self) -> None:
         from ray.serve.metrics import Gauge, Histogram
+
+        from anomalyfleet.held_gauges import HeldGauges
+
+        # Ray drops a gauge ~20 s after it was last set: an idle line's window would vanish.
+        self._held = HeldGauges()
 
         self.window_images = Gauge("anomalyfleet_window_images",
                                    description="Images in this replica's rolling window of the line.", tag_keys=("line",))
@@ -107,7 +121,7 @@ class ScorerMetrics:
             self.model_latency.observe(latency_ms, tags={"line": line})
 
     def window(self, line: str, images: int) -> None:
-        self.window_images.set(images, tags={"line": line})
+        self._held.set(self.window_images, images, {"line": line})
 
 
 __all__ = ["GatewayMetrics", "ScorerMetrics", "UNKNOWN_LINE"]

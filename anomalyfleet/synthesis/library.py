@@ -809,6 +809,7 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
             submit(slot)
         metrics.finish()
     finally:
+        metrics.close()
         bar.close()
         # Killing the actors fails whatever is still queued on them. (Actor tasks cannot be
         # force-cancelled: Ray raises ValueError, which here would hide the error that got us here

@@ -1,0 +1,112 @@
+"""Gauges that keep their last value on Ray's metrics export port.
+
+Ray exports a gauge only while it is being set: a value not set again leaves the node's /metrics
+about 20 s later (measured with Ray 2.60, at the default and at a 1 s report interval; the agent
+evicts gauge values that were not re-reported within two export intervals). Prometheus then sees
+the series end. For a hung job that is fatal to the alert meant for it: its last-progress
+timestamp disappears, so `time() - timestamp > 900` never holds. A line's threshold would likewise
+vanish 20 s after the line was loaded.
+
+`HeldGauges` remembers each series' last value and sets it again every few seconds from one daemon
+thread, for as long as the process lives or until the series is released (optionally after a
+grace period, so that a finished job's last values are still scraped).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+# Well inside Ray's eviction window (about 20 s) at any report interval.
+REFRESH_S = 5.0
+
+_Key = tuple[int, tuple[tuple[str, str], ...]]
+
+
+class HeldGauges:
+    """Last values of gauge series, set again every `refresh_s` seconds until released.
+
+    A gauge is anything with `set(value, tags=...)` (`ray.util.metrics.Gauge`, `ray.serve.metrics.Gauge`).
+    """
+
+    def __init__(self, refresh_s: float = REFRESH_S, clock: Callable[[], float] = time.monotonic):
+        if refresh_s <= 0:
+            raise ValueError(f"refresh_s must be positive, got {refresh_s}")
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> (gauge, value, tags, release time or None)
+        self._series: dict[_Key, tuple[object, float, dict[str, str], float | None]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def key(gauge: object, tags: Mapping[str, str]) -> _Key:
+        return id(gauge), tuple(sorted((str(k), str(v)) for k, v in tags.items()))
+
+    def set(self, gauge, value: float, tags: Mapping[str, str]) -> _Key:
+        """Set the series now and hold it; returns its key (for `release`)."""
+        tags = {str(k): str(v) for k, v in tags.items()}
+        gauge.set(float(value), tags=tags)
+        key = self.key(gauge, tags)
+        with self._lock:
+            self._series[key] = (gauge, float(value), tags, None)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, daemon=True, name="anomalyfleet-held-gauges")
+                self._thread.start()
+        return key
+
+    def release(self, keys: Iterable[_Key], after_s: float = 0.0) -> None:
+        """Stop holding these series, now or `after_s` seconds from now. Their last values stay on
+        the export port until Ray evicts them (about 20 s)."""
+        until = self._clock() + after_s
+        with self._lock:
+            for key in keys:
+                entry = self._series.get(key)
+                if entry is None:
+                    continue
+                if after_s <= 0:
+                    del self._series[key]
+                else:
+                    self._series[key] = (*entry[:3], until)
+
+    def held(self) -> int:
+        """How many series are held."""
+        with self._lock:
+            return len(self._series)
+
+    def refresh(self) -> int:
+        """Set every held series again (the thread does this every `refresh_s`); drops those whose
+        release time has come. Returns how many were set."""
+        now = self._clock()
+        with self._lock:
+            expired = [k for k, (_, _, _, until) in self._series.items() if until is not None and until <= now]
+            for key in expired:
+                del self._series[key]
+            current = list(self._series.values())
+        for gauge, value, tags, _ in current:
+            try:
+                gauge.set(value, tags=tags)
+            except Exception as exc:  # e.g. Ray shut down under us: keep the others, say it once per pass
+                logger.debug("could not refresh a held gauge: %s", exc)
+        return len(current)
+
+    def close(self) -> None:
+        """Stop the refresh thread (the series are no longer held)."""
+        self._stop.set()
+        with self._lock:
+            self._series.clear()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.refresh_s + 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+
+__all__ = ["REFRESH_S", "HeldGauges"]

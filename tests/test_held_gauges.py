@@ -1,0 +1,96 @@
+"""HeldGauges sets a series' last value again until it is released (Ray drops gauges nobody sets)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from anomalyfleet.held_gauges import HeldGauges
+
+
+class RecordingGauge:
+    """Duck-typed gauge: remembers every set."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple[float, dict]] = []
+        self.fail = fail
+
+    def set(self, value, tags=None):
+        if self.fail and self.calls:
+            raise RuntimeError("metrics backend gone")
+        self.calls.append((value, dict(tags or {})))
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_refresh_sets_the_last_value_of_each_series_until_released():
+    clock = Clock()
+    held = HeldGauges(refresh_s=3600, clock=clock)  # no thread pass during the test: refresh by hand
+    try:
+        gauge = RecordingGauge()
+        a = held.set(gauge, 1.0, {"line": "a"})
+        held.set(gauge, 2.0, {"line": "b"})
+        held.set(gauge, 3.0, {"line": "a"})  # the newer value replaces the older
+        assert held.held() == 2 and held.refresh() == 2
+        assert sorted(gauge.calls[-2:], key=lambda c: c[1]["line"]) == [(3.0, {"line": "a"}), (2.0, {"line": "b"})]
+        held.release([a])
+        gauge.calls.clear()
+        assert held.refresh() == 1 and gauge.calls == [(2.0, {"line": "b"})]
+    finally:
+        held.close()
+
+
+def test_release_after_a_grace_period_keeps_the_series_until_then():
+    clock = Clock()
+    held = HeldGauges(refresh_s=3600, clock=clock)
+    try:
+        gauge = RecordingGauge()
+        key = held.set(gauge, 1.0, {"job": "j"})
+        held.release([key], after_s=60)
+        clock.now += 59
+        assert held.refresh() == 1
+        clock.now += 2
+        assert held.refresh() == 0 and held.held() == 0
+        held.set(gauge, 2.0, {"job": "j"})  # set again: held again, without a release time
+        clock.now += 3600
+        assert held.refresh() == 1
+    finally:
+        held.close()
+
+
+def test_a_failing_gauge_does_not_stop_the_others():
+    held = HeldGauges(refresh_s=3600)
+    try:
+        broken, fine = RecordingGauge(fail=True), RecordingGauge()
+        held.set(broken, 1.0, {"x": "1"})
+        held.set(fine, 2.0, {"x": "2"})
+        assert held.refresh() == 2
+        assert fine.calls == [(2.0, {"x": "2"})] * 2
+    finally:
+        held.close()
+
+
+def test_the_thread_refreshes_and_stops_on_close():
+    held = HeldGauges(refresh_s=0.05)
+    gauge = RecordingGauge()
+    held.set(gauge, 7.0, {"line": "a"})
+    deadline = time.monotonic() + 30
+    while len(gauge.calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(gauge.calls) >= 3 and {c for c, _ in gauge.calls} == {7.0}
+    held.close()
+    count = len(gauge.calls)
+    time.sleep(0.3)
+    assert len(gauge.calls) == count and held.held() == 0
+
+
+def test_refresh_interval_must_be_positive():
+    with pytest.raises(ValueError):
+        HeldGauges(refresh_s=0)

@@ -15,7 +15,8 @@ from anomalyfleet.detector import Detector
 from anomalyfleet.distributed import DistributedTrainConfig, DistributedTrainingError, train_distributed
 from anomalyfleet.distributed.config import resolve_storage_uri
 from anomalyfleet.distributed.feature_stage import STAGE_FILE, ShardedFeatures
-from anomalyfleet.distributed.train_loop import latest_checkpoint_state, slice_bounds, slice_gradient, slice_weights
+from anomalyfleet.distributed.train_loop import (latest_checkpoint_state, reduce_on_device, slice_bounds, slice_gradient,
+                                                 slice_weights)
 from anomalyfleet.errors import ConfigError
 from anomalyfleet.training import TrainConfig, compute_losses, train_prompts
 from tests.image_sets import write_folder_dataset
@@ -117,6 +118,18 @@ def test_weighted_slice_gradients_sum_to_the_batch_gradient(openai_clip_file, fp
             assert off.float().mean() <= 0.02
             torch.testing.assert_close(got, want, atol=1e-5, rtol=2.0**-10)
     assert slice_gradient(prompts, 1.0, 1) is prompts  # one worker: the plain single-process path
+
+
+def test_epoch_sums_reach_the_collective_on_the_training_device():
+    # NCCL (Ray Train's backend on GPUs) refuses CPU tensors; "meta" stands in for a CUDA device here.
+    seen = []
+
+    def reduce(t):
+        seen.append(t.device)
+        return torch.tensor([3.0, 5.0], dtype=torch.float64)
+
+    out = reduce_on_device(torch.tensor([1.0, 2.0], dtype=torch.float64), torch.device("meta"), reduce)
+    assert seen == [torch.device("meta")] and out.device.type == "cpu" and out.tolist() == [3.0, 5.0]
 
 
 def test_config_is_validated_when_built(tmp_path):

@@ -93,6 +93,13 @@ def _all_reduce_sum(grad: Tensor) -> Tensor:
     return grad
 
 
+def reduce_on_device(values: Tensor, device: torch.device,
+                     reduce: Callable[[Tensor], Tensor] = _all_reduce_sum) -> Tensor:
+    """`values` summed over the ranks, back on the CPU. The collective gets a copy on the training
+    device: Ray Train's process group on GPUs is NCCL only, which refuses CPU tensors."""
+    return reduce(values.to(device)).cpu()
+
+
 def slice_gradient(model: Callable[[], Tensor], factor: float, world: int,
                    reduce: Callable[[Tensor], Tensor] = _all_reduce_sum) -> Callable[[], Tensor]:
     """`model` whose output gradient is scaled by `factor` and summed over the ranks in backward.
@@ -249,9 +256,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sums += torch.tensor([local, global_], dtype=torch.float64)
             steps += 1
         if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(sums)
+            sums = reduce_on_device(sums, device)
         local, global_ = (sums / steps).tolist()
         record = {"loss": config.local_weight * local + global_, "local": local, "global": global_,
                   "epoch": epoch + 1, "seconds": time.perf_counter() - began, "workers": world}

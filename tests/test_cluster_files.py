@@ -248,6 +248,30 @@ def test_ray_cluster_yaml_matches_rays_schema():
     assert any("prometheus" in c for c in config["head_setup_commands"])
 
 
+def test_launcher_nodes_import_the_checkout_reach_s3_and_serve_on_every_interface(tmp_path):
+    config = _launcher()
+    (remote, _), = config["file_mounts"].items()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        # Serve replicas and job workers import `serving` / `jobs` from the checkout.
+        assert f"cd {remote};" in start and "export PYTHONPATH=$HOME/anomalyfleet;" in start, key
+        assert start.index("cd ") < start.index("ray start")
+    for name, node in config["available_node_types"].items():
+        if name != config["head_node_type"]:  # the launcher gives only the head a profile
+            assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    # The cluster's Serve config is the repository's, made by the setup command, with the proxies
+    # listening on every interface instead of 127.0.0.1.
+    (command,) = [c for c in config["head_setup_commands"] if "serve-cluster.yaml" in c]
+    command = command.replace("~/anomalyfleet", str(REPO)).replace("~/serve-cluster.yaml", str(tmp_path / "s.yaml"))
+    subprocess.run(["bash", "-c", command], check=True)
+    original = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    cluster = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    assert original["http_options"]["host"] == "127.0.0.1" and cluster["http_options"]["host"] == "0.0.0.0"
+    cluster["http_options"]["host"] = "127.0.0.1"
+    assert cluster == original
+    assert any("PrivateTmp=false" in c for c in config["head_setup_commands"])  # Prometheus reads /tmp/ray
+
+
 def test_ray_schema_rejects_a_broken_launcher_config():
     schema = _ray_schema()
     config = _launcher()

@@ -173,7 +173,9 @@ def test_job_arguments_become_a_config(tmp_path):
     assert config.storage_dir() == (tmp_path / "bundle.checkpoints").resolve()
     assert config.output_dir() == (tmp_path / "bundle").resolve()
     remote = config_from_args(build_parser().parse_args(["--data", "folder:/d", "--output", "s3://bucket/bundle"]))
-    assert remote.output_dir() == "s3://bucket/bundle" and "train-runs" in str(remote.storage_dir())
+    # Run state beside the bundle, where every node of a cluster reaches it (not on the driver's disk).
+    assert remote.output_dir() == "s3://bucket/bundle" and remote.storage_dir() == "s3://bucket/bundle.checkpoints"
+    assert remote.feature_dir() == "s3://bucket/bundle.checkpoints/features"
     on_s3 = config_from_args(build_parser().parse_args([
         "--data", "folder:/d", "--output", "/x", "--storage-path", "s3://bucket/runs",
         "--feature-cache", "s3://bucket/features",

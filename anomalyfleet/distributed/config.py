@@ -6,13 +6,12 @@ a bad value fails on the driver before any Ray resource is requested.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from anomalyfleet.errors import ConfigError, StorageError
-from anomalyfleet.storage import cache_dir, is_remote, join, parse
+from anomalyfleet.storage import is_remote, join, parse
 from anomalyfleet.train_config import CACHE_DTYPES, TrainConfig
 
 PRECISIONS = (None, "fp32", "bf16", "fp16")
@@ -152,10 +151,9 @@ class DistributedTrainConfig:
         """Ray Train's run storage: a local directory (`Path`) or an s3:// URI (`str`)."""
         if self.storage_path:
             return resolve_storage_uri(self.storage_path)
-        if is_remote(self.output):
-            # The bundle goes to object storage; run state stays in this node's cache, keyed by
-            # the output, so re-running the same command on this node resumes.
-            return cache_dir("train-runs") / hashlib.sha256(self.output.encode()).hexdigest()[:24]
+        # Beside the bundle, on the same storage: for an s3:// output that is storage every node of
+        # a cluster reaches (Ray Train's workers and the feature actors on other nodes read it; a
+        # directory on the driver's disk they could not), and the same command resumes from it.
         return resolve_storage_uri(f"{self.output.rstrip('/')}.checkpoints")
 
     def _feature_root(self) -> str | None:

@@ -384,3 +384,30 @@ def test_pool_shares_one_backbone_between_lines_and_matches_predict(tmp_path, op
 
     gc.collect()
     assert pool.shared_backbones == 0  # unloaded detectors release the backbone
+
+
+def test_a_cancelled_request_is_counted_as_499_not_200():
+    """Serve cancels the handler when the client goes away or its request timeout passes; the
+    CancelledError is a BaseException, and the request must not be recorded as a success."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from anomalyfleet.serving.app import CLIENT_CLOSED, Gateway
+
+    recorded = []
+
+    async def nothing():
+        return None
+
+    metrics = SimpleNamespace(request=lambda line, endpoint, code, ms: recorded.append(("request", line, code)),
+                              error=lambda line, kind: recorded.append(("error", line, kind)))
+    gateway = SimpleNamespace(_maybe_refresh=nothing, _line=lambda request, line, snapshot: (object(), line),
+                              snapshot=None, metrics=metrics)
+
+    async def cancelled(state, started):
+        raise asyncio.CancelledError
+
+    line_request = Gateway.func_or_class._line_request
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(line_request(gateway, None, "line-a", "score", cancelled))
+    assert recorded == [("error", "line-a", "cancelled"), ("request", "line-a", CLIENT_CLOSED)]

@@ -68,6 +68,8 @@ logger = logging.getLogger("ray.serve")
 
 MULTIPART_OVERHEAD = 64 * 1024  # part headers and boundaries on top of the image bytes
 MAX_BOXES = 32
+# nginx's code for a request the client abandoned (or Serve timed out) before the answer.
+CLIENT_CLOSED = 499
 
 
 # --- response models (they make the OpenAPI document) -----------------------------------------------
@@ -491,6 +493,12 @@ class Gateway:
             code = refusal.status
             self.metrics.error(label, refusal.kind)
             return _error_response(refusal)
+        except asyncio.CancelledError:
+            # The client went away or Serve's request timeout cut it off (a BaseException, which the
+            # clause below would miss and count as a 200); 499 is the usual code for it.
+            code = CLIENT_CLOSED
+            self.metrics.error(label, "cancelled")
+            raise
         except Exception:
             code = 500  # a bug, not bad input: counted, and Serve logs the traceback
             self.metrics.error(label, "internal")

@@ -147,16 +147,18 @@ def fleet_capacity() -> Board:
             [(f"sum by (deployment) (ray_serve_deployment_queued_queries{{{C}}})", "{{deployment}}")], "short", w=8)
     b.panel("Replicas: running, target, wanted",
             "Running = healthy replicas; target = the autoscaler's goal within min/max_replicas; wanted = the "
-            "policy's decision before the bounds. Wanted above target for long means max_replicas is too low "
-            "(alert AnomalyfleetReplicasAtMax).",
+            "replicas the load asks for (requests seen by the autoscaler / target ongoing requests per "
+            "replica). Wanted above target for long means max_replicas is too low (alert AnomalyfleetReplicasAtMax).",
             [(f"count by (deployment) (ray_serve_deployment_replica_healthy{{{C}}} == 1)", "{{deployment}} running"),
              (f"max by (deployment) (ray_serve_autoscaling_target_replicas{{{C}}})", "{{deployment}} target"),
-             (f"max by (deployment) (ray_serve_autoscaling_desired_replicas{{{C}}})", "{{deployment}} wanted")],
+             (f"deployment:ray_serve_demand_replicas:max{{{C}}}", "{{deployment}} wanted")],
             "short", w=8)
     b.panel("Requests per model batch, mean by line",
-            "How many requests of a line share one forward pass. Near 1 under load means batching is not "
-            "helping (batch_wait_timeout_s too short or too few requests per replica).",
-            [(f"sum by (line) (rate(ray_anomalyfleet_batch_size_sum{{{CL}}}[{RI}])) / "
+            "How many images of a line share one forward pass (images scored / batches that held the line; "
+            "Ray's exported histogram sums are rebuilt from bucket midpoints, so they are not used). Near 1 "
+            "under load means batching is not helping (batch_wait_timeout_s too short or too few requests "
+            "per replica).",
+            [(f"sum by (line) (rate(ray_anomalyfleet_source_images_total{{{CL}}}[{RI}])) / "
               f"sum by (line) (rate(ray_anomalyfleet_batch_size_count{{{CL}}}[{RI}]))", "{{line}}")], "short")
     b.panel("Serve batch size p50 / p95",
             "Size of the batches @serve.batch formed in the scorer replicas (all lines).",
@@ -193,10 +195,11 @@ def fleet_capacity() -> Board:
 def line_quality() -> Board:
     b = _board("line-quality", "Line quality",
                "Per production line: how many images are anomalous, how scores are distributed, which detector answers.",
-               "quality", "line", "ray_anomalyfleet_score_count")
+               "quality", "line", "ray_anomalyfleet_source_images_total")
+    # Every scored image, whatever scored it (the score histogram holds only the prompts' scores).
     ratio = (f"(sum by (line) (rate(ray_anomalyfleet_anomalies_total{{{CL}}}[{RI}])) "
-             f"or sum by (line) (rate(ray_anomalyfleet_score_count{{{CL}}}[{RI}])) * 0) "
-             f"/ sum by (line) (rate(ray_anomalyfleet_score_count{{{CL}}}[{RI}]))")
+             f"or sum by (line) (rate(ray_anomalyfleet_source_images_total{{{CL}}}[{RI}])) * 0) "
+             f"/ sum by (line) (rate(ray_anomalyfleet_source_images_total{{{CL}}}[{RI}]))")
     b.row("Decisions")
     b.panel("Anomaly rate by line",
             "Share of scored images decided anomalous (score >= the line's threshold).",
@@ -210,7 +213,7 @@ def line_quality() -> Board:
               "{{line}} baseline + 3 sd")], "percentunit")
     b.panel("Images scored per second by line",
             "Throughput of decisions per line; a line at 0 that used to send images fires AnomalyfleetLineSilent.",
-            [(f"sum by (line) (rate(ray_anomalyfleet_score_count{{{CL}}}[{RI}]))", "{{line}}")], "suffix: img/s")
+            [(f"sum by (line) (rate(ray_anomalyfleet_source_images_total{{{CL}}}[{RI}]))", "{{line}}")], "suffix: img/s")
     b.panel("Anomalies per second by line", "Images decided anomalous per second.",
             [(f"sum by (line) (rate(ray_anomalyfleet_anomalies_total{{{CL}}}[{RI}]))", "{{line}}")], "suffix: img/s")
     b.row("Scores")

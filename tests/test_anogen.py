@@ -205,3 +205,15 @@ def test_a_missing_pipeline_directory_or_support_fails_before_any_weights_load(t
     assert resolve_pipeline_source(f"file://{tmp_path}") == str(tmp_path)
     with pytest.raises(DataError, match="not found"):
         learn_embedding(str(tmp_path / "nope"), f"folder:{tmp_path / 'no-support'}", tmp_path / "e.pt", progress=False)
+
+
+def test_a_half_precision_load_does_not_mistake_its_own_text_encoder(pipeline, embedding):
+    """On CUDA the pipeline is cast to fp16; the learned embedding's encoder fingerprint was taken
+    in fp32, so it must be compared with the weights as loaded, before the cast."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = AnoGenGenerator.load(pipeline, embedding, {"steps": 2, "dtype": "float16"}, device="cpu")
+    assert gen.dtype == torch.float16
+    assert not [w for w in caught if "different text encoder" in str(w.message)]

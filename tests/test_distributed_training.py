@@ -138,6 +138,7 @@ def test_config_is_validated_when_built(tmp_path):
     for bad, message in (
         ({"workers": 0}, "workers must be at least 1"),
         ({"gpus_per_worker": -1}, "gpus per worker"),
+        ({"workers": 2, "gpus_per_worker": 0.5}, "would share a GPU, which NCCL refuses"),
         ({"cache_dtype": "int8"}, "cache dtype"),
         ({"storage_path": "gs://bucket/runs"}, "unsupported storage scheme 'gs'"),
         ({"feature_cache": "gs://bucket/features"}, "unsupported storage scheme 'gs'"),
@@ -147,6 +148,7 @@ def test_config_is_validated_when_built(tmp_path):
     ):
         with pytest.raises(ConfigError, match=message):
             DistributedTrainConfig(**{**good, **bad})
+    DistributedTrainConfig(**good, workers=1, gpus_per_worker=0.5)  # one rank may take part of a GPU
     assert resolve_storage_uri(f"file://{tmp_path}") == tmp_path.resolve()
     # s3:// run storage and feature caches stay URIs (Ray reaches them through a pyarrow filesystem).
     assert resolve_storage_uri("s3://bucket/runs/") == "s3://bucket/runs"
@@ -164,12 +166,12 @@ def test_job_arguments_become_a_config(tmp_path):
 
     args = build_parser().parse_args([
         "--data", "folder:/d", "--data", "mvtec:/m", "--backbone", "ViT-L-14-336", "--workers", "4",
-        "--gpus-per-worker", "0.5", "--output", f"file://{tmp_path}/bundle", "--layers", "6,12,18,24",
+        "--gpus-per-worker", "1", "--output", f"file://{tmp_path}/bundle", "--layers", "6,12,18,24",
         "--max-failures", "2", "--feature-gpus", "0.25", "--batch-size", "16",
     ])
     config = config_from_args(args)
     assert config.data == ("folder:/d", "mvtec:/m") and config.workers == 4 and config.layers == (6, 12, 18, 24)
-    assert config.resources_per_worker() == {"CPU": 1.0, "GPU": 0.5} and config.use_gpu
+    assert config.resources_per_worker() == {"CPU": 1.0, "GPU": 1.0} and config.use_gpu
     assert config.storage_dir() == (tmp_path / "bundle.checkpoints").resolve()
     assert config.output_dir() == (tmp_path / "bundle").resolve()
     remote = config_from_args(build_parser().parse_args(["--data", "folder:/d", "--output", "s3://bucket/bundle"]))

@@ -116,6 +116,10 @@ class DistributedTrainConfig:
         for name in ("gpus_per_worker", "feature_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must not be negative")
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            # Ray packs fractional workers onto one GPU, and NCCL refuses two ranks on one device.
+            raise ConfigError(f"{self.workers} workers at {self.gpus_per_worker:g} GPU each would share a GPU, which "
+                              "NCCL refuses; give each worker a whole GPU (--gpus-per-worker 1) or train with one worker")
         for name in ("cpus_per_worker", "feature_cpus"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")

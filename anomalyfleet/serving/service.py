@@ -361,7 +361,8 @@ class DetectorScorer:
                  window_num_cpus: float = 0.0, window_state: str | None = None, window_snapshot_every: int = 8,
                  window_timeout_s: float = 10.0):
         # Threads follow the CPUs Ray granted this replica (a serve config may change them), and
-        # "auto" picks CUDA only when Ray made a GPU visible to it.
+        # "auto" picks CUDA only when Ray granted it a GPU (select_device asks Ray: since 2.60 a
+        # replica granted none still sees the node's GPUs).
         torch.set_num_threads(torch_threads or _granted_cpus())
         shared = SharedWindows(app=_application_name(), namespace=WINDOW_NAMESPACE, num_cpus=window_num_cpus,
                                state=window_state, snapshot_every=window_snapshot_every,

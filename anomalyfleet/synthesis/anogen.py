@@ -460,12 +460,15 @@ class AnoGenGenerator:
         self.device = select_device(device)
         dtype = self.config.dtype
         self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-        self.components = components.to(self.device, self.dtype)
         self.placeholder = placeholder
         self.metadata = metadata or {}
         expected = self.metadata.get("text_encoder")
         self.token_id = add_placeholder(components, placeholder, vector)
-        if expected and expected != text_encoder_fingerprint(components.text_encoder):
+        # Fingerprinted as learned (with the token, before any cast): fp16-rounded weights hash
+        # differently, which on CUDA would flag every embedding as learned elsewhere.
+        loaded_encoder = text_encoder_fingerprint(components.text_encoder)
+        self.components = components.to(self.device, self.dtype)
+        if expected and expected != loaded_encoder:
             warnings.warn(f"embedding {placeholder} was learned with a different text encoder; results will be poor")
         self.default_region = RegionSpec.from_dict(self.config.region) if self.config.region else RegionSpec(
             shape="ellipse", size=(0.1, 0.3), aspect=(0.5, 2.0), rotation=(0, 180))

@@ -119,11 +119,17 @@ class Shard:
     # Sizes of the consecutive groups the shard's images are scored in (peers, batch zero-shot): the
     # line's groups as `score` makes them from the whole line, whole groups per shard.
     groups: list[int] | None = None
+    # The bundle's manifest version when the run was planned: a bundle saved again at the same
+    # path gives new part names (a rerun after retraining never keeps the old detector's parts),
+    # and an actor that loads another version refuses the shard.
+    version: str | None = None
 
     @property
     def digest(self) -> str:
         # The part name carries the shard's content, so a changed prefix never reuses a stale part.
         what = [self.bundle, self.threshold, self.images]
+        if self.version is not None:
+            what.append({"bundle_version": self.version})
         if self.batch_zero_shot is not None:  # parts written before the mode existed keep their names
             what.append(self.batch_zero_shot)
         if self.peers is not None:
@@ -190,13 +196,16 @@ def list_line_images(uri: str) -> list[str]:
 
 
 def plan_shards(config: BulkScoreConfig) -> list[Shard]:
+    from anomalyfleet.serving.registry import manifest_version
+
     shards = []
     for item in config.inputs:
         images = list_line_images(item.images)
+        version = manifest_version(config.bundle_metadata[item.bundle]["_local_dir"])
         if config.group_size is None:
             for index, start in enumerate(range(0, len(images), config.shard_size)):
                 shards.append(Shard(item.line, index, item.bundle, item.threshold,
-                                    images[start:start + config.shard_size]))
+                                    images[start:start + config.shard_size], version=version))
             continue
         from anomalyfleet.batch_zero_shot import group_bounds
         from anomalyfleet.rolling_window import Z_THRESHOLD
@@ -212,7 +221,7 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
                 packed.append([(start, stop)])
         for index, groups in enumerate(packed):
             shards.append(Shard(item.line, index, item.bundle, threshold, images[groups[0][0]:groups[-1][1]],
-                                config.batch_zero_shot, config.peers, [b - a for a, b in groups]))
+                                config.batch_zero_shot, config.peers, [b - a for a, b in groups], version))
     return shards
 
 
@@ -254,6 +263,9 @@ class ShardScorer:
         from anomalyfleet.data.transforms import preprocess_image
 
         detector, version = self._detector(shard.bundle)
+        if shard.version is not None and version != shard.version:
+            raise DataError(f"bundle {shard.bundle} was saved again during the run (planned with version "
+                            f"{shard.version}, this worker loaded {version}); run the command again")
         rows = {name: [] for name in COLUMNS}
         rows["error"] = []
         if shard.batch_zero_shot is not None or shard.peers is not None:
@@ -282,7 +294,10 @@ class ShardScorer:
         ok = score is not None
         map_uri = None
         if ok and self.write_maps:
-            map_uri = storage.join(self.output, "maps", shard.line, f"{shard.index:05d}-{position:05d}.npy")
+            # Named by the part's digest: another run's part (other settings, another bundle version)
+            # never overwrites the maps this part points to.
+            map_uri = storage.join(self.output, "maps", shard.line,
+                                   f"{shard.index:05d}-{shard.digest}-{position:05d}.npy")
             buffer = io.BytesIO()
             np.save(buffer, amap)
             storage.write_bytes(map_uri, buffer.getvalue())

@@ -80,7 +80,16 @@ def cmd_restart(args) -> int:
     if unknown:
         raise ConfigError(f"no shared window actor named {', '.join(unknown)} (see anomalyfleet windows list)")
     for name in args.actors:
-        ray.kill(ray.get_actor(name, namespace=WINDOW_NAMESPACE), no_restart=True)
+        actor = ray.get_actor(name, namespace=WINDOW_NAMESPACE)
+        try:
+            # Save the window first, so the new actor starts from every image it held (a snapshot
+            # is otherwise taken only every window_snapshot_every images).
+            # (A background write still in flight goes first: it holds an older state.)
+            ray.get(actor.flush.remote(), timeout=60)
+            ray.get(actor.save.remote(), timeout=60)
+        except Exception as exc:  # a hung or broken actor is what a restart is for: say so, go on
+            print(f"could not save {name} before stopping it ({exc}); its last snapshot stands", file=sys.stderr)
+        ray.kill(actor, no_restart=True)
         print(f"stopped {name}; the next request of its line starts a new one", file=sys.stderr)
     return 0
 

@@ -250,3 +250,32 @@ def test_an_unwritable_output_fails_before_ray_starts(tmp_path, openai_clip_file
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot write the results under" in err[0], err
     assert ray.is_initialized() == ray_before
+
+
+def test_a_bundle_saved_again_gets_new_parts_and_a_worker_refuses_a_stale_plan(tmp_path, openai_clip_file):
+    """Bundles are replaced in place at the same path: a rerun after retraining must not keep the
+    old detector's parts, and a worker that loads another version than the plan's must not score."""
+    from anomalyfleet.bulk_scoring import BulkScoreConfig, LineInput, ShardScorer, plan_shards
+    from anomalyfleet.errors import DataError
+
+    images = write_line_images(tmp_path / "line", normals=3, anomalies=1, size=48, seed=5)
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=4, threshold=0.5)
+
+    def plan():
+        config = BulkScoreConfig((LineInput("line", str(images), str(bundle), None),), str(tmp_path / "out"),
+                                 shard_size=2, device="cpu")
+        return plan_shards(config)
+
+    before = plan()
+    assert plan()[0].digest == before[0].digest  # the same bundle: the same part names
+    make_bundle(openai_clip_file, tmp_path / "bundle", seed=9, threshold=0.5)  # retrained, same path
+    after = plan()
+    assert [s.images for s in after] == [s.images for s in before]
+    assert {s.digest for s in after}.isdisjoint({s.digest for s in before})
+    scorer = ShardScorer(str(tmp_path / "out"), batch_size=2, write_maps=True, device="cpu")
+    with pytest.raises(DataError, match="was saved again during the run"):
+        scorer.score_shard(before[0])
+    assert not (tmp_path / "out" / "parts").exists()
+    scorer.score_shard(after[0])
+    maps = sorted((tmp_path / "out" / "maps" / "line").glob("*.npy"))
+    assert maps and all(after[0].digest in m.name for m in maps)  # maps named by their part

@@ -598,6 +598,9 @@ def test_windows_cli_lists_and_restarts_shared_windows(tmp_path, capsys, monkeyp
             time.sleep(0.1)
         else:
             pytest.fail("the snapshot at 4 images was not written within 30 s")
+        # A fifth image, after the last periodic snapshot (every 2): restart saves it first.
+        _, held = shared.score_then_add("press-7", _spec(settings), line[4:5])
+        assert held == 4
         assert main(["windows", "restart", name]) == 0
         deadline = time.time() + 30
         with pytest.raises(ray.exceptions.RayActorError):
@@ -605,9 +608,9 @@ def test_windows_cli_lists_and_restarts_shared_windows(tmp_path, capsys, monkeyp
                 ray.get(old.images.remote(), timeout=30)
                 time.sleep(0.2)
         with pytest.raises(WindowUnavailable):
-            shared.score_then_add("press-7", _spec(settings), line[4:5])
-        _, held = shared.score_then_add("press-7", _spec(settings), line[4:5])
-        assert held == 4  # a new actor, from the snapshot
+            shared.score_then_add("press-7", _spec(settings), line[5:6])
+        _, held = shared.score_then_add("press-7", _spec(settings), line[5:6])
+        assert held == 5  # a new actor, from the snapshot saved at the restart
         assert ray.get_actor(name, namespace=WINDOW_NAMESPACE)._actor_id != old._actor_id
     finally:
         ray.shutdown()

@@ -401,3 +401,15 @@ def test_bundle_list_refuses_a_missing_registry_or_an_unknown_name(tmp_path, ope
         assert len(err) == 1 and message in err[0], err
     assert main(["bundle", "list", "line-a", "--registry", str(registry)]) == 0
     assert "line-a" in capsys.readouterr().out
+
+
+def test_local_listing_skips_other_writers_temporary_files_and_staging_directories(tmp_path):
+    (tmp_path / "a.txt").write_text("1")
+    (tmp_path / ".b.txt.k2j4.tmp").write_text("half")  # atomic_write in progress
+    staging = tmp_path / "registry" / ".v0004.x8f1.tmp"  # a tree being built, then renamed
+    staging.mkdir(parents=True)
+    (staging / "manifest.json").write_text("{}")
+    (tmp_path / "registry" / "v0003").mkdir()
+    (tmp_path / "registry" / "v0003" / "manifest.json").write_text("{}")
+    listed = sorted(os.path.relpath(o.uri, tmp_path) for o in storage.list_objects(tmp_path))
+    assert listed == ["a.txt", "registry/v0003/manifest.json"]

@@ -25,6 +25,12 @@ def _os_error(loc: Location, exc: OSError, action: str) -> StorageError:
     return StorageError(f"cannot {action} {loc}: {exc.strerror or exc}")
 
 
+
+
+def _temporary(name: str) -> bool:
+    """Names of atomic_write's temporary files and trees' staging directories (`.NAME.XXXX.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
 class LocalBackend:
     def read_bytes(self, loc: Location) -> bytes:
         try:
@@ -101,8 +107,8 @@ class LocalBackend:
         if not root.is_dir():
             return
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                continue  # another writer's temporary file, not an object yet
+            if any(_temporary(part) for part in path.relative_to(root).parts):
+                continue  # another writer's temporary file or staging directory, not an object yet
             st = path.stat()
             yield ObjectInfo(str(path), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
 

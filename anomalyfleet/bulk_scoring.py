@@ -196,12 +196,10 @@ def list_line_images(uri: str) -> list[str]:
 
 
 def plan_shards(config: BulkScoreConfig) -> list[Shard]:
-    from anomalyfleet.serving.registry import manifest_version
-
     shards = []
     for item in config.inputs:
         images = list_line_images(item.images)
-        version = manifest_version(config.bundle_metadata[item.bundle]["_local_dir"])
+        version = config.bundle_metadata[item.bundle]["_version"]
         if config.group_size is None:
             for index, start in enumerate(range(0, len(images), config.shard_size)):
                 shards.append(Shard(item.line, index, item.bundle, item.threshold,
@@ -249,12 +247,11 @@ class ShardScorer:
 
     def _detector(self, bundle: str):
         from anomalyfleet.bundle import load_bundle
-        from anomalyfleet.serving.registry import manifest_version
 
         if bundle not in self.detectors:
-            # load_bundle verifies the manifest; the version is the digest of that same manifest.
+            # The version of the very state load_bundle parsed (its manifest's digest).
             detector = load_bundle(bundle, device=self.device)
-            self.detectors[bundle] = (detector, manifest_version(storage.cached_tree(bundle)))
+            self.detectors[bundle] = (detector, detector.metadata["bundle_version"])
         return self.detectors[bundle]
 
     def score_shard(self, shard: Shard) -> dict:

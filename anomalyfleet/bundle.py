@@ -14,6 +14,7 @@ directory and renaming it, so a reader never sees half a bundle.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,9 +29,10 @@ from anomalyfleet import __version__, storage
 from anomalyfleet.backbones import BackboneSpec, VisionBackbone, create_backbone
 from anomalyfleet.detector import Detector, DetectorSettings, make_prompts, prompt_kind
 from anomalyfleet.errors import BundleError, StorageError
-from anomalyfleet.manifest import ManifestError, atomic_write_bytes, default_mode, verify_manifest, write_manifest
+from anomalyfleet.manifest import ManifestError, atomic_write_bytes, default_mode, read_verified, write_manifest
 from anomalyfleet.memory import LineMemory
 from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
+from anomalyfleet.storage.local import replace_directory
 
 FORMAT = "anomalyfleet-detector"
 FORMAT_VERSION = 4  # the newest this code reads and writes
@@ -102,7 +104,7 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
     if path.is_symlink():
         path = path.resolve()  # a link to a bundle (e.g. "current"): replace the bundle, keep the link
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, default_mode(directory=True))
     try:
         state = {k: v.detach().cpu().clone() for k, v in detector.prompts.state_dict().items()}
@@ -112,13 +114,7 @@ def save_bundle(detector: Detector, path: str | Path, training: dict | None = No
         meta = bundle_metadata(detector, training)
         atomic_write_bytes(staging / DETECTOR_JSON, json.dumps(meta, indent=2, sort_keys=True).encode())
         write_manifest(staging)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{time.time_ns()}")
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(path)
+        replace_directory(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -171,19 +167,32 @@ def _local_bundle_dir(path: str) -> Path:
     return local
 
 
-def read_bundle_metadata(path: str | Path) -> dict:
+def _read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
+    """(metadata, {file: bytes}) of one verified state of the bundle: everything a load parses comes
+    from the same save, even when the bundle is saved again at the same path meanwhile. The
+    metadata's `_version` is that state's manifest digest (`registry.manifest_version`)."""
     local = _local_bundle_dir(str(path))
     try:
-        verify_manifest(local)
+        raw, files = read_verified(local)
     except ManifestError as exc:
         raise BundleError(str(exc)) from exc
-    meta = json.loads((local / DETECTOR_JSON).read_text())
-    if meta.get("format") != FORMAT:
+    if DETECTOR_JSON not in files:
+        raise BundleError(f"{path}: not an anomalyfleet detector bundle (no {DETECTOR_JSON} in its manifest)")
+    try:
+        meta = json.loads(files[DETECTOR_JSON])
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: corrupt {DETECTOR_JSON} ({exc.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{path}: not an anomalyfleet detector bundle")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {meta['format_version']} is newer than this anomalyfleet ({FORMAT_VERSION})")
     meta["_local_dir"] = str(local)
-    return meta
+    meta["_version"] = hashlib.sha256(raw).hexdigest()[:12]
+    return meta, files
+
+
+def read_bundle_metadata(path: str | Path) -> dict:
+    return _read_bundle(path)[0]
 
 
 def load_bundle(
@@ -199,8 +208,7 @@ def load_bundle(
     where the same weights live on this machine. `overrides`: image_size, layers, dpam_layers, sigma
     (a line memory refuses image size, DPAM depth or map layers other than those it was built at).
     """
-    meta = read_bundle_metadata(path)
-    local = Path(meta["_local_dir"])
+    meta, files = _read_bundle(path)
     spec = backbone_spec or BackboneSpec.from_dict(meta["backbone"])
     settings = DetectorSettings.from_dict(meta["settings"])
     if backbone is None:
@@ -215,30 +223,33 @@ def load_bundle(
     prompts = make_prompts(backbone, config)
     if prompt_kind(prompts) != meta["prompt_kind"]:
         raise BundleError(f"{path} holds {meta['prompt_kind']} prompts; this backbone needs {prompt_kind(prompts)} prompts")
-    state = torch.load(local / PROMPTS_FILE, map_location="cpu", weights_only=True)
+    if PROMPTS_FILE not in files:
+        raise BundleError(f"{path}: {PROMPTS_FILE} is missing from the bundle")
+    state = torch.load(io.BytesIO(files[PROMPTS_FILE]), map_location="cpu", weights_only=True)
     try:
         prompts.load_state_dict(state)
     except RuntimeError as exc:
         raise BundleError(f"{path}: prompt weights do not fit the backbone ({str(exc).splitlines()[0]})") from exc
-    memory = _load_memory(path, local, meta, backbone) if meta.get("memory") else None
+    memory = _load_memory(path, files, meta, backbone) if meta.get("memory") else None
     detector = Detector(
         backbone,
         prompts,
         settings,
         thresholds=meta.get("thresholds"),
-        metadata={"training": meta.get("training", {}), "extras": meta.get("extras", {}), "bundle": str(path)},
+        metadata={"training": meta.get("training", {}), "extras": meta.get("extras", {}), "bundle": str(path),
+                  "bundle_version": meta["_version"]},
         memory=memory,
     )
     detector.with_settings(**overrides)
     return detector.to(device)
 
 
-def _load_memory(path, local: Path, meta: dict, backbone: VisionBackbone) -> LineMemory:
+def _load_memory(path, files: dict[str, bytes], meta: dict, backbone: VisionBackbone) -> LineMemory:
     info = meta["memory"]
-    file = local / info.get("file", MEMORY_FILE)
-    if not file.is_file():
-        raise BundleError(f"{path}: detector.json describes a line memory but {file.name} is missing")
-    tensors = torch.load(file, map_location="cpu", weights_only=True)
+    name = info.get("file", MEMORY_FILE)
+    if name not in files:
+        raise BundleError(f"{path}: detector.json describes a line memory but {name} is missing")
+    tensors = torch.load(io.BytesIO(files[name]), map_location="cpu", weights_only=True)
     try:
         memory = LineMemory.from_saved(info, tensors)
     except (KeyError, ValueError, TypeError) as exc:

@@ -102,3 +102,48 @@ def verify_manifest(root: str | Path) -> dict:
         if file_sha256(path) != entry["sha256"]:
             raise ManifestError(f"{path}: checksum mismatch (corrupted)")
     return manifest
+
+
+def read_verified(root: str | Path, attempts: int = 3) -> tuple[bytes, dict[str, bytes]]:
+    """(manifest bytes, {listed file: bytes}) of one consistent state of `root`.
+
+    Each file is read once and checked against the manifest read with it, so the caller parses
+    exactly what was verified. A directory replaced while it is read (a bundle saved again at the
+    same path) shows as a mismatch and is read again, up to `attempts` times.
+    """
+    root = Path(root)
+    for attempt in range(attempts):
+        path = root / MANIFEST_NAME
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(f"{root}: no {MANIFEST_NAME} (incomplete or not an anomalyfleet artefact)") from None
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: corrupt manifest ({exc.msg})") from exc
+        files, problem = {}, None
+        for rel, entry in manifest.get("files", {}).items():
+            try:
+                data = (root / rel).read_bytes()
+            except FileNotFoundError:
+                problem = f"{root / rel}: listed in the manifest but missing"
+                break
+            if len(data) != entry["size"]:
+                problem = f"{root / rel}: size {len(data)} bytes, manifest says {entry['size']} (truncated?)"
+                break
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                problem = f"{root / rel}: checksum mismatch (corrupted)"
+                break
+            files[rel] = data
+        if problem is None:
+            return raw, files
+        try:
+            changed = (root / MANIFEST_NAME).read_bytes() != raw
+        except FileNotFoundError:  # caught between the two renames of a save without an atomic exchange
+            changed = True
+        if attempt + 1 < attempts and changed:
+            continue  # replaced while we read: read the new state
+        raise ManifestError(problem)
+    raise ManifestError(f"{root}: changed on every read (saved again {attempts} times while loading?)")
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -84,6 +85,56 @@ def test_corrupted_bundle_is_named(tmp_path, openai_clip_file):
         load_bundle(path)
     with pytest.raises(BundleError, match="not found"):
         load_bundle(tmp_path / "missing")
+
+
+def test_a_bundle_saved_again_while_it_loads_is_read_whole_from_one_save(tmp_path, openai_clip_file):
+    """Bundles are replaced in place (retraining, `memory set`): every load must parse the files of
+    one save, named by that save's version, and never find the path empty."""
+    import threading
+
+    from anomalyfleet.bundle import PROMPTS_FILE, _read_bundle
+
+    spec = BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file))
+    detectors = [Detector.create(spec, image_size=70, layers=(6,), dpam_layers=4, seed=seed) for seed in (1, 2)]
+    for detector, threshold in zip(detectors, (0.25, 0.75)):  # tells the two saves' detector.json apart
+        detector.thresholds["image"] = threshold
+    path = tmp_path / "det"
+
+    def prompts(blob: bytes) -> torch.Tensor:
+        state = torch.load(io.BytesIO(blob), weights_only=True)
+        return torch.cat([v.flatten() for _, v in sorted(state.items())])
+
+    expected = {d.thresholds["image"]: torch.cat([v.detach().flatten() for _, v in sorted(d.prompts.state_dict().items())])
+                for d in detectors}
+    assert not torch.equal(*expected.values())
+    save_bundle(detectors[1], path)
+    stop, errors = threading.Event(), []
+
+    def keep_saving():
+        i = 0
+        while not stop.is_set():
+            try:
+                save_bundle(detectors[i % 2], path)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            i += 1
+
+    saver = threading.Thread(target=keep_saving)
+    saver.start()
+    try:
+        versions = set()
+        for _ in range(60):
+            meta, files = _read_bundle(path)
+            assert torch.equal(prompts(files[PROMPTS_FILE]), expected[meta["thresholds"]["image"]])
+            versions.add(meta["_version"])
+        assert len(versions) > 1  # the saves did overlap the reads
+        loaded = load_bundle(path)
+        assert len(loaded.metadata["bundle_version"]) == 12
+    finally:
+        stop.set()
+        saver.join()
+    assert not errors, errors
+    assert not [p for p in tmp_path.iterdir() if p.name != "det"]  # no staging or old directory left
 
 
 def test_reference_checkpoint_round_trip(tmp_path, clip_model):

@@ -413,3 +413,20 @@ def test_local_listing_skips_other_writers_temporary_files_and_staging_directori
     (tmp_path / "registry" / "v0003" / "manifest.json").write_text("{}")
     listed = sorted(os.path.relpath(o.uri, tmp_path) for o in storage.list_objects(tmp_path))
     assert listed == ["a.txt", "registry/v0003/manifest.json"]
+
+
+def test_replace_directory_swaps_whole_directories_and_leaves_nothing_behind(tmp_path):
+    from anomalyfleet.storage.local import replace_directory
+
+    target = tmp_path / "bundle"
+    first = tmp_path / ".bundle.a.tmp"
+    first.mkdir()
+    (first / "v").write_text("1")
+    replace_directory(first, target)  # nothing there yet: a rename
+    second = tmp_path / ".bundle.b.tmp"
+    second.mkdir()
+    (second / "v").write_text("2")
+    (second / "only-new").write_text("x")
+    replace_directory(second, target)
+    assert sorted(p.name for p in target.iterdir()) == ["only-new", "v"] and (target / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

@@ -253,7 +253,7 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
     uri = resolve_bundle_uri(spec.bundle, registry_uri)
     signature = bundle_signature(uri)
     meta = read_bundle_metadata(uri)
-    version = manifest_version(meta["_local_dir"])
+    version = meta["_version"]
     bundle_thresholds = meta.get("thresholds") or {}
     if spec.threshold is not None:
         threshold, source = float(spec.threshold), "registry"

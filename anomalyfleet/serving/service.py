@@ -46,7 +46,6 @@ from anomalyfleet.memory import default_memory_layers
 from anomalyfleet.rolling_window import RollingWindow, WindowScores
 from anomalyfleet.serving.config import WindowSettings
 from anomalyfleet.serving.metrics import ScorerMetrics
-from anomalyfleet.serving.registry import manifest_version
 from anomalyfleet.serving.window_keeper import SharedWindows, WindowKeeper, WindowSpec, WindowUnavailable
 
 logger = logging.getLogger("ray.serve")
@@ -171,13 +170,12 @@ class DetectorPool:
 
     def _load_once(self, uri: str, wanted: str) -> LoadedDetector:
         meta = read_bundle_metadata(uri)
-        before = manifest_version(meta["_local_dir"])
         key = (json.dumps(meta["backbone"], sort_keys=True), str(meta["backbone_fingerprint"]))
         shared = self._backbones.get(key)
+        # load_bundle parses one verified state of the bundle and names its version (a bundle
+        # saved again meanwhile with another backbone fails the fingerprint check and is retried).
         detector = load_bundle(uri, device=self.device, backbone=shared).eval()
-        after = manifest_version(meta["_local_dir"])
-        if before != after:
-            raise BundleError(f"{uri} changed while loading")
+        before = detector.metadata["bundle_version"]
         if wanted and before != wanted:
             # The bundle was republished since the gateway resolved it; what answers is reported
             # by its own version, so callers never attribute a score to the wrong weights.

@@ -156,8 +156,20 @@ def test_library_format_and_reader(tmp_path, normals):
     card = json.loads((out / "card.json").read_text())
     assert card["counts"] == result.counts and set(card["generators"]) == {"perlin", "cutpaste", "scar"}
     assert "numpy" in card["generators"]["perlin"] and "| stain | perlin | 7 |" in (out / "card.md").read_text()
+    assert "mixed_versions" not in card
     with Image.open(out / "contact-sheet.png") as sheet:
         assert sheet.width >= 128 and sheet.height >= 3 * 128
+    # A run resumed after an upgrade: one stain shard made by another numpy. The card says so.
+    from anomalyfleet.synthesis.library import write_library_files
+
+    recipe = parse_recipe(recipe_dict(normals, out))
+    shard = sorted((out / "shards").glob("stain-*"))[0] / "shard.json"
+    info = json.loads(shard.read_text())
+    info["versions"] = {**info["versions"], "numpy": "0.0.1"}
+    shard.write_text(json.dumps(info))
+    write_library_files(out, recipe, plan_shards(recipe, resolve_normals(recipe.normal)))
+    mixed = json.loads((out / "card.json").read_text())["mixed_versions"]
+    assert set(mixed) == {"perlin"} and {v["numpy"] for v in mixed["perlin"]} == {"0.0.1", card["generators"]["perlin"]["numpy"]}
 
     samples = parse_data_spec(f"library:{out}")
     assert len(samples) == 13 and all(s.label == 1 and s.has_mask for s in samples)
@@ -350,3 +362,22 @@ def test_the_readmes_recipe_is_valid():
     recipe = parse_recipe(yaml.safe_load(block))
     assert [d.generator for d in recipe.defects] == ["perlin", "cutpaste", "scar"]
     assert all(d.region_spec() is None or d.region_spec().size for d in recipe.defects)
+
+
+def test_an_embedding_learned_for_an_object_storage_library_is_cached_by_what_it_is_learned_from(tmp_path):
+    from anomalyfleet.synthesis.library import embedding_cache_dir
+
+    def recipe(support: str, steps: int, seed: int = 3):
+        return parse_recipe({
+            "name": "lib", "normal": [str(tmp_path / "normal")], "output": "s3://bucket/lib", "seed": seed,
+            "defects": [{"name": "crack", "generator": "anogen", "count": 2, "pipeline": str(tmp_path / "sd"),
+                         "support": f"folder:{tmp_path / support}", "learn": {"steps": steps}}],
+        })
+
+    def where(r):
+        return embedding_cache_dir(r, "s3://bucket/lib", r.defects[0])
+
+    same = where(recipe("cracks", 100))
+    assert where(recipe("cracks", 100)) == same  # a resumed run finds its checkpoints
+    assert where(recipe("other-cracks", 100)) != same  # other support images: learned anew
+    assert where(recipe("cracks", 200)) != same and where(recipe("cracks", 100, seed=4)) != same

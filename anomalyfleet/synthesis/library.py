@@ -583,6 +583,14 @@ def embedding_uri(root: str, defect: str) -> str:
     return storage.join(root, "embeddings", f"{defect}.pt")
 
 
+def embedding_cache_dir(recipe: Recipe, root: str, defect: DefectRecipe) -> Path:
+    """Where this node learns an object-storage library's embedding. Keyed by what the embedding is
+    learned from as well as the library (the defect's recipe and the seed), so a library deleted and
+    run again with other support images or learning settings does not upload the old finished one."""
+    learned_from = json.dumps([root, recipe.seed, defect.model_dump(mode="json")], sort_keys=True)
+    return storage.cache_dir("synthesis") / hashlib.sha256(learned_from.encode()).hexdigest()[:16]
+
+
 def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, progress: bool,
                             device: str | None = None, on_step: Callable[[int], None] | None = None) -> str:
     """Learn one AnoGen type's embedding into <root>/embeddings/<name>.pt, resumable; returns where it is.
@@ -595,8 +603,7 @@ def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, pro
     uri = embedding_uri(root, defect.name)
     if remote and storage.exists(uri):
         return uri
-    directory = (storage.cache_dir("synthesis") / hashlib.sha256(root.encode()).hexdigest()[:16] if remote
-                 else Path(root))
+    directory = embedding_cache_dir(recipe, root, defect) if remote else Path(root)
     target = directory / "embeddings" / name
     if not target.is_file():
         learn_defect_embedding(recipe, defect, target, progress, device, on_step)
@@ -887,11 +894,21 @@ def write_library_files(root: str | Path, recipe: Recipe, plan: list[ShardPlan])
     for row in rows:
         counts[row["defect_type"]] += 1
     versions: dict[str, dict] = {}
+    mixed: dict[str, list[dict]] = {}
     for raw in _read_many([storage.join(root, SHARDS, i, "shard.json") for i in ids]):
         info = json.loads(raw)
-        versions.setdefault(info["generator"], info["versions"])
+        first = versions.setdefault(info["generator"], info["versions"])
+        seen = mixed.setdefault(info["generator"], [first])
+        if info["versions"] not in seen:
+            seen.append(info["versions"])
+    # A run resumed after an upgrade holds shards of two versions: the card says so.
+    mixed = {name: found for name, found in mixed.items() if len(found) > 1}
+    for name, found in mixed.items():
+        print(f"warning: the {name} shards of {root} were made by {len(found)} different versions "
+              "(a run resumed after an upgrade); card.json lists them under mixed_versions", file=sys.stderr)
     card = {
         "name": recipe.name, "images": len(rows), "counts": counts, "generators": versions,
+        **({"mixed_versions": mixed} if mixed else {}),
         "python": sys.version.split()[0], "recipe": recipe.content(), "output": recipe.output,
         "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "contact_sheet": "contact-sheet.png",
     }

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -187,13 +190,37 @@ def test_library_resume_skips_finished_and_redoes_missing(tmp_path, normals):
     # A killed run leaves a temporary shard and lacks others; the re-run cleans up and fills in.
     shutil.rmtree(out / "shards" / "cut-00001")
     shutil.rmtree(out / "shards" / "stain-00002")
-    (out / "shards" / ".tmp-stain-00002-deadbeef" / "images").mkdir(parents=True)
+    from anomalyfleet.synthesis.library import _host_tag
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a worker that died: its pid is free
+    (out / "shards" / f".tmp-stain-00002-h{_host_tag()}-pid{gone.pid}-deadbeef" / "images").mkdir(parents=True)
+    # A second run's build in progress on the same output (a live process here): left alone.
+    live = out / "shards" / f".tmp-cut-00003-h{_host_tag()}-pid{os.getpid()}-0badcafe"
+    live.mkdir()
     again = synthesize_library(recipe, progress=False)
     assert again.shards_done_now == 2 and again.images == 13
     assert (out / "manifest.jsonl").read_bytes() == manifest, "a redone shard must equal the original"
     assert (kept / "manifest.jsonl").stat().st_mtime_ns == stamp
-    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    assert [p for p in (out / "shards").iterdir() if p.name.startswith(".")] == [live]
     assert synthesize_library(recipe, progress=False).shards_done_now == 0
+
+
+def test_of_two_runs_starting_on_one_output_with_different_recipes_one_is_refused(tmp_path, normals, monkeypatch):
+    """Both find no recipe.json and both write one: the run whose recipe did not land must not go on
+    (it would add its shards to a library described by the other's recipe)."""
+    from anomalyfleet.synthesis import library
+
+    out = tmp_path / "lib"
+    first, second = parse_recipe(recipe_dict(normals, out)), parse_recipe(recipe_dict(normals, out, seed=4))
+    sources = resolve_normals(first.normal)
+    library._check_recipe(str(out), first, library.recipe_fingerprint(first, sources))
+    # The second run looked before the first had written (a race), so it writes too.
+    monkeypatch.setattr(library.storage, "exists", lambda *args, **kwargs: False)
+    with pytest.raises(ConfigError, match="different recipe"):
+        library._check_recipe(str(out), second, library.recipe_fingerprint(second, sources))
+    assert json.loads((out / "recipe.json").read_text())["fingerprint"] == library.recipe_fingerprint(first, sources)
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.json"]  # no temporary file left
 
 
 def test_library_refuses_a_different_recipe(tmp_path, normals):

@@ -36,7 +36,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -54,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import anomalyfleet
 from anomalyfleet import storage
 from anomalyfleet.errors import ConfigError, DataError, validation_problem, yaml_problem
-from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
+from anomalyfleet.manifest import MANIFEST_NAME, default_mode, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
 SHARDS = "shards"
@@ -418,7 +420,7 @@ class ShardWriter:
             return self._write_remote(shard)
         root = Path(self.root)
         final = root / SHARDS / shard.shard_id
-        tmp = root / SHARDS / f".tmp-{shard.shard_id}-{uuid.uuid4().hex[:8]}"
+        tmp = root / SHARDS / f".tmp-{shard.shard_id}-h{_host_tag()}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             info = self._build(shard, tmp)
             try:
@@ -541,28 +543,74 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
     """recipe.json goes in before any shard, so a killed run can be resumed and a different recipe
     is refused instead of mixed in."""
     path = storage.join(root, "recipe.json")
-    if storage.exists(path):
-        previous = json.loads(storage.read_bytes(path))
-        if previous.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
-                              "use a new output directory")
-        return
-    if finished_shards(root):
-        raise ConfigError(f"{root} holds shards but no recipe.json; refusing to mix libraries")
-    storage.write_bytes(path, json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1,
-                                         sort_keys=True).encode())
+    if not storage.exists(path):
+        if finished_shards(root):
+            raise ConfigError(f"{root} holds shards but no recipe.json; refusing to mix libraries")
+        data = json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1, sort_keys=True).encode()
+        if storage.is_remote(root):
+            storage.write_bytes(path, data)
+        else:
+            _create_new(storage.parse(path).path, data)
+    # Read back, also after writing: of two runs started on the same output at once, the one whose
+    # recipe did not land is refused here rather than mixing its shards in.
+    previous = json.loads(storage.read_bytes(path))
+    if previous.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
+                          "use a new output directory")
+
+
+def _create_new(path: Path, data: bytes) -> None:
+    """Write `path` whole unless it exists (then leave it): a temporary file linked into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, default_mode())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+
+
+_PARTIAL = re.compile(r"-h(?P<host>[0-9a-f]{8})-pid(?P<pid>\d+)-[0-9a-f]{8}$")
+# A build directory of another machine (a shared file system) or without an owner is left this long.
+_FOREIGN_PARTIAL_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _clean_partials(root: str) -> None:
-    """Left-overs of killed workers: temporary shard directories, never read, safe to delete. (In
-    object storage there are none: an unfinished shard's objects are overwritten when it is redone.)"""
+    """Left-overs of killed workers: temporary shard directories of processes that are gone, never
+    read, safe to delete. Another run's live builds (a second run on the same output) are left
+    alone: deleting them would fail its shards. (In object storage there are none: an unfinished
+    shard's objects are overwritten when it is redone.)"""
     if storage.is_remote(root):
         return
     directory = Path(root) / SHARDS
-    if directory.is_dir():
-        for p in directory.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+    if not directory.is_dir():
+        return
+    host, now = _host_tag(), time.time()
+    for p in directory.iterdir():
+        if not p.name.startswith(".tmp-"):
+            continue
+        owner = _PARTIAL.search(p.name)
+        try:
+            age = now - p.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if owner and owner["host"] == host:
+            dead = not _pid_alive(int(owner["pid"]))
+        else:
+            dead = age > _FOREIGN_PARTIAL_S
+        if dead:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool,

@@ -430,3 +430,52 @@ def test_replace_directory_swaps_whole_directories_and_leaves_nothing_behind(tmp
     replace_directory(second, target)
     assert sorted(p.name for p in target.iterdir()) == ["only-new", "v"] and (target / "v").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_registry_pushes_at_once_get_distinct_versions_and_latest_never_goes_back(base, tmp_path):
+    """Two pushes that see the same next number must not publish into one version (on S3 their files
+    would mix under whichever manifest lands last)."""
+    import threading
+
+    registry = storage.BundleRegistry(storage.join(base, "models"))
+    bundles = [_bundle_like(tmp_path / f"b{i}", {"detector.json": f'{{"v": {i}}}'.encode(), "prompts.pt": b"p%d" % i})
+               for i in range(4)]
+    barrier, results, errors = threading.Barrier(len(bundles)), {}, []
+
+    def push(i):
+        try:
+            barrier.wait(30)
+            results[i] = registry.push(bundles[i], "line-9").version
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(bundles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(results.values()) == ["v0001", "v0002", "v0003", "v0004"]
+    for i, version in results.items():  # each version holds the bundle that claimed it, whole
+        pulled = registry.pull("line-9", version, tmp_path / f"pulled-{version}")
+        assert (pulled / "prompts.pt").read_bytes() == b"p%d" % i
+    assert registry.latest("line-9") == "v0004"
+
+    # Another push's claim on an explicit version is respected; a push of the same content that
+    # did not finish (its claim, no manifest) may be run again.
+    storage.write_bytes(storage.join(registry._name_uri("line-9"), ".claims", "v0007.json"),
+                        b'{"manifest_sha256": "another-bundle"}')
+    with pytest.raises(StorageError, match="being published with other content by another push"):
+        registry.push(bundles[0], "line-9", version="v0007")
+    assert [v.version for v in registry.versions("line-9")] == ["v0001", "v0002", "v0003", "v0004"]
+    if storage.is_remote(base):  # (a local push is one rename: it cannot stop half way)
+        registry.push(bundles[1], "line-9", version="v0008", set_latest=False)
+        storage.delete(storage.join(registry.version_uri("line-9", "v0008"), "manifest.json"))  # as if it died
+        assert registry.push(bundles[1], "line-9", version="v0008", set_latest=False).version == "v0008"
+    # Re-running an earlier push changes nothing, latest included.
+    second = next(i for i, version in results.items() if version == "v0002")
+    info = registry.push(bundles[second], "line-9", version="v0002")
+    assert registry.latest("line-9") == "v0004" and not info.latest
+    # A numbered push never moves latest back: one that finishes after a newer one leaves it.
+    registry._point_latest("line-9", "v0003", forward_only=True)
+    assert registry.latest("line-9") == "v0004"

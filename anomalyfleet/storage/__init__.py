@@ -9,6 +9,7 @@ from anomalyfleet.storage.arrow import pyarrow_filesystem
 from anomalyfleet.storage.cache import cache_dir, locked
 from anomalyfleet.storage.core import (
     copy,
+    create_new,
     delete,
     download_file,
     exists,
@@ -39,6 +40,7 @@ __all__ = [
     "cache_dir",
     "cached_tree",
     "copy",
+    "create_new",
     "delete",
     "download_file",
     "exists",

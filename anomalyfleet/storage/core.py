@@ -44,6 +44,23 @@ def write_bytes(uri: str | Path, data: bytes, options: S3Options | None = None, 
     backend_for(loc, options).write_bytes(loc, data, progress)
 
 
+def create_new(uri: str | Path, data: bytes, options: S3Options | None = None) -> bool:
+    """Write the object whole only if there is none yet; False (and nothing written) when there is.
+    One of several writers racing for the same name wins: a claim (S3 conditional put, If-None-Match;
+    locally a hard link of a complete temporary file)."""
+    loc = parse(uri)
+    return backend_for(loc, options).create_new(loc, data)
+
+
+def replace_if(uri: str | Path, data: bytes, etag: str | None, options: S3Options | None = None) -> bool:
+    """Compare and swap: write the object whole only if it is still the one `stat` gave this `etag`
+    (None: only if there is none). False, and nothing written, when another writer came first."""
+    if etag is None:
+        return create_new(uri, data, options)
+    loc = parse(uri)
+    return backend_for(loc, options).replace_if(loc, data, etag)
+
+
 def write_text(uri: str | Path, text: str, options: S3Options | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), options)
 

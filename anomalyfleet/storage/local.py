@@ -60,6 +60,47 @@ class LocalBackend:
         if progress is not None:
             progress(len(data))
 
+    def create_new(self, loc: Location, data: bytes) -> bool:
+        target = loc.path
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.chmod(tmp, default_mode())
+                try:
+                    os.link(tmp, target)  # whole, and only if nothing is there
+                except FileExistsError:
+                    return False
+            finally:
+                os.unlink(tmp)
+        except OSError as exc:
+            raise _os_error(loc, exc, "write") from None
+        return True
+
+    def replace_if(self, loc: Location, data: bytes, etag: str) -> bool:
+        import fcntl
+
+        target = loc.path
+        try:
+            # Writers of this object take turns on a lock file beside it (one host or a file system
+            # with working locks); the compare and the write happen under it.
+            with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    st = target.stat()
+                except FileNotFoundError:
+                    return False
+                if f"{st.st_mtime_ns:x}-{st.st_size:x}" != etag:
+                    return False
+                atomic_write_bytes(target, data)
+        except OSError as exc:
+            raise _os_error(loc, exc, "write") from None
+        return True
+
     def upload_file(self, source: Path, loc: Location, progress=None) -> None:
         self._copy_file(source, loc.path, str(loc), progress)
 
@@ -108,10 +149,17 @@ class LocalBackend:
             return
         if not root.is_dir():
             return
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            if any(_temporary(part) for part in path.relative_to(root).parts):
-                continue  # another writer's temporary file or staging directory, not an object yet
-            st = path.stat()
+        # os.walk skips a directory that goes away while it is walked (another writer renaming its
+        # staging directory into place), where rglob would raise.
+        found = []
+        for directory, subdirs, files in os.walk(root):
+            subdirs[:] = [d for d in subdirs if not _temporary(d)]  # another writer's staging directory
+            found.extend(Path(directory) / name for name in files if not _temporary(name))
+        for path in sorted(found):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # removed or renamed away since the walk
             yield ObjectInfo(str(path), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
 
     def delete(self, loc: Location) -> None:

@@ -7,6 +7,7 @@ version that is still uploading.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from anomalyfleet.storage import core
 from anomalyfleet.storage.options import S3Options
 from anomalyfleet.storage.types import ObjectNotFound
-from anomalyfleet.storage.trees import cached_tree, get_tree, put_tree, read_remote_manifest
+from anomalyfleet.storage.trees import _manifest_files, cached_tree, get_tree, put_tree, read_remote_manifest
 from anomalyfleet.storage.uri import is_remote, join
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LATEST = "latest.json"
+CLAIMS = ".claims"  # one object per version being or having been published: who may publish it
+MAX_CLAIM_TRIES = 32
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -112,32 +115,86 @@ class BundleRegistry:
         return cached_tree(self.resolve(name, version), self.options)
 
     # --- writing -----------------------------------------------------------------------------------
-    def _next_version(self, name: str) -> str:
+    def _next_version(self, name: str, after: int = 0) -> str:
         numbers = [int(v.version[1:]) for v in self.versions(name) if re.fullmatch(r"v\d+", v.version)]
-        return f"v{(max(numbers) + 1) if numbers else 1:04d}"
+        return f"v{max([after, *numbers]) + 1:04d}"
+
+    def _claim(self, name: str, version: str, digest: str) -> bool:
+        """Claim `version` for a bundle whose manifest has this digest: True when it is ours (newly,
+        or claimed before by a push of the same content that did not finish), False when another
+        push holds it. Claims sit beside the versions (`.claims/<version>.json`), so a version's
+        own prefix holds only the bundle."""
+        claim = join(self._name_uri(name), CLAIMS, f"{version}.json")
+        record = {"manifest_sha256": digest, "claimed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if core.create_new(claim, json.dumps(record).encode(), self.options):
+            return True
+        try:
+            return json.loads(core.read_bytes(claim, self.options)).get("manifest_sha256") == digest
+        except (ObjectNotFound, json.JSONDecodeError, AttributeError):
+            return False
 
     def push(self, bundle_dir: str | Path, name: str, version: str | None = None, set_latest: bool = True) -> VersionInfo:
         local = Path(bundle_dir)
         if not (local / MANIFEST_NAME).is_file():
             raise StorageError(f"{bundle_dir}: not a bundle directory (no {MANIFEST_NAME})")
         try:
-            manifest = read_manifest(local)  # put_tree verifies every file before uploading any
+            manifest = read_manifest(local)
         except ManifestError as exc:
             raise StorageError(str(exc)) from exc
-        version = version or self._next_version(name)
+        _manifest_files(local)  # a damaged bundle is refused before it claims a version
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        numbered = version is None
+        if numbered:
+            # Two pushes at once both see the same next number: each claims it, and the one that
+            # loses takes the number after.
+            tried = 0
+            for _ in range(MAX_CLAIM_TRIES):
+                version = self._next_version(name, after=tried)
+                if self._claim(name, version, digest):
+                    break
+                tried = int(version[1:])
+            else:
+                raise StorageError(f"could not claim a new version of {name!r} after {MAX_CLAIM_TRIES} tries "
+                                   "(many pushes at once?)")
         uri = self.version_uri(name, version)
         if core.exists(join(uri, MANIFEST_NAME), self.options):
             existing, _ = read_remote_manifest(uri, self.options)
             if json.loads(existing) == manifest:
-                return self._info(name, version, uri, manifest, set_latest)  # same content: idempotent
+                # Same content: a re-run of an earlier push changes nothing (latest included), and
+                # says whether this version is latest as it stands.
+                return self._info(name, version, uri, manifest, self.latest(name) == version)
             raise StorageError(f"{uri} is already published with other content (versions are immutable)")
+        if not numbered and not self._claim(name, version, digest):
+            raise StorageError(f"{uri} is being published with other content by another push (or one that failed: "
+                               f"remove {join(self._name_uri(name), CLAIMS, version + '.json')} to publish it anew)")
         if not is_remote(uri) and Path(uri).exists():
             raise StorageError(f"{uri} exists but is not a complete version; remove it by hand")
         put_tree(local, uri, self.options)
         if set_latest:
-            pointer = {"version": version, "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            core.write_bytes(join(self._name_uri(name), LATEST), json.dumps(pointer).encode(), self.options)
+            self._point_latest(name, version, forward_only=numbered)
         return self._info(name, version, uri, manifest, set_latest)
+
+    def _point_latest(self, name: str, version: str, forward_only: bool) -> None:
+        """Move `latest.json` to `version`. A numbered push never moves it back: of two pushes that
+        finish out of order, the newer version stays latest (an explicit version may roll it back)."""
+        uri = join(self._name_uri(name), LATEST)
+        pointer = {"version": version, "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        data = json.dumps(pointer).encode()
+        if not forward_only:
+            core.write_bytes(uri, data, self.options)
+            return
+        # Compare and swap: read the pointer, decide, write only if it is still what was read.
+        for _ in range(MAX_CLAIM_TRIES):
+            try:
+                etag = core.stat(uri, self.options).etag
+            except ObjectNotFound:
+                etag = None
+            current = self.latest(name) if etag is not None else None
+            if current is not None and _version_key(current) > _version_key(version):
+                return
+            if core.replace_if(uri, data, etag, self.options):
+                return
+        raise StorageError(f"{uri}: could not move the latest pointer after {MAX_CLAIM_TRIES} tries (many pushes at once?)")
 
     def _info(self, name, version, uri, manifest, latest) -> VersionInfo:
         files = manifest.get("files", {})

@@ -151,6 +151,32 @@ class S3Backend:
         if progress is not None:
             progress(len(data))
 
+    def create_new(self, loc: Location, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(loc):
+            try:
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                # 412: the object exists; 409: another conditional write to it is in flight.
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
+
+    def replace_if(self, loc: Location, data: bytes, etag: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(loc):
+            try:
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=f'"{etag}"')
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                                 "NoSuchKey", "404"):
+                    return False
+                raise
+        return True
+
     def upload_file(self, source: Path, loc: Location, progress=None) -> None:
         if not Path(source).is_file():
             raise ObjectNotFound(f"not found: {source}")

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import anomalyfleet
 from anomalyfleet import storage
 from anomalyfleet.errors import ConfigError, DataError, validation_problem, yaml_problem
-from anomalyfleet.manifest import MANIFEST_NAME, default_mode, write_manifest
+from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
 SHARDS = "shards"
@@ -547,34 +547,13 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
         if finished_shards(root):
             raise ConfigError(f"{root} holds shards but no recipe.json; refusing to mix libraries")
         data = json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1, sort_keys=True).encode()
-        if storage.is_remote(root):
-            storage.write_bytes(path, data)
-        else:
-            _create_new(storage.parse(path).path, data)
+        storage.create_new(path, data)  # of two runs racing here, one recipe lands
     # Read back, also after writing: of two runs started on the same output at once, the one whose
     # recipe did not land is refused here rather than mixing its shards in.
     previous = json.loads(storage.read_bytes(path))
     if previous.get("fingerprint") != fingerprint:
         raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
                           "use a new output directory")
-
-
-def _create_new(path: Path, data: bytes) -> None:
-    """Write `path` whole unless it exists (then leave it): a temporary file linked into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, default_mode())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
 
 
 _PARTIAL = re.compile(r"-h(?P<host>[0-9a-f]{8})-pid(?P<pid>\d+)-[0-9a-f]{8}$")

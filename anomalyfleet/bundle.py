@@ -36,6 +36,7 @@ from anomalyfleet.storage.local import replace_directory
 
 FORMAT = "anomalyfleet-detector"
 FORMAT_VERSION = 4  # the newest this code reads and writes
+REQUIRED_KEYS = ("backbone", "backbone_fingerprint", "settings", "prompt_kind")
 MEMORY_FORMAT_VERSION = 2  # bundles with a line memory; those without stay at 1
 # A fused score with the position term: older code would read the bundle and score without the term,
 # against thresholds set with it; a newer format makes it refuse the bundle instead.
@@ -186,6 +187,9 @@ def _read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
         raise BundleError(f"{path}: not an anomalyfleet detector bundle")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {meta['format_version']} is newer than this anomalyfleet ({FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise BundleError(f"{path}: {DETECTOR_JSON} lacks {', '.join(missing)} (damaged or hand-edited)")
     meta["_local_dir"] = str(local)
     meta["_version"] = hashlib.sha256(raw).hexdigest()[:12]
     return meta, files
@@ -193,6 +197,21 @@ def _read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
 
 def read_bundle_metadata(path: str | Path) -> dict:
     return _read_bundle(path)[0]
+
+
+def check_bundle(path: str | Path) -> dict:
+    """The bundle's metadata, after checking that its weights files parse (what a load needs short
+    of building the backbone): a bundle that fails here would fail every loader."""
+    meta, files = _read_bundle(path)
+    if PROMPTS_FILE not in files:
+        raise BundleError(f"{path}: {PROMPTS_FILE} is missing from the bundle")
+    _load_tensors(path, PROMPTS_FILE, files[PROMPTS_FILE])
+    if meta.get("memory"):
+        name = meta["memory"].get("file", MEMORY_FILE)
+        if name not in files:
+            raise BundleError(f"{path}: detector.json describes a line memory but {name} is missing")
+        _load_tensors(path, name, files[name])
+    return meta
 
 
 def load_bundle(
@@ -225,7 +244,7 @@ def load_bundle(
         raise BundleError(f"{path} holds {meta['prompt_kind']} prompts; this backbone needs {prompt_kind(prompts)} prompts")
     if PROMPTS_FILE not in files:
         raise BundleError(f"{path}: {PROMPTS_FILE} is missing from the bundle")
-    state = torch.load(io.BytesIO(files[PROMPTS_FILE]), map_location="cpu", weights_only=True)
+    state = _load_tensors(path, PROMPTS_FILE, files[PROMPTS_FILE])
     try:
         prompts.load_state_dict(state)
     except RuntimeError as exc:
@@ -244,12 +263,24 @@ def load_bundle(
     return detector.to(device)
 
 
+def _load_tensors(path, name: str, data: bytes) -> dict:
+    """A weights file of the bundle; one that is not a tensor archive is a BundleError (its manifest
+    may list it correctly: it was written damaged)."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds (pickle, zip, runtime) for a bad archive
+        raise BundleError(f"{path}: {name} is not a readable weights file ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise BundleError(f"{path}: {name} holds a {type(state).__name__}, not named tensors")
+    return state
+
+
 def _load_memory(path, files: dict[str, bytes], meta: dict, backbone: VisionBackbone) -> LineMemory:
     info = meta["memory"]
     name = info.get("file", MEMORY_FILE)
     if name not in files:
         raise BundleError(f"{path}: detector.json describes a line memory but {name} is missing")
-    tensors = torch.load(io.BytesIO(files[name]), map_location="cpu", weights_only=True)
+    tensors = _load_tensors(path, name, files[name])
     try:
         memory = LineMemory.from_saved(info, tensors)
     except (KeyError, ValueError, TypeError) as exc:

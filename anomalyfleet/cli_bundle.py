@@ -21,9 +21,9 @@ def _registry(args):
 
 
 def cmd_push(args) -> int:
-    from anomalyfleet.bundle import read_bundle_metadata
+    from anomalyfleet.bundle import check_bundle
 
-    read_bundle_metadata(args.bundle)  # refuse anything that would not load as a bundle
+    check_bundle(args.bundle)  # refuse anything that would not load: published, it would break every loader
     info = _registry(args).push(args.bundle, args.name, args.version, set_latest=not args.no_latest)
     print(json.dumps({"name": info.name, "version": info.version, "uri": info.uri, "files": info.files,
                       "bytes": info.size, "latest": info.latest}))

@@ -87,6 +87,30 @@ def test_corrupted_bundle_is_named(tmp_path, openai_clip_file):
         load_bundle(tmp_path / "missing")
 
 
+def test_a_bundle_written_damaged_is_refused_in_one_error(tmp_path, openai_clip_file):
+    """Files whose manifest lists them correctly but that were written damaged (random weights
+    bytes, a detector.json without its backbone) give a BundleError, not a torch or key error;
+    `check_bundle` (what `bundle push` runs) finds them before they are published."""
+    from anomalyfleet.bundle import check_bundle
+    from anomalyfleet.manifest import write_manifest
+
+    spec = BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file))
+    path = save_bundle(Detector.create(spec, image_size=70, layers=(6,), dpam_layers=4), tmp_path / "det")
+    check_bundle(path)
+    (path / "prompts.pt").write_bytes(bytes(range(256)) * 8)
+    write_manifest(path)
+    for read in (load_bundle, check_bundle):
+        with pytest.raises(BundleError, match="prompts.pt is not a readable weights file"):
+            read(path)
+    path = save_bundle(Detector.create(spec, image_size=70, layers=(6,), dpam_layers=4), tmp_path / "det2")
+    meta = json.loads((path / "detector.json").read_text())
+    del meta["backbone"]
+    (path / "detector.json").write_text(json.dumps(meta))
+    write_manifest(path)
+    with pytest.raises(BundleError, match="detector.json lacks backbone"):
+        load_bundle(path)
+
+
 def test_a_bundle_saved_again_while_it_loads_is_read_whole_from_one_save(tmp_path, openai_clip_file):
     """Bundles are replaced in place (retraining, `memory set`): every load must parse the files of
     one save, named by that save's version, and never find the path empty."""

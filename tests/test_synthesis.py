@@ -408,3 +408,13 @@ def test_an_embedding_learned_for_an_object_storage_library_is_cached_by_what_it
     assert where(recipe("cracks", 100)) == same  # a resumed run finds its checkpoints
     assert where(recipe("other-cracks", 100)) != same  # other support images: learned anew
     assert where(recipe("cracks", 200)) != same and where(recipe("cracks", 100, seed=4)) != same
+
+
+def test_a_folder_that_is_not_a_library_is_refused_and_left_as_it_was(tmp_path, normals):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text("my own data\n")
+    with pytest.raises(ConfigError, match="not empty and holds no synthesis library"):
+        synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
+    assert (out / "manifest.jsonl").read_text() == "my own data\n"

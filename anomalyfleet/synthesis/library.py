@@ -546,6 +546,18 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
     if not storage.exists(path):
         if finished_shards(root):
             raise ConfigError(f"{root} holds shards but no recipe.json; refusing to mix libraries")
+        # Not a library yet: it must be empty, or the library's files (manifest.jsonl, card.*,
+        # images) would be written among, or over, someone else's.
+        others = []
+        for info in storage.list_objects(root):
+            if info.uri == str(path):
+                continue  # another run's, written since we looked: the read-back below decides
+            others.append(info.uri)
+            if len(others) > 3:
+                break
+        if others:
+            raise ConfigError(f"{root} is not empty and holds no synthesis library (e.g. {others[0]}); "
+                              "refusing to write into it: choose a new or empty output")
         data = json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1, sort_keys=True).encode()
         storage.create_new(path, data)  # of two runs racing here, one recipe lands
     # Read back, also after writing: of two runs started on the same output at once, the one whose

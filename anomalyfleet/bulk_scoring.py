@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from anomalyfleet import storage
-from anomalyfleet.errors import ConfigError, DataError, StorageError
+from anomalyfleet.errors import AnomalyFleetError, ConfigError, DataError, StorageError
 
 COLUMNS = ("line", "image", "score", "threshold", "anomalous", "map_uri", "detector_version", "width", "height")
 
@@ -242,8 +243,14 @@ class ShardScorer:
         self.output = output
         self.batch_size = batch_size
         self.write_maps = write_maps
-        self.device = select_device(device)
         self.detectors = {}
+        try:
+            self.device = select_device(device)
+            self._refused: AnomalyFleetError | None = None
+        except AnomalyFleetError as exc:
+            # Raised from the first call instead: Ray keeps a task's exception for the driver, but
+            # turns a constructor's into an ActorDiedError holding only its traceback text.
+            self.device, self._refused = None, exc
 
     def _detector(self, bundle: str):
         from anomalyfleet.bundle import load_bundle
@@ -357,6 +364,8 @@ class ShardScorer:
         return {"line": shard.line, "images": len(shard.images)}
 
     def __call__(self, batch: dict) -> dict:
+        if self._refused is not None:
+            raise self._refused
         done = [self.score_shard(Shard(**json.loads(item))) for item in batch["shard"]]
         return {"line": np.array([d["line"] for d in done]), "images": np.array([d["images"] for d in done])}
 
@@ -413,6 +422,10 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
                      log_to_driver=progress)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
+        if not progress:
+            # Quiet means quiet: Ray Data logs its start and a failed task's traceback itself; the
+            # CLI says what went wrong in one line.
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         dataset = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in todo], override_num_blocks=len(todo))
         results = dataset.map_batches(
             ShardScorer,

@@ -12,7 +12,7 @@ from pathlib import Path
 from anomalyfleet.cli_types import layer_list as _layers
 from anomalyfleet.cli_types import positive_int as _positive_int
 from anomalyfleet.cli_types import CommandParser, smoothing_sigma
-from anomalyfleet.errors import AnomalyFleetError, ConfigError
+from anomalyfleet.errors import AnomalyFleetError, ConfigError, user_error_in
 from anomalyfleet.train_config import CACHE_DTYPES
 
 DEFAULT_DETECTOR = "default"
@@ -348,12 +348,19 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, func=Non
     try:
         return int((func or args.func)(args) or 0)
     except AnomalyFleetError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        # (Ray re-raises a worker's error as a subclass of it whose message is the remote traceback.)
+        print(f"{prog}: error: {user_error_in(exc) or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        found = user_error_in(exc)
+        if found is not None:  # bad input met by a Ray worker (a missing GPU, an unreadable bundle)
+            print(f"{prog}: error: {found}", file=sys.stderr)
+            return 2
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         # Environment problems (disk full, permissions) and invalid values reaching library code.
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)

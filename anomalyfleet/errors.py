@@ -1,5 +1,9 @@
 """User-facing errors: the CLI prints their message as one line and exits non-zero."""
 
+import re
+
+_REMOTE = re.compile(r"anomalyfleet\.errors\.(?P<kind>[A-Za-z]+Error): (?P<message>.+)$")
+
 
 class AnomalyFleetError(Exception):
     """Base class for errors caused by bad input or environment, not by a bug."""
@@ -19,6 +23,34 @@ class StorageError(AnomalyFleetError):
 
 class ConfigError(AnomalyFleetError):
     """An option or configuration value is invalid."""
+
+
+def user_error_in(exc: BaseException) -> AnomalyFleetError | None:
+    """The AnomalyFleetError behind `exc`, also when Ray carried it from a worker: Ray wraps a task's
+    or actor's exception (RayTaskError, and Ray Data's UserCodeException) in messages holding the
+    remote traceback, keeping the original as `.cause` or in the exception chain. None if there is
+    none (a bug, which keeps its traceback)."""
+    stack, seen = [exc], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        wrapper = any(cls.__name__ in ("RayTaskError", "RayActorError", "UserCodeException")
+                      for cls in type(current).__mro__)
+        if isinstance(current, AnomalyFleetError) and not wrapper:
+            return current
+        cause = getattr(current, "cause", None)
+        stack.extend([current.__context__, current.__cause__, cause if isinstance(cause, BaseException) else None])
+    # Ray Data keeps only the text of a worker's exception (its UserCodeException has no cause):
+    # the remote traceback's last line of ours names the class and the message.
+    found = None
+    for line in str(exc).splitlines():
+        match = _REMOTE.search(line)
+        if match and isinstance(globals().get(match["kind"]), type) \
+                and issubclass(globals()[match["kind"]], AnomalyFleetError):
+            found = globals()[match["kind"]](match["message"].strip())
+    return found
 
 
 def yaml_problem(exc: Exception) -> str:

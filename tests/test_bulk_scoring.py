@@ -279,3 +279,14 @@ def test_a_bundle_saved_again_gets_new_parts_and_a_worker_refuses_a_stale_plan(t
     scorer.score_shard(after[0])
     maps = sorted((tmp_path / "out" / "maps" / "line").glob("*.npy"))
     assert maps and all(after[0].digest in m.name for m in maps)  # maps named by their part
+
+
+def test_bad_input_met_by_a_ray_worker_is_one_line(ray_local, tmp_path, openai_clip_file, capsys):
+    """A device the workers lack is found only on them; the CLI still says it in one line."""
+    images = write_line_images(tmp_path / "line", normals=2, anomalies=1, size=48, seed=5)
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=4, threshold=0.5)
+    code = main(["bulk-score", "--detector", str(bundle), "--input", f"line={images}", "--out", str(tmp_path / "out"),
+                 "--quiet", "--device", "cuda:7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "cuda:7" in err[0] and "Traceback" not in err[0]

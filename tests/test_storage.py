@@ -479,3 +479,19 @@ def test_registry_pushes_at_once_get_distinct_versions_and_latest_never_goes_bac
     # A numbered push never moves latest back: one that finishes after a newer one leaves it.
     registry._point_latest("line-9", "v0003", forward_only=True)
     assert registry.latest("line-9") == "v0004"
+
+
+def test_an_unknown_profile_or_a_bad_bucket_name_is_one_line(monkeypatch, capsys):
+    from anomalyfleet.cli import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("ANOMALYFLEET_S3_PROFILE", "no-such-profile-here")
+    assert main(["bundle", "list", "--registry", "s3://some-bucket/models"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-profile-here" in err[0], err
+    monkeypatch.delenv("ANOMALYFLEET_S3_PROFILE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    with pytest.raises(StorageError) as info:
+        storage.read_bytes("s3://Bad_Bucket!/key")
+    assert len(str(info.value).splitlines()) == 1

@@ -115,7 +115,11 @@ def read_visa(root: Path, options: _Options) -> list[Sample]:
     if not table.is_file():
         raise DataError(f"{root}: no split_csv/1cls.csv (expected the VisA layout)")
     with open(table, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("split") == split]
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("object", "split", "label", "image", "mask") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{table}: no {', '.join(missing)} column (expected VisA's split_csv/1cls.csv)")
+        rows = [r for r in reader if r.get("split") == split]
     if not rows:
         raise DataError(f"{table}: no rows for split {split!r}")
     categories = sorted({r["object"] for r in rows})

@@ -28,8 +28,22 @@ def _open(path: str | Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: corrupt, empty or not an image") from exc
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale (industrial cameras write them) rescaled to 8 bits; PIL's own
+    convert("RGB") clips them to 255, turning most pixels white."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else values.max()
+    else:
+        top = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
+    scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    return _open(path).convert("RGB")
+    return _eight_bit(_open(path)).convert("RGB")
 
 
 def load_mask(path: str | Path, threshold: int = 1) -> np.ndarray:

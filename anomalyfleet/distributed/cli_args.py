@@ -70,6 +70,20 @@ def add_distributed_train_arguments(parser: argparse.ArgumentParser, standalone:
     group.add_argument("--ray-address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else a local instance)")
 
 
+def distributed_options_given(args: argparse.Namespace) -> list[str]:
+    """The distributed-only options set to other than their defaults (as flags), for a `train`
+    without --workers, which would otherwise ignore them."""
+    reference = argparse.ArgumentParser(add_help=False)
+    add_distributed_train_arguments(reference)
+    given = []
+    for action in reference._actions:
+        if action.dest in ("workers", "help") or not hasattr(args, action.dest):
+            continue
+        if getattr(args, action.dest) != action.default:
+            given.append(action.option_strings[0])
+    return given
+
+
 def config_from_args(args: argparse.Namespace):
     """The validated `DistributedTrainConfig` for parsed arguments of either parser."""
     from anomalyfleet.distributed.config import DistributedTrainConfig

@@ -96,7 +96,8 @@ def _translate(exc: BaseException, uri: str, options: S3Options) -> StorageError
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(f"{uri}: no usable S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile)")
     if isinstance(exc, BotoCoreError):
-        return StorageError(f"{uri}: {exc}")
+        # Some botocore messages run over several lines (an invalid bucket name): the first says it.
+        return StorageError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     return None
 
 
@@ -212,8 +213,8 @@ class S3Backend:
 
     def list(self, loc: Location) -> Iterator[ObjectInfo]:
         prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-        paginator = self.client.get_paginator("list_objects_v2")
-        with self._errors(loc):
+        with self._errors(loc):  # building the client can fail too (an unknown profile)
+            paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
                     yield ObjectInfo(f"s3://{loc.bucket}/{item['Key']}", int(item["Size"]), item.get("ETag", "").strip('"'))

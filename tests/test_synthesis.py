@@ -418,3 +418,19 @@ def test_a_folder_that_is_not_a_library_is_refused_and_left_as_it_was(tmp_path, 
         synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
     assert (out / "manifest.jsonl").read_text() == "my own data\n"
+
+
+def test_recipes_that_are_not_yaml_files_and_nothing_to_learn_are_one_line(tmp_path, capsys):
+    from anomalyfleet.cli import main
+
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "x", "normal": [str(tmp_path)], "output": str(tmp_path / "out"),
+                                      "defects": [{"name": "s", "generator": "perlin", "count": 1}]}))
+    for argv, message in ((["synthesize", str(tmp_path)], "is a directory; a recipe is a YAML file"),
+                          (["synthesize", str(tmp_path / "bin.yaml")], "not a text file"),
+                          (["synth", "learn", "--recipe", str(recipe)], "no anogen defect type with `support`")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()

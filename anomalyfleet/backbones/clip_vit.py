@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -181,12 +182,18 @@ def load_openai_clip_file(path: str | Path) -> nn.Module:
     if not path.is_file():
         raise BundleError(f"CLIP weights not found: {path}")
     try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            # OpenAI's files are TorchScript archives; torch's deprecation notice for jit.load is
+            # about the format, not something a user of these weights can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive: a plain (or wrapped) state dict
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle, zip and torch errors all mean "not a weights file"
-            raise BundleError(f"cannot read CLIP weights {path}: {str(exc).splitlines()[0]}") from exc
+            # (torch's message suggests weights_only=False, which would run the file's code: no.)
+            raise BundleError(f"cannot read CLIP weights {path}: not a TorchScript archive or a state dict "
+                              f"({type(exc).__name__})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
     if isinstance(state, dict):

@@ -70,6 +70,9 @@ def cmd_synth_learn(args) -> int:
 
     if args.recipe:
         learned = learn_from_recipe(args.recipe, args.defect, progress=not args.quiet)
+        if not learned:
+            raise ConfigError(f"{args.recipe}: no anogen defect type with `support` examples to learn"
+                              + (f" among {', '.join(args.defect)}" if args.defect else ""))
         print(json.dumps(learned, indent=1))
         return 0
     if not (args.pipeline and args.support and args.output):

@@ -172,6 +172,10 @@ def load_recipe(path: str | Path, **overrides) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"recipe not found: {path}") from exc
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; a recipe is a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a recipe is YAML)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):

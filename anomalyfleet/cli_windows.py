@@ -84,9 +84,7 @@ def cmd_restart(args) -> int:
         try:
             # Save the window first, so the new actor starts from every image it held (a snapshot
             # is otherwise taken only every window_snapshot_every images).
-            # (A background write still in flight goes first: it holds an older state.)
-            ray.get(actor.flush.remote(), timeout=60)
-            ray.get(actor.save.remote(), timeout=60)
+            ray.get(actor.save_now.remote(), timeout=60)
         except Exception as exc:  # a hung or broken actor is what a restart is for: say so, go on
             print(f"could not save {name} before stopping it ({exc}); its last snapshot stands", file=sys.stderr)
         ray.kill(actor, no_restart=True)

@@ -41,9 +41,13 @@ def user_error_in(exc: BaseException) -> AnomalyFleetError | None:
         if isinstance(current, AnomalyFleetError) and not wrapper:
             return current
         cause = getattr(current, "cause", None)
-        stack.extend([current.__context__, current.__cause__, cause if isinstance(cause, BaseException) else None])
+        # (Not __context__: an error raised while handling one of ours is a bug of its own.)
+        stack.extend([current.__cause__, cause if isinstance(cause, BaseException) else None])
     # Ray Data keeps only the text of a worker's exception (its UserCodeException has no cause):
-    # the remote traceback's last line of ours names the class and the message.
+    # the remote traceback's last line of ours names the class and the message. Only Ray's own
+    # exceptions are read so.
+    if not type(exc).__module__.startswith("ray."):
+        return None
     found = None
     for line in str(exc).splitlines():
         match = _REMOTE.search(line)

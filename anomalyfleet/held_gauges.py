@@ -51,9 +51,9 @@ class HeldGauges:
     def set(self, gauge, value: float, tags: Mapping[str, str]) -> _Key:
         """Set the series now and hold it; returns its key (for `release`)."""
         tags = {str(k): str(v) for k, v in tags.items()}
-        gauge.set(float(value), tags=tags)
         key = self.key(gauge, tags)
-        with self._lock:
+        with self._lock:  # (a refresh pass in between would set the older value again)
+            gauge.set(float(value), tags=tags)
             self._series[key] = (gauge, float(value), tags, None)
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, daemon=True, name="anomalyfleet-held-gauges")
@@ -88,11 +88,11 @@ class HeldGauges:
             for key in expired:
                 del self._series[key]
             current = list(self._series.values())
-        for gauge, value, tags, _ in current:
-            try:
-                gauge.set(value, tags=tags)
-            except Exception as exc:  # e.g. Ray shut down under us: keep the others, say it once per pass
-                logger.debug("could not refresh a held gauge: %s", exc)
+            for gauge, value, tags, _ in current:
+                try:
+                    gauge.set(value, tags=tags)
+                except Exception as exc:  # e.g. Ray shut down under us: keep the others
+                    logger.debug("could not refresh a held gauge: %s", exc)
         return len(current)
 
     def close(self) -> None:

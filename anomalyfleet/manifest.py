@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -117,6 +118,9 @@ def read_verified(root: str | Path, attempts: int = 3) -> tuple[bytes, dict[str,
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            if attempt + 1 < attempts:
+                time.sleep(0.05)  # between the two renames of a save without an atomic exchange
+                continue
             raise ManifestError(f"{root}: no {MANIFEST_NAME} (incomplete or not an anomalyfleet artefact)") from None
         try:
             manifest = json.loads(raw)

@@ -151,6 +151,11 @@ def test_sixteen_bit_images_are_rescaled_not_clipped(tmp_path):
     pixels = np.asarray(load_image(tmp_path / "deep.png"))[..., 0].astype(int)
     expected = np.round(ramp / 65535 * 255).astype(int)
     assert np.abs(pixels - expected).max() <= 1 and (pixels == 255).mean() < 0.01
+    # A 12-bit sensor's image in a 16-bit file (0..4095) spans the 8-bit range, not its bottom 16th.
+    twelve = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    Image.fromarray(twelve).save(tmp_path / "twelve.png")
+    pixels = np.asarray(load_image(tmp_path / "twelve.png"))[..., 0].astype(int)
+    assert pixels.max() == 255 and np.abs(pixels - np.round(twelve / 4095 * 255)).max() <= 1
 
 
 def test_real_magnetic_tile(magnetic_tile_root):

@@ -477,8 +477,14 @@ def test_registry_pushes_at_once_get_distinct_versions_and_latest_never_goes_bac
     info = registry.push(bundles[second], "line-9", version="v0002")
     assert registry.latest("line-9") == "v0004" and not info.latest
     # A numbered push never moves latest back: one that finishes after a newer one leaves it.
-    registry._point_latest("line-9", "v0003", forward_only=True)
+    assert not registry._point_latest("line-9", "v0003", forward_only=True)
     assert registry.latest("line-9") == "v0004"
+    # A named version made latest does not stop numbered pushes from moving it on.
+    registry.push(bundles[3], "line-9", version="prod")
+    assert registry.latest("line-9") == "prod"
+    extra = _bundle_like(tmp_path / "b9", {"detector.json": b'{"v": 9}', "prompts.pt": b"p9"})
+    info = registry.push(extra, "line-9")
+    assert info.latest and registry.latest("line-9") == info.version
 
 
 def test_an_unknown_profile_or_a_bad_bucket_name_is_one_line(monkeypatch, capsys):

@@ -418,6 +418,11 @@ def test_a_folder_that_is_not_a_library_is_refused_and_left_as_it_was(tmp_path, 
         synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
     assert (out / "manifest.jsonl").read_text() == "my own data\n"
+    # Embeddings learned first for this library (`synth learn --recipe`) are not someone else's files.
+    fresh = tmp_path / "learned-first"
+    (fresh / "embeddings").mkdir(parents=True)
+    (fresh / "embeddings" / "crack.pt").write_bytes(b"learned")
+    assert synthesize_library(parse_recipe(recipe_dict(normals, fresh)), progress=False).images == 13
 
 
 def test_recipes_that_are_not_yaml_files_and_nothing_to_learn_are_one_line(tmp_path, capsys):

@@ -77,6 +77,7 @@ def test_a_hung_job_keeps_its_last_progress_time_on_the_export_port():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000}, log_to_driver=False)
+    hung = None
     try:
         hung = JobMetrics("hung-job", kind="synthesis", total=100)
         hung.advance(done=10, images=10)
@@ -95,4 +96,6 @@ def test_a_hung_job_keeps_its_last_progress_time_on_the_export_port():
         assert _series(port, "ray_anomalyfleet_job_progress_ratio").get("hung-job") == pytest.approx(0.1)
         assert "failed-job" not in later
     finally:
+        if hung is not None:
+            hung.close()  # the process-wide holder would otherwise keep setting it in later tests
         ray.shutdown()

@@ -28,16 +28,24 @@ def _open(path: str | Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: corrupt, empty or not an image") from exc
 
 
+# Sensor depths written in 16-bit containers: an image is read at the smallest that holds its values.
+SENSOR_BITS = (8, 10, 12, 14, 16)
+
+
 def _eight_bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit greyscale (industrial cameras write them) rescaled to 8 bits; PIL's own
-    convert("RGB") clips them to 255, turning most pixels white."""
+    convert("RGB") clips them to 255, turning most pixels white. The files do not say the sensor's
+    depth (a 12-bit camera writes 0..4095 in 16 bits), so each image is scaled by the smallest of
+    SENSOR_BITS that holds its brightest pixel: a line's images share it unless one is too dark to
+    reach the top quarter of its sensor's range."""
     if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return image
     values = np.asarray(image, dtype=np.float64)
+    brightest = values.max(initial=0.0)
     if image.mode == "F":
-        top = 1.0 if values.max(initial=0.0) <= 1.0 else values.max()
+        top = 1.0 if brightest <= 1.0 else brightest
     else:
-        top = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
+        top = next((2.0 ** bits - 1 for bits in SENSOR_BITS if brightest <= 2 ** bits - 1), brightest)
     scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(scaled, mode="L")
 

@@ -69,6 +69,9 @@ class DistributedTrainResult:
 # --- pieces the workers run --------------------------------------------------------------------
 
 
+
+# Seconds between liveness beats inside an epoch (a long epoch must not read as a stalled job).
+HEARTBEAT_S = 60.0
 def slice_bounds(rank: int, world: int, batch: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous part of a global batch of `batch` samples (sizes differ by <= 1)."""
     return rank * batch // world, (rank + 1) * batch // world
@@ -243,8 +246,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and started_at:
         print(f"resuming at epoch {started_at + 1}/{config.epochs} from the last checkpoint", file=sys.stderr)
 
+    metrics = JobMetrics(loop_config.get("job") or loop_config["run"], kind="training") if rank == 0 else None
     for epoch in range(state.epoch, config.epochs):
-        began = time.perf_counter()
+        began = last_beat = time.perf_counter()
         order = epoch_order(n, config.seed, epoch)
         sums = torch.zeros(2, dtype=torch.float64)
         steps = 0
@@ -255,6 +259,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
             sums += torch.tensor([local, global_], dtype=torch.float64)
             steps += 1
+            if metrics is not None and time.perf_counter() - last_beat > HEARTBEAT_S:
+                metrics.advance()  # alive within a long epoch: the stall alert reads this time
+                last_beat = time.perf_counter()
         if world > 1:
             sums = reduce_on_device(sums, device)
         local, global_ = (sums / steps).tolist()
@@ -262,10 +269,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "epoch": epoch + 1, "seconds": time.perf_counter() - began, "workers": world}
         state.history.append(record)
         state.epoch = epoch + 1
-        if rank == 0:
+        if metrics is not None:
             # Loss, epoch and throughput on the Jobs dashboard (and the stalled-job alert).
-            JobMetrics(loop_config.get("job") or loop_config["run"], kind="training").train(
-                epoch + 1, record["loss"], samples_per_second=n / max(record["seconds"], 1e-9))
+            metrics.train(epoch + 1, record["loss"], samples_per_second=n / max(record["seconds"], 1e-9))
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -289,7 +295,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           f"global {global_:.4f}) {record['seconds']:.1f}s on {world} worker(s)", flush=True)
             ray.train.report(record, checkpoint=checkpoint)
         if config.fail_after_epoch == epoch + 1:
+            if metrics is not None:
+                metrics.close()  # a failed attempt is not a stalled job
             raise InjectedFailure(f"fault injection after epoch {epoch + 1} (fail_after_epoch)")
+    if metrics is not None:
+        metrics.finish()
 
 
 # --- the driver ---------------------------------------------------------------------------------

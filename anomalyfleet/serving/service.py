@@ -176,6 +176,9 @@ class DetectorPool:
         # saved again meanwhile with another backbone fails the fingerprint check and is retried).
         detector = load_bundle(uri, device=self.device, backbone=shared).eval()
         before = detector.metadata["bundle_version"]
+        if before != meta["_version"]:
+            # Saved again between the two reads: its backbone may not be the one keyed above.
+            raise BundleError(f"{uri} changed while loading")
         if wanted and before != wanted:
             # The bundle was republished since the gateway resolved it; what answers is reported
             # by its own version, so callers never attribute a score to the wrong weights.

@@ -164,6 +164,12 @@ class WindowKeeper:
                     return
             self._write(data)
 
+    def save_now(self) -> bool:
+        """Write the window as it is now, after any background write still in flight (which holds
+        an older state); one call, so no request slips a snapshot in between."""
+        self.flush()
+        return self.save()
+
     def flush(self) -> None:
         """Wait until every snapshot asked for is written."""
         while True:

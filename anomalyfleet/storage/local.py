@@ -29,6 +29,12 @@ def _os_error(loc: Location, exc: OSError, action: str) -> StorageError:
 
 
 
+def _etag(st: os.stat_result) -> str:
+    """A local object's version: every write replaces the file (a new inode), so the inode tells two
+    writes apart even within one timestamp tick."""
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
 def _temporary(name: str) -> bool:
     """Names of atomic_write's temporary files and trees' staging directories (`.NAME.XXXX.tmp`)."""
     return name.startswith(".") and name.endswith(".tmp")
@@ -75,6 +81,10 @@ class LocalBackend:
                     os.link(tmp, target)  # whole, and only if nothing is there
                 except FileExistsError:
                     return False
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+                        raise
+                    return _create_exclusive(target, data)  # a file system without hard links
             finally:
                 os.unlink(tmp)
         except OSError as exc:
@@ -94,7 +104,7 @@ class LocalBackend:
                     st = target.stat()
                 except FileNotFoundError:
                     return False
-                if f"{st.st_mtime_ns:x}-{st.st_size:x}" != etag:
+                if _etag(st) != etag:
                     return False
                 atomic_write_bytes(target, data)
         except OSError as exc:
@@ -140,7 +150,7 @@ class LocalBackend:
             st = loc.path.stat()
         except FileNotFoundError:
             raise _missing(loc) from None
-        return ObjectInfo(str(loc), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+        return ObjectInfo(str(loc), st.st_size, _etag(st))
 
     def list(self, loc: Location) -> Iterator[ObjectInfo]:
         root = loc.path
@@ -160,7 +170,7 @@ class LocalBackend:
                 st = path.stat()
             except FileNotFoundError:
                 continue  # removed or renamed away since the walk
-            yield ObjectInfo(str(path), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+            yield ObjectInfo(str(path), st.st_size, _etag(st))
 
     def delete(self, loc: Location) -> None:
         try:
@@ -209,3 +219,16 @@ def replace_directory(new: Path, target: Path) -> None:
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
 
+
+def _create_exclusive(target: Path, data: bytes) -> bool:
+    """create_new where hard links are refused (SMB, some FUSE mounts): exclusive, though a reader
+    may see the file before it is whole."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, default_mode())
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True

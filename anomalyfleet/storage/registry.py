@@ -170,19 +170,20 @@ class BundleRegistry:
         if not is_remote(uri) and Path(uri).exists():
             raise StorageError(f"{uri} exists but is not a complete version; remove it by hand")
         put_tree(local, uri, self.options)
-        if set_latest:
-            self._point_latest(name, version, forward_only=numbered)
-        return self._info(name, version, uri, manifest, set_latest)
+        moved = self._point_latest(name, version, forward_only=numbered) if set_latest else False
+        return self._info(name, version, uri, manifest, moved)
 
-    def _point_latest(self, name: str, version: str, forward_only: bool) -> None:
-        """Move `latest.json` to `version`. A numbered push never moves it back: of two pushes that
-        finish out of order, the newer version stays latest (an explicit version may roll it back)."""
+    def _point_latest(self, name: str, version: str, forward_only: bool) -> bool:
+        """Move `latest.json` to `version`; True when it now points there. A numbered push never
+        moves it back past a newer number: of two pushes that finish out of order, the newer version
+        stays latest (an explicit version may roll it back, and a named one, e.g. `prod`, is
+        replaced by the next numbered push)."""
         uri = join(self._name_uri(name), LATEST)
         pointer = {"version": version, "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         data = json.dumps(pointer).encode()
         if not forward_only:
             core.write_bytes(uri, data, self.options)
-            return
+            return True
         # Compare and swap: read the pointer, decide, write only if it is still what was read.
         for _ in range(MAX_CLAIM_TRIES):
             try:
@@ -190,15 +191,19 @@ class BundleRegistry:
             except ObjectNotFound:
                 etag = None
             current = self.latest(name) if etag is not None else None
-            if current is not None and _version_key(current) > _version_key(version):
-                return
+            if current is not None and _numbered(current) and _version_key(current) > _version_key(version):
+                return False
             if core.replace_if(uri, data, etag, self.options):
-                return
+                return True
         raise StorageError(f"{uri}: could not move the latest pointer after {MAX_CLAIM_TRIES} tries (many pushes at once?)")
 
     def _info(self, name, version, uri, manifest, latest) -> VersionInfo:
         files = manifest.get("files", {})
         return VersionInfo(name, version, uri, len(files), sum(f["size"] for f in files.values()), latest)
+
+
+def _numbered(version: str) -> bool:
+    return re.fullmatch(r"v\d+", version) is not None
 
 
 def _version_key(version: str):

@@ -556,6 +556,8 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
         for info in storage.list_objects(root):
             if info.uri == str(path):
                 continue  # another run's, written since we looked: the read-back below decides
+            if info.uri.startswith(storage.join(root, "embeddings") + "/"):
+                continue  # learned first by `synth learn --recipe`, for this library
             others.append(info.uri)
             if len(others) > 3:
                 break

@@ -33,14 +33,19 @@ class HeldGauges:
     A gauge is anything with `set(value, tags=...)` (`ray.util.metrics.Gauge`, `ray.serve.metrics.Gauge`).
     """
 
-    def __init__(self, refresh_s: float = REFRESH_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, refresh_s: float = REFRESH_S, clock: Callable[[], float] = time.monotonic,
+                 scope: Callable[[], object] | None = None):
+        """`scope`: what a series belongs to (e.g. the Ray session); a series set under another
+        scope than the current one is dropped, not set again (a process that ends one Ray session and
+        starts another must not carry the first one's jobs into it)."""
         if refresh_s <= 0:
             raise ValueError(f"refresh_s must be positive, got {refresh_s}")
         self.refresh_s = refresh_s
         self._clock = clock
+        self._scope = scope or (lambda: None)
         self._lock = threading.Lock()
-        # key -> (gauge, value, tags, release time or None)
-        self._series: dict[_Key, tuple[object, float, dict[str, str], float | None]] = {}
+        # key -> (gauge, value, tags, release time or None, scope)
+        self._series: dict[_Key, tuple[object, float, dict[str, str], float | None, object]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -52,9 +57,10 @@ class HeldGauges:
         """Set the series now and hold it; returns its key (for `release`)."""
         tags = {str(k): str(v) for k, v in tags.items()}
         key = self.key(gauge, tags)
+        scope = self._scope()
         with self._lock:  # (a refresh pass in between would set the older value again)
             gauge.set(float(value), tags=tags)
-            self._series[key] = (gauge, float(value), tags, None)
+            self._series[key] = (gauge, float(value), tags, None, scope)
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, daemon=True, name="anomalyfleet-held-gauges")
                 self._thread.start()
@@ -72,7 +78,7 @@ class HeldGauges:
                 if after_s <= 0:
                     del self._series[key]
                 else:
-                    self._series[key] = (*entry[:3], until)
+                    self._series[key] = (*entry[:3], until, entry[4])
 
     def held(self) -> int:
         """How many series are held."""
@@ -82,13 +88,14 @@ class HeldGauges:
     def refresh(self) -> int:
         """Set every held series again (the thread does this every `refresh_s`); drops those whose
         release time has come. Returns how many were set."""
-        now = self._clock()
+        now, scope = self._clock(), self._scope()
         with self._lock:
-            expired = [k for k, (_, _, _, until) in self._series.items() if until is not None and until <= now]
+            expired = [k for k, (_, _, _, until, owner) in self._series.items()
+                       if (until is not None and until <= now) or owner != scope]
             for key in expired:
                 del self._series[key]
             current = list(self._series.values())
-            for gauge, value, tags, _ in current:
+            for gauge, value, tags, _, _ in current:
                 try:
                     gauge.set(value, tags=tags)
                 except Exception as exc:  # e.g. Ray shut down under us: keep the others

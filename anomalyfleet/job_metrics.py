@@ -49,12 +49,19 @@ _instruments: dict[str, object] | None = None
 _held: HeldGauges | None = None
 
 
+def _ray_session() -> str | None:
+    """This process's Ray node (a new one per local `ray.init`), or None without Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _held_gauges() -> HeldGauges:
-    """The process's held gauges (one refresh thread per process)."""
+    """The process's held gauges (one refresh thread per process), scoped to its Ray session."""
     global _held
     with _lock:
         if _held is None:
-            _held = HeldGauges()
+            _held = HeldGauges(scope=_ray_session)
         return _held
 
 

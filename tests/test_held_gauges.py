@@ -94,3 +94,17 @@ def test_the_thread_refreshes_and_stops_on_close():
 def test_refresh_interval_must_be_positive():
     with pytest.raises(ValueError):
         HeldGauges(refresh_s=0)
+
+
+def test_series_of_another_scope_are_dropped_not_set_again():
+    session = {"now": "ray-session-1"}
+    held = HeldGauges(refresh_s=3600, scope=lambda: session["now"])
+    try:
+        gauge = RecordingGauge()
+        held.set(gauge, 1.0, {"job": "old"})
+        assert held.refresh() == 1
+        session["now"] = "ray-session-2"  # the process ended its Ray session and started another
+        gauge.calls.clear()
+        assert held.refresh() == 0 and gauge.calls == [] and held.held() == 0
+    finally:
+        held.close()

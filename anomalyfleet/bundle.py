@@ -203,14 +203,9 @@ def check_bundle(path: str | Path) -> dict:
     """The bundle's metadata, after checking that its weights files parse (what a load needs short
     of building the backbone): a bundle that fails here would fail every loader."""
     meta, files = _read_bundle(path)
-    if PROMPTS_FILE not in files:
-        raise BundleError(f"{path}: {PROMPTS_FILE} is missing from the bundle")
-    _load_tensors(path, PROMPTS_FILE, files[PROMPTS_FILE])
+    _prompt_tensors(path, files)
     if meta.get("memory"):
-        name = meta["memory"].get("file", MEMORY_FILE)
-        if name not in files:
-            raise BundleError(f"{path}: detector.json describes a line memory but {name} is missing")
-        _load_tensors(path, name, files[name])
+        _memory_tensors(path, files, meta)
     return meta
 
 
@@ -242,9 +237,7 @@ def load_bundle(
     prompts = make_prompts(backbone, config)
     if prompt_kind(prompts) != meta["prompt_kind"]:
         raise BundleError(f"{path} holds {meta['prompt_kind']} prompts; this backbone needs {prompt_kind(prompts)} prompts")
-    if PROMPTS_FILE not in files:
-        raise BundleError(f"{path}: {PROMPTS_FILE} is missing from the bundle")
-    state = _load_tensors(path, PROMPTS_FILE, files[PROMPTS_FILE])
+    state = _prompt_tensors(path, files)
     try:
         prompts.load_state_dict(state)
     except RuntimeError as exc:
@@ -275,12 +268,22 @@ def _load_tensors(path, name: str, data: bytes) -> dict:
     return state
 
 
-def _load_memory(path, files: dict[str, bytes], meta: dict, backbone: VisionBackbone) -> LineMemory:
-    info = meta["memory"]
-    name = info.get("file", MEMORY_FILE)
+def _prompt_tensors(path, files: dict[str, bytes]) -> dict:
+    if PROMPTS_FILE not in files:
+        raise BundleError(f"{path}: {PROMPTS_FILE} is missing from the bundle")
+    return _load_tensors(path, PROMPTS_FILE, files[PROMPTS_FILE])
+
+
+def _memory_tensors(path, files: dict[str, bytes], meta: dict) -> dict:
+    name = meta["memory"].get("file", MEMORY_FILE)
     if name not in files:
         raise BundleError(f"{path}: detector.json describes a line memory but {name} is missing")
-    tensors = _load_tensors(path, name, files[name])
+    return _load_tensors(path, name, files[name])
+
+
+def _load_memory(path, files: dict[str, bytes], meta: dict, backbone: VisionBackbone) -> LineMemory:
+    info = meta["memory"]
+    tensors = _memory_tensors(path, files, meta)
     try:
         memory = LineMemory.from_saved(info, tensors)
     except (KeyError, ValueError, TypeError) as exc:

@@ -27,8 +27,6 @@ def _os_error(loc: Location, exc: OSError, action: str) -> StorageError:
     return StorageError(f"cannot {action} {loc}: {exc.strerror or exc}")
 
 
-
-
 def _etag(st: os.stat_result) -> str:
     """A local object's version: every write replaces the file (a new inode), so the inode tells two
     writes apart even within one timestamp tick."""
@@ -38,6 +36,7 @@ def _etag(st: os.stat_result) -> str:
 def _temporary(name: str) -> bool:
     """Names of atomic_write's temporary files and trees' staging directories (`.NAME.XXXX.tmp`)."""
     return name.startswith(".") and name.endswith(".tmp")
+
 
 class LocalBackend:
     def read_bytes(self, loc: Location) -> bytes:

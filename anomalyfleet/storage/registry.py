@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from anomalyfleet.errors import StorageError
-from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, verify_manifest
 from anomalyfleet.storage import core
 from anomalyfleet.storage.options import S3Options
 from anomalyfleet.storage.types import ObjectNotFound
-from anomalyfleet.storage.trees import _manifest_files, cached_tree, get_tree, put_tree, read_remote_manifest
+from anomalyfleet.storage.trees import cached_tree, get_tree, put_tree, read_remote_manifest
 from anomalyfleet.storage.uri import is_remote, join
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -116,7 +116,7 @@ class BundleRegistry:
 
     # --- writing -----------------------------------------------------------------------------------
     def _next_version(self, name: str, after: int = 0) -> str:
-        numbers = [int(v.version[1:]) for v in self.versions(name) if re.fullmatch(r"v\d+", v.version)]
+        numbers = [int(v.version[1:]) for v in self.versions(name) if _numbered(v.version)]
         return f"v{max([after, *numbers]) + 1:04d}"
 
     def _claim(self, name: str, version: str, digest: str) -> bool:
@@ -138,10 +138,9 @@ class BundleRegistry:
         if not (local / MANIFEST_NAME).is_file():
             raise StorageError(f"{bundle_dir}: not a bundle directory (no {MANIFEST_NAME})")
         try:
-            manifest = read_manifest(local)
+            manifest = verify_manifest(local)  # a damaged bundle is refused before it claims a version
         except ManifestError as exc:
-            raise StorageError(str(exc)) from exc
-        _manifest_files(local)  # a damaged bundle is refused before it claims a version
+            raise StorageError(f"refusing to publish a damaged bundle: {exc}") from exc
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         numbered = version is None
         if numbered:

@@ -18,13 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The whole suite, slow-marked tests included (real data, real S3, Ray clusters).
+# The whole suite, slow-marked tests included (real data, real S3, Ray clusters). A crash in native
+# code (Ray, torch) prints every thread's Python stack instead of a bare "Segmentation fault".
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Everything but the slow marker, for quick iteration.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m anomalyfleet.demo

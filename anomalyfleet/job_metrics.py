@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from anomalyfleet.held_gauges import HeldGauges
+from anomalyfleet.held_gauges import HeldGauges, ray_lifecycle_lock
 
 KINDS = ("synthesis", "training", "features", "scoring")
 # How long a finished job's final values stay on the export port: a few scrapes at 15 s.
@@ -61,7 +61,7 @@ def _held_gauges() -> HeldGauges:
     global _held
     with _lock:
         if _held is None:
-            _held = HeldGauges(scope=_ray_session)
+            _held = HeldGauges(scope=_ray_session, guard=ray_lifecycle_lock())
         return _held
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 
 import pytest
 
-from anomalyfleet.held_gauges import HeldGauges
+from anomalyfleet.held_gauges import HeldGauges, ray_lifecycle_lock
 
 
 class RecordingGauge:
@@ -108,3 +112,64 @@ def test_series_of_another_scope_are_dropped_not_set_again():
         assert held.refresh() == 0 and gauge.calls == [] and held.held() == 0
     finally:
         held.close()
+
+
+def test_no_refresh_pass_runs_while_the_guard_is_held():
+    """The guard stands for Ray's connect/shutdown lock: a pass during ray.shutdown() would call
+    into a core worker being destroyed."""
+    guard = threading.Lock()
+    held = HeldGauges(refresh_s=0.02, guard=guard)
+    gauge = RecordingGauge()
+    try:
+        held.set(gauge, 1.0, {"line": "a"})
+        with guard:
+            count = len(gauge.calls)
+            time.sleep(0.3)  # fifteen refresh intervals
+            assert len(gauge.calls) == count
+        deadline = time.monotonic() + 30
+        while len(gauge.calls) == count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(gauge.calls) > count
+    finally:
+        held.close()
+
+
+def test_the_guard_for_ray_gauges_is_the_lock_ray_shutdown_holds():
+    import ray._private.worker as ray_worker
+
+    lock = ray_lifecycle_lock()
+    assert lock is ray_worker._connect_or_shutdown_lock
+    assert ray_worker.shutdown.__wrapped__ is not None  # shutdown runs under that lock (Ray 2.x's decorator)
+
+
+def test_refresh_threads_stop_at_interpreter_exit_before_ray_shuts_down(tmp_path):
+    """The exit hook is registered after Ray's (atexit runs in reverse), so a held gauge is not set
+    while Ray's exit hook tears the core worker down."""
+    log = tmp_path / "calls.txt"
+    script = textwrap.dedent(f"""
+        import atexit, time
+        import ray  # registers ray.shutdown with atexit, as any Ray program does
+        from anomalyfleet.held_gauges import HeldGauges, ray_lifecycle_lock
+
+        class FileGauge:
+            def set(self, value, tags=None):
+                with open({str(log)!r}, "a") as f:
+                    f.write("set\\n")
+
+        def ray_exit_hook_stand_in():  # ray.shutdown at exit sleeps 0.5 s, then destroys the core worker
+            with open({str(log)!r}, "a") as f:
+                f.write("teardown-start\\n")
+            time.sleep(0.3)
+            with open({str(log)!r}, "a") as f:
+                f.write("teardown-end\\n")
+
+        atexit.register(ray_exit_hook_stand_in)
+        held = HeldGauges(refresh_s=0.01, guard=ray_lifecycle_lock())
+        held.set(FileGauge(), 1.0, {{"line": "a"}})
+        time.sleep(0.2)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    lines = log.read_text().splitlines()
+    assert lines.count("set") >= 2
+    # The stand-in, registered before the first set like Ray's hook, runs after the thread stopped.
+    assert lines[-2:] == ["teardown-start", "teardown-end"]

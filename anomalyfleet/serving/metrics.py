@@ -41,10 +41,10 @@ class GatewayMetrics:
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
-        from anomalyfleet.held_gauges import HeldGauges
+        from anomalyfleet.held_gauges import HeldGauges, ray_lifecycle_lock
 
         # Ray drops a gauge ~20 s after it was last set; thresholds change only on a reload.
-        self._held = HeldGauges()
+        self._held = HeldGauges(guard=ray_lifecycle_lock())
         self._threshold_keys: dict[str, object] = {}
 
         self.threshold = Gauge("anomalyfleet_line_threshold", description="Decision threshold in force, by line.",
@@ -102,10 +102,10 @@ class ScorerMetrics:
     def __init__(self) -> None:
         from ray.serve.metrics import Gauge, Histogram
 
-        from anomalyfleet.held_gauges import HeldGauges
+        from anomalyfleet.held_gauges import HeldGauges, ray_lifecycle_lock
 
         # Ray drops a gauge ~20 s after it was last set: an idle line's window would vanish.
-        self._held = HeldGauges()
+        self._held = HeldGauges(guard=ray_lifecycle_lock())
 
         self.window_images = Gauge("anomalyfleet_window_images",
                                    description="Images in this replica's rolling window of the line.", tag_keys=("line",))

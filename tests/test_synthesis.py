@@ -369,17 +369,24 @@ def test_shard_build_dirs_of_dead_workers_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from anomalyfleet.synthesis.library import SHARD_TMP_PREFIX, remove_orphaned_shard_dirs
+    import time
+
+    from anomalyfleet.synthesis.library import SHARD_TMP_PREFIX, _host_tag, remove_orphaned_shard_dirs
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    orphan = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00003-pid{dead_pid}-x1y2"
-    mine = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00004-pid{os.getpid()}-a9b8"
-    unrelated = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00005-abc"  # no pid: not ours to judge
-    for directory in (orphan, mine, unrelated):
+    dead_pid, host = int(dead.stdout), _host_tag()
+    orphan = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00003-h{host}-pid{dead_pid}-0a1b2c3d"
+    mine = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00004-h{host}-pid{os.getpid()}-a9b8c7d6"
+    # Another machine's (a shared /tmp is unusual, but its pids mean nothing here) and one without
+    # an owner (an older version's name): judged by age only.
+    foreign = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00005-h{'0' * 8 if host != '0' * 8 else '1' * 8}-pid{dead_pid}-0a1b2c3d"
+    unowned_old = tmp_path / f"{SHARD_TMP_PREFIX}perlin-00006-pid{dead_pid}-x1y2"
+    for directory in (orphan, mine, foreign, unowned_old):
         (directory / "shard").mkdir(parents=True)
-    assert remove_orphaned_shard_dirs(tmp_path) == [orphan]
-    assert not orphan.exists() and mine.exists() and unrelated.exists()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(unowned_old, (two_days_ago, two_days_ago))
+    assert sorted(remove_orphaned_shard_dirs(tmp_path)) == sorted([orphan, unowned_old])
+    assert mine.exists() and foreign.exists()
 
 
 def test_the_readmes_recipe_is_valid():

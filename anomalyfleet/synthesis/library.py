@@ -382,15 +382,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# A build directory's name ends with its builder: a tag of the machine and the process id.
+_BUILDER = re.compile(r"-h(?P<host>[0-9a-f]{8})-pid(?P<pid>\d+)-[0-9a-f]{8}$")
+# A build directory of another machine (a shared file system) or without an owner is left this long.
+_FOREIGN_BUILD_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _build_dir_name(prefix: str, shard_id: str) -> str:
+    return f"{prefix}{shard_id}-h{_host_tag()}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _builder_gone(path: Path, now: float) -> bool:
+    """Whether a shard build directory is a leftover: its builder, a process of this machine, is
+    gone; or it is another machine's (or has no owner in its name) and untouched for a day. Another
+    run's live build is never a leftover: deleting it would fail its shard."""
+    owner = _BUILDER.search(path.name)
+    if owner and owner["host"] == _host_tag():
+        return not _pid_alive(int(owner["pid"]))
+    try:
+        return now - path.stat().st_mtime > _FOREIGN_BUILD_S
+    except FileNotFoundError:
+        return False
+
+
 def remove_orphaned_shard_dirs(directory: str | Path | None = None) -> list[Path]:
     """Remove local shard build directories of workers that died (a SIGKILLed actor cannot clean up).
-
-    Each directory carries its builder's pid; one whose process is gone is garbage. Called when a
-    writer starts, so a node that lost actors does not keep their half-built shards forever."""
-    removed = []
-    for path in Path(directory or tempfile.gettempdir()).glob(f"{SHARD_TMP_PREFIX}*-pid*-*"):
-        pid = path.name.rsplit("-pid", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+    Called when a writer starts, so a node that lost actors does not keep their half-built shards
+    forever."""
+    removed, now = [], time.time()
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{SHARD_TMP_PREFIX}*"):
+        if _builder_gone(path, now):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -424,7 +449,7 @@ class ShardWriter:
             return self._write_remote(shard)
         root = Path(self.root)
         final = root / SHARDS / shard.shard_id
-        tmp = root / SHARDS / f".tmp-{shard.shard_id}-h{_host_tag()}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = root / SHARDS / _build_dir_name(".tmp-", shard.shard_id)
         try:
             info = self._build(shard, tmp)
             try:
@@ -441,7 +466,8 @@ class ShardWriter:
 
     def _write_remote(self, shard: ShardPlan) -> dict:
         """Build the shard in a local temporary directory, then upload it, its manifest.json last."""
-        tmp = Path(tempfile.mkdtemp(prefix=f"{SHARD_TMP_PREFIX}{shard.shard_id}-pid{os.getpid()}-"))
+        tmp = Path(tempfile.gettempdir()) / _build_dir_name(SHARD_TMP_PREFIX, shard.shard_id)
+        tmp.mkdir(mode=0o700)  # (the name is unique: a random tail after the pid)
         try:
             info = self._build(shard, tmp / "shard")
             storage.put_tree(tmp / "shard", storage.join(self.root, SHARDS, shard.shard_id))
@@ -574,39 +600,17 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
                           "use a new output directory")
 
 
-_PARTIAL = re.compile(r"-h(?P<host>[0-9a-f]{8})-pid(?P<pid>\d+)-[0-9a-f]{8}$")
-# A build directory of another machine (a shared file system) or without an owner is left this long.
-_FOREIGN_PARTIAL_S = 24 * 3600
-
-
-def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
 def _clean_partials(root: str) -> None:
-    """Left-overs of killed workers: temporary shard directories of processes that are gone, never
-    read, safe to delete. Another run's live builds (a second run on the same output) are left
-    alone: deleting them would fail its shards. (In object storage there are none: an unfinished
-    shard's objects are overwritten when it is redone.)"""
+    """Left-overs of killed workers in the output's shards/ (never read, safe to delete). In object
+    storage there are none: an unfinished shard's objects are overwritten when it is redone."""
     if storage.is_remote(root):
         return
     directory = Path(root) / SHARDS
     if not directory.is_dir():
         return
-    host, now = _host_tag(), time.time()
+    now = time.time()
     for p in directory.iterdir():
-        if not p.name.startswith(".tmp-"):
-            continue
-        owner = _PARTIAL.search(p.name)
-        try:
-            age = now - p.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if owner and owner["host"] == host:
-            dead = not _pid_alive(int(owner["pid"]))
-        else:
-            dead = age > _FOREIGN_PARTIAL_S
-        if dead:
+        if p.name.startswith(".tmp-") and _builder_gone(p, now):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -79,29 +79,46 @@ def write_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"{root}: no {MANIFEST_NAME} (incomplete or not an anomalyfleet artefact)")
+def _no_manifest(root: str | Path) -> ManifestError:
+    return ManifestError(f"{root}: no {MANIFEST_NAME} (incomplete or not an anomalyfleet artefact)")
+
+
+def _parse(raw: bytes | str, path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: corrupt manifest ({exc.msg})") from exc
 
 
+def _mismatch(path: Path, entry: dict, size: int | None, sha256: Callable[[], str]) -> str | None:
+    """Why the file at `path` (of `size` bytes, None if missing) is not the one listed, or None.
+    The checksum is computed only for a file of the right size."""
+    if size is None:
+        return f"{path}: listed in the manifest but missing"
+    if size != entry["size"]:
+        return f"{path}: size {size} bytes, manifest says {entry['size']} (truncated?)"
+    if sha256() != entry["sha256"]:
+        return f"{path}: checksum mismatch (corrupted)"
+    return None
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise _no_manifest(root)
+    return _parse(path.read_text(), path)
+
+
 def verify_manifest(root: str | Path) -> dict:
-    """Check every listed file's size and checksum; raise naming the first bad file."""
+    """Check every listed file's size and checksum (streamed from disk); raise naming the first bad file."""
     root = Path(root)
     manifest = read_manifest(root)
     for rel, entry in manifest.get("files", {}).items():
         path = root / rel
-        if not path.is_file():
-            raise ManifestError(f"{path}: listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise ManifestError(f"{path}: size {size} bytes, manifest says {entry['size']} (truncated?)")
-        if file_sha256(path) != entry["sha256"]:
-            raise ManifestError(f"{path}: checksum mismatch (corrupted)")
+        size = path.stat().st_size if path.is_file() else None
+        problem = _mismatch(path, entry, size, lambda: file_sha256(path))
+        if problem:
+            raise ManifestError(problem)
     return manifest
 
 
@@ -121,23 +138,17 @@ def read_verified(root: str | Path, attempts: int = 3) -> tuple[bytes, dict[str,
             if attempt + 1 < attempts:
                 time.sleep(0.05)  # between the two renames of a save without an atomic exchange
                 continue
-            raise ManifestError(f"{root}: no {MANIFEST_NAME} (incomplete or not an anomalyfleet artefact)") from None
-        try:
-            manifest = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}: corrupt manifest ({exc.msg})") from exc
+            raise _no_manifest(root) from None
+        manifest = _parse(raw, path)
         files, problem = {}, None
         for rel, entry in manifest.get("files", {}).items():
             try:
                 data = (root / rel).read_bytes()
             except FileNotFoundError:
-                problem = f"{root / rel}: listed in the manifest but missing"
-                break
-            if len(data) != entry["size"]:
-                problem = f"{root / rel}: size {len(data)} bytes, manifest says {entry['size']} (truncated?)"
-                break
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                problem = f"{root / rel}: checksum mismatch (corrupted)"
+                data = None
+            problem = _mismatch(root / rel, entry, None if data is None else len(data),
+                                lambda: hashlib.sha256(data).hexdigest())
+            if problem:
                 break
             files[rel] = data
         if problem is None:

@@ -501,3 +501,26 @@ def test_an_unknown_profile_or_a_bad_bucket_name_is_one_line(monkeypatch, capsys
     with pytest.raises(StorageError) as info:
         storage.read_bytes("s3://Bad_Bucket!/key")
     assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.unlink(), "listed in the manifest but missing"),
+    (lambda f: f.write_bytes(b"shor"), r"size 4 bytes, manifest says 6 \(truncated\?\)"),
+    (lambda f: f.write_bytes(b"BYTES!"), r"checksum mismatch \(corrupted\)"),
+])
+def test_both_manifest_readers_name_a_damaged_file_alike(tmp_path, damage, message):
+    """verify_manifest (streams files from disk) and read_verified (reads them into memory) check the
+    same things and say the same."""
+    from anomalyfleet.manifest import ManifestError, read_verified, verify_manifest
+
+    root = tmp_path / "artefact"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "w.bin").write_bytes(b"bytes!")
+    (root / "a.json").write_bytes(b"{}")
+    write_manifest(root)
+    raw, files = read_verified(root)
+    assert files == {"a.json": b"{}", "sub/w.bin": b"bytes!"} and verify_manifest(root)["files"].keys() == files.keys()
+    damage(root / "sub" / "w.bin")
+    for reader in (verify_manifest, lambda r: read_verified(r, attempts=1)):
+        with pytest.raises(ManifestError, match=f"{root / 'sub' / 'w.bin'}: {message}"):
+            reader(root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import numpy as np
@@ -338,8 +339,15 @@ def test_a_shared_window_with_older_code_leaves_the_bundle_to_score_alone(memory
     pool = DetectorPool("cpu")
     loaded = pool.load(f"{bundle}#{manifest_version(bundle)}")
     pool.run(loaded, [ScoreItem("p", pixels[i], False, settings) for i in range(3)])
-    with caplog.at_level("WARNING", logger="ray.serve"):
-        late = pool.run(loaded, [ScoreItem("p", pixels[i], False, settings) for i in (3, 4)])
+    # Ray's serve logger does not propagate to the root logger once Serve has set it up (which
+    # depends on what ran before in this process): listen on it directly.
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="ray.serve"):
+            late = pool.run(loaded, [ScoreItem("p", pixels[i], False, settings) for i in (3, 4)])
+    finally:
+        serve_logger.removeHandler(caplog.handler)
     plain = pool.run(loaded, [ScoreItem("plain", pixels[i], False) for i in (3, 4)])
     assert [o.source for o in late] == ["fused", "fused"]
     assert [o.score for o in late] == pytest.approx([o.score for o in plain], abs=1e-6)

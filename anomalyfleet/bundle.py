@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -168,10 +169,17 @@ def _local_bundle_dir(path: str) -> Path:
     return local
 
 
-def _read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
-    """(metadata, {file: bytes}) of one verified state of the bundle: everything a load parses comes
-    from the same save, even when the bundle is saved again at the same path meanwhile. The
-    metadata's `_version` is that state's manifest digest (`registry.manifest_version`)."""
+class BundleContents(NamedTuple):
+    """One verified state of a bundle: its metadata and the bytes of every file its manifest lists."""
+
+    meta: dict
+    files: dict[str, bytes]
+
+
+def read_bundle(path: str | Path) -> BundleContents:
+    """One verified state of the bundle: everything a load parses comes from the same save, even
+    when the bundle is saved again at the same path meanwhile. The metadata's `_version` is that
+    state's manifest digest (`registry.manifest_version`)."""
     local = _local_bundle_dir(str(path))
     try:
         raw, files = read_verified(local)
@@ -192,17 +200,17 @@ def _read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
         raise BundleError(f"{path}: {DETECTOR_JSON} lacks {', '.join(missing)} (damaged or hand-edited)")
     meta["_local_dir"] = str(local)
     meta["_version"] = hashlib.sha256(raw).hexdigest()[:12]
-    return meta, files
+    return BundleContents(meta, files)
 
 
 def read_bundle_metadata(path: str | Path) -> dict:
-    return _read_bundle(path)[0]
+    return read_bundle(path).meta
 
 
 def check_bundle(path: str | Path) -> dict:
     """The bundle's metadata, after checking that its weights files parse (what a load needs short
     of building the backbone): a bundle that fails here would fail every loader."""
-    meta, files = _read_bundle(path)
+    meta, files = read_bundle(path)
     _prompt_tensors(path, files)
     if meta.get("memory"):
         _memory_tensors(path, files, meta)
@@ -214,15 +222,18 @@ def load_bundle(
     device: torch.device | str = "cpu",
     backbone: VisionBackbone | None = None,
     backbone_spec: BackboneSpec | None = None,
+    contents: BundleContents | None = None,
     **overrides,
 ) -> Detector:
     """Load a bundle; refuse it if the backbone's weights are not the ones it was trained on.
 
     `backbone` reuses an already built backbone (shared between lines); `backbone_spec` points to
-    where the same weights live on this machine. `overrides`: image_size, layers, dpam_layers, sigma
-    (a line memory refuses image size, DPAM depth or map layers other than those it was built at).
+    where the same weights live on this machine. `contents`: what `read_bundle(path)` returned, for
+    a caller that looked at the metadata first (to pick a shared backbone) and must load exactly the
+    state it looked at. `overrides`: image_size, layers, dpam_layers, sigma (a line memory refuses
+    image size, DPAM depth or map layers other than those it was built at).
     """
-    meta, files = _read_bundle(path)
+    meta, files = contents if contents is not None else read_bundle(path)
     spec = backbone_spec or BackboneSpec.from_dict(meta["backbone"])
     settings = DetectorSettings.from_dict(meta["settings"])
     if backbone is None:

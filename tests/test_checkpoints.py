@@ -116,7 +116,7 @@ def test_a_bundle_saved_again_while_it_loads_is_read_whole_from_one_save(tmp_pat
     one save, named by that save's version, and never find the path empty."""
     import threading
 
-    from anomalyfleet.bundle import PROMPTS_FILE, _read_bundle
+    from anomalyfleet.bundle import PROMPTS_FILE, read_bundle
 
     spec = BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file))
     detectors = [Detector.create(spec, image_size=70, layers=(6,), dpam_layers=4, seed=seed) for seed in (1, 2)]
@@ -147,7 +147,7 @@ def test_a_bundle_saved_again_while_it_loads_is_read_whole_from_one_save(tmp_pat
     saver.start()
     try:
         for _ in range(60):
-            meta, files = _read_bundle(path)
+            meta, files = read_bundle(path)
             assert torch.equal(prompts(files[PROMPTS_FILE]), expected[meta["thresholds"]["image"]])
         loaded = load_bundle(path)
         assert len(loaded.metadata["bundle_version"]) == 12

@@ -37,7 +37,7 @@ from PIL import Image
 from ray import serve
 
 from anomalyfleet.backbones import Features
-from anomalyfleet.bundle import load_bundle, read_bundle_metadata
+from anomalyfleet.bundle import load_bundle, read_bundle
 from anomalyfleet.data.transforms import preprocess_image
 from anomalyfleet.detector import Detector
 from anomalyfleet.device import select_device
@@ -169,16 +169,14 @@ class DetectorPool:
         raise last_error
 
     def _load_once(self, uri: str, wanted: str) -> LoadedDetector:
-        meta = read_bundle_metadata(uri)
+        # One verified state of the bundle, read once: the backbone is chosen by its metadata and
+        # the detector built from the same files.
+        contents = read_bundle(uri)
+        meta = contents.meta
         key = (json.dumps(meta["backbone"], sort_keys=True), str(meta["backbone_fingerprint"]))
         shared = self._backbones.get(key)
-        # load_bundle parses one verified state of the bundle and names its version (a bundle
-        # saved again meanwhile with another backbone fails the fingerprint check and is retried).
-        detector = load_bundle(uri, device=self.device, backbone=shared).eval()
+        detector = load_bundle(uri, device=self.device, backbone=shared, contents=contents).eval()
         before = detector.metadata["bundle_version"]
-        if before != meta["_version"]:
-            # Saved again between the two reads: its backbone may not be the one keyed above.
-            raise BundleError(f"{uri} changed while loading")
         if wanted and before != wanted:
             # The bundle was republished since the gateway resolved it; what answers is reported
             # by its own version, so callers never attribute a score to the wrong weights.

@@ -168,7 +168,7 @@ class BundleRegistry:
                                f"remove {join(self._name_uri(name), CLAIMS, version + '.json')} to publish it anew)")
         if not is_remote(uri) and Path(uri).exists():
             raise StorageError(f"{uri} exists but is not a complete version; remove it by hand")
-        put_tree(local, uri, self.options)
+        put_tree(local, uri, self.options, verified_manifest=manifest)
         moved = self._point_latest(name, version, forward_only=numbered) if set_latest else False
         return self._info(name, version, uri, manifest, moved)
 

@@ -34,10 +34,12 @@ def _manifest_files(local: Path) -> dict:
     return manifest.get("files", {})
 
 
-def put_tree(local_dir: str | Path, uri: str, options: S3Options | None = None) -> None:
-    """Upload a directory that carries a manifest; its files first, the manifest last."""
+def put_tree(local_dir: str | Path, uri: str, options: S3Options | None = None,
+             verified_manifest: dict | None = None) -> None:
+    """Upload a directory that carries a manifest; its files first, the manifest last.
+    `verified_manifest`: its manifest, when the caller has just verified the files against it."""
     local = Path(local_dir)
-    files = _manifest_files(local)
+    files = verified_manifest.get("files", {}) if verified_manifest is not None else _manifest_files(local)
     if not is_remote(uri):
         target = parse(uri).path
         if target.exists():

@@ -446,3 +446,34 @@ def test_recipes_that_are_not_yaml_files_and_nothing_to_learn_are_one_line(tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("existing_dir", [False, True])
+def test_a_corrupt_normal_image_leaves_no_library_behind(tmp_path, normals, existing_dir):
+    """The run that started the library stops on bad input and removes what it wrote: its
+    recipe.json pins the normal images, so once the user fixes the folder a re-run must start
+    afresh, not be refused as 'a different recipe'."""
+    out = tmp_path / "lib"
+    if existing_dir:
+        out.mkdir()  # made by the user, empty: kept, and left empty
+    (normals / "normal" / "n003.png").write_bytes(b"not a png")
+    recipe = parse_recipe(recipe_dict(normals, out))
+    with pytest.raises(DataError, match="n003.png: corrupt"):
+        synthesize_library(recipe, progress=False)
+    assert out.is_dir() == existing_dir and (not existing_dir or not any(out.iterdir()))
+    (normals / "normal" / "n003.png").unlink()  # the user's fix: drop the bad image
+    result = synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    assert result.images == 13
+
+
+def test_bad_input_on_a_resumed_library_keeps_its_finished_shards(tmp_path, normals):
+    """Only the run that started a library withdraws it: a resume keeps what earlier runs made."""
+    out = tmp_path / "lib"
+    synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    shutil.rmtree(out / "shards" / "scar-00000")
+    before = sorted(p.name for p in (out / "shards").iterdir())
+    for image in (normals / "normal").iterdir():
+        image.write_bytes(b"\x89PNG damaged")  # same names: the same recipe, now unreadable
+    with pytest.raises(DataError):
+        synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    assert (out / "recipe.json").is_file() and sorted(p.name for p in (out / "shards").iterdir()) == before

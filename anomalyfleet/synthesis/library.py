@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import anomalyfleet
 from anomalyfleet import storage
-from anomalyfleet.errors import ConfigError, DataError, validation_problem, yaml_problem
+from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
@@ -569,9 +569,9 @@ def finished_shards(root: str | Path) -> set[str]:
     return {p.name for p in directory.iterdir() if not p.name.startswith(".") and (p / "manifest.jsonl").is_file()}
 
 
-def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
+def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> bool:
     """recipe.json goes in before any shard, so a killed run can be resumed and a different recipe
-    is refused instead of mixed in."""
+    is refused instead of mixed in. True when this call wrote it (this run starts the library)."""
     path = storage.join(root, "recipe.json")
     if not storage.exists(path):
         if finished_shards(root):
@@ -591,13 +591,34 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> None:
             raise ConfigError(f"{root} is not empty and holds no synthesis library (e.g. {others[0]}); "
                               "refusing to write into it: choose a new or empty output")
         data = json.dumps({"fingerprint": fingerprint, "recipe": recipe.content()}, indent=1, sort_keys=True).encode()
-        storage.create_new(path, data)  # of two runs racing here, one recipe lands
+        created = storage.create_new(path, data)  # of two runs racing here, one recipe lands
+    else:
+        created = False
     # Read back, also after writing: of two runs started on the same output at once, the one whose
     # recipe did not land is refused here rather than mixing its shards in.
     previous = json.loads(storage.read_bytes(path))
     if previous.get("fingerprint") != fingerprint:
         raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
                           "use a new output directory")
+    return created
+
+
+def _withdraw_library(root: str, created_dir: bool) -> None:
+    """Remove what a run that started the library wrote before bad input stopped it: its
+    recipe.json pins the normal images, so after the user fixes or removes a corrupt one a re-run
+    would be refused. Learned embeddings (embeddings/) are kept: they cost most and stay valid."""
+    if storage.is_remote(root):
+        for info in storage.list_objects(storage.join(root, SHARDS)):
+            storage.delete(info.uri)
+        storage.delete(storage.join(root, "recipe.json"))
+        return
+    shutil.rmtree(Path(root) / SHARDS, ignore_errors=True)
+    (Path(root) / "recipe.json").unlink(missing_ok=True)
+    if created_dir:
+        try:
+            Path(root).rmdir()
+        except OSError:  # embeddings/ (or something written meanwhile) is in it: keep it
+            pass
 
 
 def _clean_partials(root: str) -> None:
@@ -701,19 +722,32 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     # cannot run leaves nothing behind.
     normals = resolve_normals(recipe.normal)
     plan = plan_shards(recipe, normals)
+    created_dir = not storage.is_remote(root) and not Path(root).exists()
     if not storage.is_remote(root):
         Path(root).mkdir(parents=True, exist_ok=True)
-    _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
+    try:
+        started_library = _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
+    except BaseException:
+        if created_dir:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     _clean_partials(root)
     actors = recipe.ray.actors if actors is None else actors
-    embeddings = _learn_missing_embeddings(recipe, root, progress, actors)
-    done = finished_shards(root)
-    pending = [s for s in plan if s.shard_id not in done]
-    if pending:
-        if actors == 0:
-            _run_local(recipe, root, pending, embeddings, progress)
-        else:
-            _run_ray(recipe, root, pending, embeddings, progress, actors)
+    try:
+        embeddings = _learn_missing_embeddings(recipe, root, progress, actors)
+        done = finished_shards(root)
+        pending = [s for s in plan if s.shard_id not in done]
+        if pending:
+            if actors == 0:
+                _run_local(recipe, root, pending, embeddings, progress)
+            else:
+                _run_ray(recipe, root, pending, embeddings, progress, actors)
+    except Exception as exc:
+        # Bad input (a corrupt normal image, say) found by the run that started this library:
+        # leave nothing of it. A crash or an interrupt keeps what is done, for a resume.
+        if started_library and user_error_in(exc) is not None:
+            _withdraw_library(root, created_dir)
+        raise
     missing = [s.shard_id for s in plan if s.shard_id not in finished_shards(root)]
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) unfinished: {', '.join(missing[:5])}")

@@ -185,3 +185,27 @@ def test_a_malformed_library_row_is_named_by_file_and_line(tmp_path, row, reason
     with pytest.raises(DataError) as caught:
         parse_data_spec(f"library:{tmp_path}")
     assert "manifest.jsonl:3: " in str(caught.value) and reason in str(caught.value)
+
+
+@pytest.mark.parametrize("array", [
+    (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16),  # 12-bit sensor in a 16-bit PNG
+    np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64),  # float TIFF
+])
+def test_uploads_and_synthesis_inputs_read_deep_images_as_files_are_read(tmp_path, array):
+    """The service and the synthesis of normal images in object storage decode bytes themselves;
+    they must see the pixels the CLI sees, not PIL's clipped conversion (white or black images)."""
+    from anomalyfleet.serving.inputs import Limits, Upload, decode_image
+    from anomalyfleet.synthesis import library
+
+    path = tmp_path / ("deep.png" if array.dtype == np.uint16 else "deep.tiff")
+    Image.fromarray(array).save(path)
+    expected = np.asarray(load_image(path))
+    assert 100 < expected.mean() < 155  # the file's mid-grey, not clipped
+    _, uploaded = decode_image(Upload(path.name, path.read_bytes()), Limits(max_bytes=1 << 24, max_pixels=1 << 20))
+    assert np.array_equal(np.asarray(uploaded), expected)
+    original = library.storage.read_bytes
+    library.storage.read_bytes = lambda uri: path.read_bytes()
+    try:
+        assert np.array_equal(np.asarray(library._load_remote_rgb("s3://bucket/deep")), expected)
+    finally:
+        library.storage.read_bytes = original

@@ -50,8 +50,13 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled, mode="L")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image every path scores (files, uploads, synthesis inputs), deep images rescaled."""
+    return _eight_bit(image).convert("RGB")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    return _eight_bit(_open(path)).convert("RGB")
+    return to_rgb(_open(path))
 
 
 def load_mask(path: str | Path, threshold: int = 1) -> np.ndarray:

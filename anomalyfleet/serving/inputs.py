@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from anomalyfleet.data.transforms import to_rgb
+
 # Formats the CLI reads (png, jpg, bmp, tif); anything else is refused as the wrong type.
 # MPO is what many cameras write as .jpg (a JPEG with extra frames): its first frame is a JPEG.
 ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "BMP": "bmp", "TIFF": "tiff"}
@@ -91,7 +93,7 @@ def decode_image(upload: Upload, limits: Limits) -> tuple[CheckedImage, Image.Im
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)  # as the CLI reads files: 16-bit and float images rescaled, not clipped
     except Exception:
         raise InputError(400, "corrupt", f"{label}: corrupt or truncated {ALLOWED_FORMATS[fmt]} image") from None
     return CheckedImage(label, data, width, height, ALLOWED_FORMATS[fmt]), rgb

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import anomalyfleet
 from anomalyfleet import storage
 from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
+from anomalyfleet.data.transforms import to_rgb
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
 
@@ -358,7 +359,7 @@ def _load_remote_rgb(uri: str) -> Image.Image:
     raw = storage.read_bytes(uri)
     try:
         with Image.open(io.BytesIO(raw)) as handle:
-            return handle.convert("RGB")
+            return to_rgb(handle)  # deep (16-bit) normals rescaled as the detector reads them
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {uri}: corrupt, empty or not an image") from exc
 

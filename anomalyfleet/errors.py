@@ -69,6 +69,8 @@ def yaml_problem(exc: Exception) -> str:
 def validation_problem(exc: Exception) -> str:
     """The first problem of a pydantic ValidationError as `field.path: message`, one line."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    # pydantic prefixes the message of a ValueError raised by our own validators; it says nothing.
+    message = str(first.get("msg", "")).removeprefix("Value error, ")
     more = len(exc.errors()) - 1
-    return f"{where}: {first.get('msg')}" + (f" (and {more} more)" if more else "")
+    return (f"{where}: {message}" if where else message) + (f" (and {more} more)" if more else "")

@@ -189,7 +189,7 @@ def test_window_refuses_bad_shapes_and_settings():
 
 
 @pytest.mark.parametrize("window, message", [
-    ("{size: 4, min_images: 8}", "lines.press-7.window: Value error, min_images (8) exceeds the window size (4)"),
+    ("{size: 4, min_images: 8}", "lines.press-7.window: min_images (8) exceeds the window size (4)"),
     ("{size: 1000}", "lines.press-7.window.size: Input should be less than or equal to 128"),
     ("{fraction: 0}", "lines.press-7.window.fraction: Input should be greater than 0"),
     ("{min_images: 2}", "lines.press-7.window.min_images: Input should be greater than or equal to 3"),

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from scipy import ndimage
@@ -129,7 +130,9 @@ class ScoreResponse(ImageResult):
 class BatchResponse(BaseModel):
     line: str
     detector: DetectorInfo
-    threshold: float
+    threshold: float | None = Field(None, description=(
+        "the threshold every result was decided with; absent when they differ (a line's rolling "
+        "window filled up within the batch): each result carries its own"))
     results: list[ImageResult]
     latency_ms: float
 
@@ -269,6 +272,12 @@ def map_png(amap: np.ndarray, scale: float) -> bytes:
 # Defined before the Gateway: `serve.ingress` freezes the FastAPI app, and with it the globals the
 # endpoints use, while the class is being created, so a helper defined after it would be missing
 # in the replica (a NameError, i.e. a 500, in place of the 503 below).
+def shared_threshold(results: list[dict]) -> float | None:
+    """The threshold all of a batch's results were decided with, or None when they differ."""
+    thresholds = {result["threshold"] for result in results}
+    return thresholds.pop() if len(thresholds) == 1 else None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     for line in reversed(text.splitlines()):
@@ -313,11 +322,17 @@ class Gateway:
         now = time.monotonic()
         if now - self._last_check < self.config.registry_check_interval_s:
             return
-        self._last_check = now
         if self._refreshing is not None and not self._refreshing.done():
             return
-        if self.registry.changed(self.snapshot):
-            self._refreshing = asyncio.create_task(self._refresh())
+        self._last_check = now
+        # In the background: reading a registry in object storage can block for as long as the
+        # storage retries (seconds when it is unreachable), which must not stall requests.
+        self._refreshing = asyncio.create_task(self._check_then_refresh())
+
+    async def _check_then_refresh(self) -> AnomalyFleetError | None:
+        if await asyncio.to_thread(self.registry.changed, self.snapshot):
+            return await self._refresh()
+        return None
 
     async def _refresh(self) -> AnomalyFleetError | None:
         """Load the changed registry, warm every changed line's new bundle, then switch at once.
@@ -493,6 +508,12 @@ class Gateway:
             code = refusal.status
             self.metrics.error(label, refusal.kind)
             return _error_response(refusal)
+        except ClientDisconnect:
+            # The client hung up while sending its image: nobody reads this answer, and it is
+            # not a bug of ours (an 'internal' error would page someone).
+            code = CLIENT_CLOSED
+            self.metrics.error(label, "cancelled")
+            return JSONResponse({"detail": "client closed the request"}, status_code=CLIENT_CLOSED)
         except asyncio.CancelledError:
             # The client went away or Serve's request timeout cut it off (a BaseException, which the
             # clause below would miss and count as a 200); 499 is the usual code for it.
@@ -536,7 +557,7 @@ class Gateway:
             self._record(state.name, results)
             return {
                 "line": line, "detector": self._detector(state, outcomes[0]),
-                "threshold": results[0]["threshold"], "results": results,
+                "threshold": shared_threshold(results), "results": results,
                 "latency_ms": (time.perf_counter() - started) * 1000.0,
             }
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from anomalyfleet.errors import ConfigError, validation_problem, yaml_problem
 from anomalyfleet.serving.auth import TokenGrant
+from anomalyfleet.yaml_unique import load_yaml_unique
 
 from anomalyfleet.rolling_window import Z_THRESHOLD  # noqa: E402
 
@@ -62,11 +63,11 @@ class WindowSettings(BaseModel):
     # Decision threshold on the window's scale: robust standard deviations above the window's
     # own images (see anomalyfleet.rolling_window). On that Magnetic Tile stream 3 flagged 0.4-1.9%
     # of the normal images (block 6: 0.9-1.5%).
-    threshold: float = WINDOW_THRESHOLD
+    threshold: float = Field(WINDOW_THRESHOLD, allow_inf_nan=False)
     # Map level for defect boxes, on the window's pixel scale (1 = the 99th percentile of the
     # window's own pixels; normal pixels above 2: 0.03-0.09% on that stream); the map PNG spans
     # twice this level.
-    pixel_threshold: float = Field(WINDOW_PIXEL_THRESHOLD, gt=0.0)
+    pixel_threshold: float = Field(WINDOW_PIXEL_THRESHOLD, gt=0.0, allow_inf_nan=False)
     # One window for the line, held by a Ray actor every scorer replica sends its images to, instead
     # of one per replica: the same window whichever replica takes a request, kept through replica
     # restarts and scale-downs (see anomalyfleet.serving.window_keeper). Costs one hop per batch.
@@ -196,7 +197,13 @@ class ServiceConfig(BaseModel):
             if raw is None:
                 continue
             # Lists (tokens) come as JSON; scalars as text that pydantic coerces and checks.
-            data[name] = json.loads(raw) if name == "tokens" else (None if raw == "" else raw)
+            if name == "tokens":
+                try:
+                    data[name] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{FIELD_ENV_PREFIX}TOKENS: not JSON ({exc.msg}); expected a list of token grants") from None
+            else:
+                data[name] = None if raw == "" else raw
         if env.get(REGISTRY_ENV):
             data["registry"] = env[REGISTRY_ENV]
         return cls.from_mapping(data)
@@ -207,9 +214,11 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"service configuration not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_unique(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML/JSON ({yaml_problem(exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML or JSON expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     return data

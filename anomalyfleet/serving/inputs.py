@@ -8,6 +8,7 @@ costs the gateway one request and never reaches (or stalls) a model replica.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -111,16 +112,18 @@ def model_pixels(image: Image.Image, size: int) -> np.ndarray:
 # --- multipart/form-data ---------------------------------------------------------------------------
 
 
+# `; key=value` or `; key="quoted value"` (a quoted value may hold ';' and escaped quotes).
+_PARAM = re.compile(r';\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
 def _header_params(value: str) -> tuple[str, dict[str, str]]:
-    main, *rest = value.split(";")
+    main = value.split(";", 1)[0]
     params = {}
-    for item in rest:
-        key, sep, val = item.strip().partition("=")
-        if sep:
-            val = val.strip()
-            if len(val) >= 2 and val[0] == val[-1] == '"':
-                val = val[1:-1]
-            params[key.strip().lower()] = val
+    for key, val in _PARAM.findall(value[len(main):]):
+        val = val.strip()
+        if len(val) >= 2 and val[0] == val[-1] == '"':
+            val = re.sub(r'\\(["\\])', r"\1", val[1:-1])  # only \" and \\: a Windows path keeps its \
+        params[key.lower()] = val
     return main.strip().lower(), params
 
 

@@ -24,6 +24,7 @@ stop the other lines from serving.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import re
 import time
@@ -36,8 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from anomalyfleet import storage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError, validation_problem, yaml_problem
+from anomalyfleet.yaml_unique import load_yaml_unique
 from anomalyfleet.serving.auth import TokenGrant
 from anomalyfleet.serving.config import WindowSettings
+
+logger = logging.getLogger(__name__)
 
 LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_LINE = "default"
@@ -54,15 +58,44 @@ class LineToken(BaseModel):
     token_env: str | None = None
 
 
+_TOKEN_KEYS = tuple(LineToken.model_fields)
+
+
 class LineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bundle: str
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
-    pixel_threshold: float | None = Field(None, ge=0.0)
+    # Not bounded by 1: a line memory's scores are on a calibrated scale where 1 is the normal
+    # images' 99th percentile (a prompt-scored line's bound is checked against its bundle).
+    # strict: `threshold: yes` would otherwise read as 1.0.
+    threshold: float | None = Field(None, ge=0.0, allow_inf_nan=False, strict=True)
+    pixel_threshold: float | None = Field(None, ge=0.0, allow_inf_nan=False, strict=True)
     tokens: list[SecretStr | LineToken] = Field(default_factory=list)
     description: str = ""
     window: WindowSettings | None = None
+
+    @field_validator("threshold", "pixel_threshold", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # (strict floats refuse 1; YAML reads "1" as an int)
+        return value
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_entries(cls, value: Any) -> Any:
+        """Name the bad entry and key: pydantic's own message for a union of a string and a table
+        is a long internal path that names neither."""
+        if not isinstance(value, list):
+            raise ValueError("tokens must be a list of token strings or tables")
+        for i, entry in enumerate(value):
+            if isinstance(entry, dict):
+                unknown = sorted(set(map(str, entry)) - set(_TOKEN_KEYS))
+                if unknown:
+                    raise ValueError(f"tokens[{i}]: unknown key {', '.join(unknown)} (expected {', '.join(_TOKEN_KEYS)})")
+            elif not isinstance(entry, str):
+                raise ValueError(f"tokens[{i}]: expected a token string or a table, got {type(entry).__name__}")
+        return value
 
     def grants(self, line: str) -> list[TokenGrant]:
         grants = []
@@ -97,6 +130,17 @@ class RegistryDocument(BaseModel):
     def _version(self) -> "RegistryDocument":
         if self.version != 1:
             raise ValueError(f"registry version {self.version} is not supported (expected 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _tokens(self) -> "RegistryDocument":
+        """Every line token must make a grant (one secret source, a valid digest) now, not when the
+        gateway builds its token table (a reload would fail there with a 500)."""
+        for name, spec in self.lines.items():
+            try:
+                spec.grants(name)
+            except ValidationError as exc:
+                raise ValueError(f"line {name!r} tokens: {validation_problem(exc)}") from None
         return self
 
     def grants(self) -> list[TokenGrant]:
@@ -220,7 +264,7 @@ def bundle_signature(bundle_uri: str) -> tuple | None:
 def parse_registry(data: bytes | str | dict, origin: str = "registry") -> RegistryDocument:
     if not isinstance(data, dict):
         try:
-            data = yaml.safe_load(data) or {}
+            data = load_yaml_unique(data) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{origin}: not valid YAML/JSON ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
@@ -263,6 +307,10 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
         raise ConfigError(
             f"line {name!r}: no threshold: calibrate its bundle (anomalyfleet calibrate) or set one in the registry"
         )
+    memory = meta.get("memory") or {}
+    if threshold > 1.0 and (not memory or memory.get("mode") == "prompts"):
+        raise ConfigError(f"line {name!r}: threshold {threshold} is above 1, but its bundle scores with prompts alone "
+                          "(probabilities, 0..1): no image would ever be flagged")
     settings = meta["settings"]
     if spec.pixel_threshold is not None:
         pixel = float(spec.pixel_threshold)
@@ -340,8 +388,10 @@ class LineRegistry:
                 lines[name] = resolve_line(name, spec, self.uri)
             except AnomalyFleetError as exc:
                 errors[name] = str(exc)
-            except (OSError, ValueError, KeyError) as exc:
-                errors[name] = f"cannot read bundle {spec.bundle}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one line's bundle must not take the others down
+                # (a detector.json whose manifest verifies but whose content has wrong types)
+                logger.warning("line %s: cannot read bundle %s", name, spec.bundle, exc_info=True)
+                errors[name] = f"cannot read bundle {spec.bundle}: {type(exc).__name__}: {exc}"
         return RegistrySnapshot(document, lines, errors, hashlib.sha256(raw).hexdigest()[:12], signature)
 
     def changed(self, snapshot: RegistrySnapshot) -> bool:

@@ -59,6 +59,7 @@ from anomalyfleet.errors import ConfigError, DataError, user_error_in, validatio
 from anomalyfleet.data.transforms import to_rgb
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.synthesis.regions import RegionSpec
+from anomalyfleet.yaml_unique import load_yaml_unique
 
 SHARDS = "shards"
 
@@ -170,7 +171,7 @@ class Recipe(BaseModel):
 def load_recipe(path: str | Path, **overrides) -> Recipe:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_unique(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"recipe not found: {path}") from exc
     except IsADirectoryError:

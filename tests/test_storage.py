@@ -524,3 +524,26 @@ def test_both_manifest_readers_name_a_damaged_file_alike(tmp_path, damage, messa
     for reader in (verify_manifest, lambda r: read_verified(r, attempts=1)):
         with pytest.raises(ManifestError, match=f"{root / 'sub' / 'w.bin'}: {message}"):
             reader(root)
+
+
+def test_a_dataset_mirror_is_found_again_on_another_node(s3_env, tmp_path, monkeypatch):
+    """Feature actors may run on a node other than the driver's, whose paths point into the
+    driver's mirror of an s3:// dataset: each node fetches its own, at the same relative place,
+    with the objects' times (so data fingerprints agree), and refuses a prefix that changed."""
+    uri = s3_env.uri(_unique("dataset"))
+    for name in ("normal/a.png", "normal/b.png"):
+        storage.write_bytes(storage.join(uri, name), name.encode())
+    monkeypatch.setenv("ANOMALYFLEET_CACHE", str(tmp_path / "driver-cache"))
+    driver_root = storage.cached_prefix(uri)
+    image = str(driver_root / "normal" / "b.png")
+    mirrors = storage.prefix_mirrors_of([image, None, str(tmp_path / "elsewhere.png")])
+    assert mirrors == {str(driver_root): uri}
+    monkeypatch.setenv("ANOMALYFLEET_CACHE", str(tmp_path / "worker-cache"))  # the other node
+    here = storage.localize_mirrored(mirrors)
+    moved = here(image)
+    assert moved.startswith(str(tmp_path / "worker-cache")) and Path(moved).read_bytes() == b"normal/b.png"
+    assert here(None) is None and here("/data/local.png") == "/data/local.png"
+    assert os.stat(moved).st_mtime_ns == os.stat(image).st_mtime_ns  # the object's time, on both nodes
+    storage.write_bytes(storage.join(uri, "normal/c.png"), b"new")
+    with pytest.raises(StorageError, match="changed since this job listed it"):
+        storage.localize_mirrored(mirrors)

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -136,9 +136,16 @@ class FeatureActor:
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
 
-    def compute(self, index: int, start: int, samples: list[Sample], path: str) -> dict:
+    def compute(self, index: int, start: int, samples: list[Sample], path: str,
+                mirrors: dict[str, str] | None = None) -> dict:
+        """`mirrors`: the driver's mirrors of datasets in object storage that `samples` point into
+        (`storage.prefix_mirrors_of`); this actor may run on another node, which has its own."""
         began = time.perf_counter()
-        table = compute_feature_table(self.detector, samples, dtype=self.dtype, batch_size=self.batch_size,
+        local = samples
+        if mirrors:
+            here = storage.localize_mirrored(mirrors)
+            local = [replace(s, image=here(s.image), mask=here(s.mask)) for s in samples]
+        table = compute_feature_table(self.detector, local, dtype=self.dtype, batch_size=self.batch_size,
                                       progress=False)
         shard = {key: getattr(table, key) for key in ROW_FIELDS}
         shard.update(grid=list(table.grid), start=start, images=[s.image for s in samples])
@@ -191,6 +198,7 @@ def run_feature_stage(
     if isinstance(directory, Path):
         directory.mkdir(parents=True, exist_ok=True)
     if todo:
+        mirrors = storage.prefix_mirrors_of(p for s in samples for p in (s.image, s.mask))
         # Actors on any node reach an s3:// cache with the driver's endpoint and credentials.
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus,
                                  runtime_env={"env_vars": storage.storage_env()})(FeatureActor)
@@ -207,7 +215,8 @@ def run_feature_stage(
             def submit(actor) -> None:
                 i = queue.pop(0)
                 start, stop = bounds[i]
-                ref = actor.compute.remote(i, start, list(samples[start:stop]), str(_child(directory, shard_name(i))))
+                ref = actor.compute.remote(i, start, list(samples[start:stop]), str(_child(directory, shard_name(i))),
+                                           mirrors)
                 pending[ref] = actor
 
             # Two shards in flight per actor: the next one is already queued while one runs.

@@ -24,7 +24,8 @@ from anomalyfleet.storage.core import (
 )
 from anomalyfleet.storage.options import S3Options, storage_env
 from anomalyfleet.storage.registry import BundleRegistry, VersionInfo
-from anomalyfleet.storage.trees import cached_prefix, cached_tree, get_tree, local_path_for, put_tree, read_remote_manifest
+from anomalyfleet.storage.trees import (cached_prefix, cached_tree, get_tree, local_path_for, localize_mirrored,
+                                       prefix_mirrors_of, put_tree, read_remote_manifest)
 from anomalyfleet.storage.types import ObjectInfo, ObjectNotFound
 from anomalyfleet.storage.uri import Location, basename, is_remote, join, parse
 
@@ -49,9 +50,11 @@ __all__ = [
     "join",
     "list_objects",
     "local_path_for",
+    "localize_mirrored",
     "locked",
     "open_read",
     "parse",
+    "prefix_mirrors_of",
     "put_tree",
     "pyarrow_filesystem",
     "read_bytes",

@@ -217,7 +217,9 @@ class S3Backend:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(f"s3://{loc.bucket}/{item['Key']}", int(item["Size"]), item.get("ETag", "").strip('"'))
+                    modified = item.get("LastModified")
+                    yield ObjectInfo(f"s3://{loc.bucket}/{item['Key']}", int(item["Size"]), item.get("ETag", "").strip('"'),
+                                     modified.timestamp() if modified is not None else None)
 
     def delete(self, loc: Location) -> None:
         with self._errors(loc):

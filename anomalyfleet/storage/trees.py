@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from anomalyfleet.errors import StorageError
 from anomalyfleet.manifest import MANIFEST_NAME, ManifestError, default_mode, file_sha256, verify_manifest
@@ -86,6 +86,46 @@ def _cached_directory(kind: str, key: str, marker: str, fill: Callable[[Path], N
         if final.exists():  # left by a crash before the entry was complete
             shutil.rmtree(final)
         return _build_then_rename(final, fill)
+
+
+def prefix_mirrors_of(paths: Iterable[str | None]) -> dict[str, str]:
+    """{mirror directory: source URI} of the `cached_prefix` mirrors on this node that `paths` lie
+    in (a dataset in object storage, read through the cache); other paths are left out."""
+    base = cache_dir("prefixes")
+    found: dict[str, str] = {}
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            rel = Path(path).relative_to(base)
+        except ValueError:
+            continue
+        root = base / rel.parts[0]
+        if str(root) not in found:
+            found[str(root)] = (root / ".complete").read_text()
+    return found
+
+
+def localize_mirrored(mirrors: dict[str, str]) -> Callable[[str | None], str | None]:
+    """Where another node's mirror paths are on this node: each mirror is fetched here if it is not
+    yet (once per node), and a path is rebased when this node keeps its cache elsewhere. A prefix
+    whose listing changed since the other node mirrored it is an error, not silently other data."""
+    rebase: dict[str, str] = {}
+    for root, uri in mirrors.items():
+        local = cached_prefix(uri)
+        if local.name != Path(root).name:
+            raise StorageError(f"{uri} changed since this job listed it (objects added, removed or rewritten); run it again")
+        rebase[root] = str(local)
+
+    def local_path(path: str | None) -> str | None:
+        if path is None:
+            return None
+        for root, local in rebase.items():
+            if path == root or path.startswith(root + os.sep):
+                return local + path[len(root):]
+        return path
+
+    return local_path
 
 
 def read_remote_manifest(uri: str, options: S3Options | None = None) -> tuple[bytes, dict]:
@@ -184,7 +224,12 @@ def cached_prefix(uri: str, options: S3Options | None = None) -> Path:
 
     def fetch_all(staging: Path) -> None:
         def fetch(info) -> None:
-            core.download_file(info.uri, staging / info.uri[len(base):], options)
+            target = staging / info.uri[len(base):]
+            core.download_file(info.uri, target, options)
+            if info.modified is not None:
+                # The object's time, not the download's: what fingerprints a dataset by its files'
+                # times (the feature cache) sees the same files on every node and after a re-fetch.
+                os.utime(target, (info.modified, info.modified))
 
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             list(pool.map(fetch, objects))

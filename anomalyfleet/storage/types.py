@@ -17,3 +17,5 @@ class ObjectInfo:
     size: int
     # Changes whenever the content may have changed: the S3 ETag, or mtime+size locally.
     etag: str
+    # Last modification, seconds since the epoch, where the listing gives it.
+    modified: float | None = None

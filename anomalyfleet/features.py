@@ -84,7 +84,9 @@ def compute_feature_table(
     progress: bool = True,
 ) -> FeatureTable:
     """Run the frozen backbone over `samples` once (images already on disk are read from the cache)."""
-    key_dir = Path(cache_dir) / settings_key(detector) if cache_dir else None
+    # The stored precision is part of the key: float32 features promise bit-for-bit the uncached
+    # prompts, which float16 files read back would silently break.
+    key_dir = Path(cache_dir) / settings_key(detector) / str(dtype).removeprefix("torch.") if cache_dir else None
     n = len(samples)
     globals_, patches, masks, has_mask, labels = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
     todo: list[int] = []

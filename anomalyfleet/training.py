@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from anomalyfleet import losses, maps
 from anomalyfleet.backbones import Features
 from anomalyfleet.data import AnomalyDataset, Sample
+from anomalyfleet.data.samples import files_fingerprint
 from anomalyfleet.detector import Detector
 from anomalyfleet.errors import ConfigError
 from anomalyfleet.features import FeatureTable, compute_feature_table, settings_key
@@ -86,9 +87,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def run_fingerprint(detector: Detector, samples: Sequence[Sample], config: TrainConfig) -> str:
+    """What makes a training run the same run, to resume it: the features it sees, its samples and
+    their files (a mask corrected in place is another run), the prompts it starts from (seeded, or
+    another bundle's with --init-bundle, and their kind and precision) and the optimisation
+    settings. Not the epoch count: a finished run continues when asked for more epochs."""
+    initial = hashlib.sha256()
+    for name, tensor in sorted(detector.prompts.state_dict().items()):
+        initial.update(name.encode())
+        initial.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     payload = {
         "features": settings_key(detector),
         "samples": [(s.image, s.label, s.mask) for s in samples],
+        "files": files_fingerprint(samples),
+        "prompts": [type(detector.prompts).__name__, repr(getattr(detector.prompts, "config", None)),
+                    initial.hexdigest()],
         "config": {k: v for k, v in asdict(config).items() if k not in ("cache", "cache_dir", "num_workers", "epochs")},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -107,7 +119,7 @@ def save_checkpoint(path: Path, prompts: nn.Module, optimizer: torch.optim.Optim
 def load_checkpoint(path: Path, prompts: nn.Module, optimizer: torch.optim.Optimizer, run: str) -> TrainState | None:
     if not path.is_file():
         return None
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: no code runs
     if data.get("run") != run:
         raise ConfigError(f"{path} belongs to a different training run (data or settings changed); remove it or use another --checkpoint-dir")
     prompts.load_state_dict(data["prompts"])
@@ -156,12 +168,12 @@ def train_prompts(
     run = run_fingerprint(detector, samples, config)
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     state = (load_checkpoint(ckpt_path, prompts, optimizer, run) if ckpt_path else None) or TrainState()
-    if state.epoch >= config.epochs:
-        prompts.eval()
-        return state
+    if state.epoch > config.epochs:
+        raise ConfigError(f"{ckpt_path} holds this run trained for {state.epoch} epochs, more than the {config.epochs} "
+                          "asked for; ask for at least that many, or use another checkpoint directory")
 
     started = time.perf_counter()
-    if config.cache != "none" and table is None:
+    if config.cache != "none" and table is None and state.epoch < config.epochs:
         table = compute_feature_table(
             detector,
             samples,

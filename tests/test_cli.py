@@ -98,6 +98,13 @@ def test_checkpoint_export_and_import(bundle, tmp_path, openai_clip_file, datase
         (["eval", "--detector", "{data}/normal/n000.png", "--data", "folder:{data}"], "not a detector bundle"),
         (["score", "--images", "{data}/normal", "--out", "{tmp}/o", "--device", "bogus"], "unknown device 'bogus'"),
         (["eval", "--data", "folder:{data}", "--device", "cuda:x"], "unknown device"),
+        # With --workers, Ray places the work: options it would overrule are refused before Ray starts.
+        (["train", "--data", "folder:{data}", "--out", "{tmp}/o", "--workers", "2", "--device", "cuda"],
+         "--device cuda with --workers needs --gpus-per-worker"),
+        (["train", "--data", "folder:{data}", "--out", "{tmp}/o", "--workers", "1", "--device", "cpu",
+          "--gpus-per-worker", "1"], "--device cpu contradicts --gpus-per-worker"),
+        (["train", "--data", "folder:{data}", "--out", "{tmp}/o", "--workers", "1", "--cache", "none"],
+         "leave --cache none out"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, message, dataset, tmp_path, capsys):

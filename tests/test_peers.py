@@ -423,3 +423,17 @@ def test_calibrate_with_peers_sets_thresholds_for_scoring_with_peers(memory_bund
         assert (len(state.notes) == 1 and noted in state.notes[0]) if noted else state.notes == (), state.notes
     ignored = resolve_line("line-7", LineSpec(bundle=str(tmp_path / "peers"), threshold=0.5), None)
     assert ignored.notes == ()  # a registry threshold replaces the bundle's
+
+
+def test_training_from_a_bundle_with_a_memory_may_change_its_settings(memory_bundle, tmp_path):
+    """--init-bundle drops the line memory (new prompts void its calibration); the memory must not
+    refuse the image size or depth the new training asks for before it is dropped."""
+    from anomalyfleet.distributed.config import DistributedTrainConfig
+    from anomalyfleet.distributed.train_loop import build_detector
+
+    _, with_memory, _ = memory_bundle
+    config = DistributedTrainConfig(data=("folder:unused",), output=str(tmp_path / "out"), init_bundle=str(with_memory),
+                                    image_size=70, dpam_layers=3)
+    detector = build_detector(config)
+    assert detector.memory is None
+    assert detector.settings.image_size == 70 and detector.settings.dpam_layers == 3

@@ -56,6 +56,11 @@ def test_disk_cache_is_reused(samples, openai_clip_file, tmp_path):
     train_prompts(second, samples, config, progress=False)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # read, not rewritten
     assert_same_prompts(prompts_of(first), prompts_of(second), atol=0)
+    # Another stored precision is another cache: float16 files must not stand in for float32 ones.
+    half = TrainConfig(epochs=1, batch_size=4, cache="disk", cache_dir=str(tmp_path / "feat"), cache_dtype="float16")
+    train_prompts(fresh(openai_clip_file), samples, half, progress=False)
+    assert len(sorted((tmp_path / "feat").rglob("*.pt"))) == 2 * len(samples)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(samples, openai_clip_file, tmp_path):
@@ -85,3 +90,40 @@ def test_training_input_errors(samples, openai_clip_file):
         train_prompts(detector, normals, TrainConfig(epochs=1), progress=False)
     with pytest.raises(ConfigError, match="cache directory"):
         train_prompts(detector, samples, TrainConfig(epochs=1, cache="disk"), progress=False)
+
+
+def test_a_run_is_the_same_run_only_with_the_same_files_and_starting_prompts(tmp_path, openai_clip_file):
+    """The run fingerprint decides what a re-run resumes: a mask corrected in place or other starting
+    prompts (--init-bundle, another seed) must start afresh, more epochs must not."""
+    import os
+
+    from anomalyfleet.training import run_fingerprint
+
+    root = write_folder_dataset(tmp_path / "widgets", normals=4, anomalies=4)
+    data = parse_data_spec(f"folder:{root}")
+    config = TrainConfig(epochs=1, batch_size=4)
+    first = run_fingerprint(fresh(openai_clip_file), data, config)
+    assert run_fingerprint(fresh(openai_clip_file), data, TrainConfig(epochs=5, batch_size=4)) == first
+    mask = next(s.mask for s in data if s.mask)
+    stat = os.stat(mask)
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten in place
+    corrected = run_fingerprint(fresh(openai_clip_file), data, config)
+    assert corrected != first
+    other_start = fresh(openai_clip_file)
+    with torch.no_grad():
+        other_start.prompts.ctx_pos.add_(0.01)  # as if loaded from another bundle
+    assert run_fingerprint(other_start, data, config) != corrected
+
+
+def test_a_finished_run_asked_again_writes_its_training_record_and_refuses_fewer_epochs(samples, openai_clip_file, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=4)
+    trained = fresh(openai_clip_file)
+    train_prompts(trained, samples, config, checkpoint_dir=tmp_path / "ck", progress=False)
+    again = fresh(openai_clip_file)  # killed after the last checkpoint, before the bundle was saved
+    state = train_prompts(again, samples, config, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert state.epoch == 2 and [h["epoch"] for h in again.metadata["training"]["history"]] == [1, 2]
+    assert again.metadata["training"]["samples"] == len(samples)
+    assert_same_prompts(prompts_of(trained), prompts_of(again), atol=0)
+    with pytest.raises(ConfigError, match="trained for 2 epochs, more than the 1 asked for"):
+        train_prompts(fresh(openai_clip_file), samples, TrainConfig(epochs=1, batch_size=4),
+                      checkpoint_dir=tmp_path / "ck", progress=False)

@@ -130,8 +130,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     from anomalyfleet.distributed.train_loop import train_distributed
 
     config = config_from_args(args)
-    if getattr(args, "device", "auto") not in (None, "auto", "cpu", "cuda"):
+    device = getattr(args, "device", "auto") or "auto"
+    # With workers, Ray places the work: the device follows --gpus-per-worker. A --device that says
+    # otherwise would be silently overruled, so it must agree.
+    if device not in ("auto", "cpu", "cuda"):
         raise ConfigError("--device picks one device; with --workers, use --gpus-per-worker instead")
+    if device == "cuda" and config.gpus_per_worker <= 0:
+        raise ConfigError("--device cuda with --workers needs --gpus-per-worker (e.g. 1): each worker gets the GPUs Ray grants it")
+    if device == "cpu" and (config.gpus_per_worker > 0 or config.feature_gpus > 0):
+        raise ConfigError("--device cpu contradicts --gpus-per-worker / --feature-gpus; leave one of them out")
+    if getattr(args, "cache", None) == "none":
+        raise ConfigError("distributed training always computes the backbone's features once, into the sharded "
+                          "feature cache (--cache-dir / --feature-cache); leave --cache none out")
     check_bundle_target(config.output_dir())  # before hours of training, not at the save after them
     print(f"training prompts on {len(config.data)} data spec(s) with {config.workers} Ray worker(s) "
           f"({config.gpus_per_worker:g} GPU each) for {config.epochs} epochs", file=sys.stderr)

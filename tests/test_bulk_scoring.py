@@ -290,3 +290,41 @@ def test_bad_input_met_by_a_ray_worker_is_one_line(ray_local, tmp_path, openai_c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "cuda:7" in err[0] and "Traceback" not in err[0]
+
+
+def test_parts_read_as_one_dataset_and_one_bad_image_is_a_row(ray_local, tmp_path, openai_clip_file):
+    """Parts share one schema (a part with no error and one with an error used to be unreadable as
+    one dataset); an image too large to decode is an error row, not a failed job; no threshold is
+    no decision; a run with maps after one without redoes its parts, and the summary names its own."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    data = write_folder_dataset(tmp_path / "d", normals=4, anomalies=2, size=48, seed=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((data / "normal").glob("*.png")) + sorted((data / "anomaly").glob("*.png")):
+        (images / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    Image.new("1", (13_500, 13_500)).save(images / "zz-huge.png")  # 182 Mpx: over PIL's bomb limit
+    bundle = make_bundle(openai_clip_file, tmp_path / "bundle", seed=6, threshold=None)
+    out = tmp_path / "out"
+    command = ["bulk-score", "--detector", str(bundle), "--input", f"line={images}", "--out", str(out),
+               "--shard-size", "3", "--quiet", "--device", "cpu"]
+    assert main([*command, "--no-maps"]) == 0
+    table = pq.read_table(out / "parts")  # every part at once
+    rows = {Path(r["image"]).name: r for r in table.to_pylist()}
+    assert len(rows) == 7 and "too many pixels" in rows["zz-huge.png"]["error"]
+    assert all(r["anomalous"] is None and r["error"] is None for name, r in rows.items() if name != "zz-huge.png")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lines"]["line"]["anomaly_rate"] is None and summary["lines"]["line"]["errors"] == 1
+    assert len(summary["parts"]) == 3 and summary["superseded_parts"] == 0
+
+    assert main(command) == 0  # now with maps: other parts, the earlier ones kept and counted
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_scored_now"] == 3 and summary["superseded_parts"] == 3
+    with_maps = [pq.read_table(out / part).to_pylist() for part in summary["parts"]]
+    assert all(r["map_uri"] for part in with_maps for r in part if r["error"] is None)
+
+
+def test_score_with_ray_refuses_options_its_actors_would_ignore(tmp_path, capsys):
+    code = main(["score", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--ray", "--image-size", "112"])
+    assert code == 2 and "--image-size does not apply with --ray" in capsys.readouterr().err

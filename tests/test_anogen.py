@@ -217,3 +217,28 @@ def test_a_half_precision_load_does_not_mistake_its_own_text_encoder(pipeline, e
         gen = AnoGenGenerator.load(pipeline, embedding, {"steps": 2, "dtype": "float16"}, device="cpu")
     assert gen.dtype == torch.float16
     assert not [w for w in caught if "different text encoder" in str(w.message)]
+
+
+def test_a_placeholder_that_is_already_a_word_still_learns(pipeline, support, tmp_path):
+    """The spec's example placeholder `*` is a word of CLIP's tokenizer, whose text tokenises to
+    another id (`*</w>`): reusing its row learned nothing. Here `c` (a word of the tiny tokenizer,
+    written `c</w>` when alone) must move its vector as a new placeholder does, and the file must
+    load in a stock pipeline."""
+    from anomalyfleet.synthesis.anogen import placeholder_token
+
+    c = load_components(pipeline)
+    assert "c" in c.tokenizer.get_vocab() and placeholder_token(c.tokenizer, "c") != "c"
+    start = c.text_encoder.get_input_embeddings().weight[c.tokenizer.convert_tokens_to_ids("defect</w>")].detach().clone()
+    path = learn_embedding(pipeline, support, tmp_path / "c.pt", LearnConfig(steps=8, device="cpu", placeholder="c"),
+                           progress=False, defect_name="crack")
+    _, vector, meta = load_embedding(path)
+    assert meta["placeholder"] == "c" and (vector - start).abs().max() > 1e-3  # weight decay alone: ~1e-5
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    fresh = load_components(pipeline)
+    pipe = StableDiffusionPipeline(vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer,
+                                   unet=fresh.unet, scheduler=DDIMScheduler.from_config(fresh.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(path))
+    generator = AnoGenGenerator(load_components(pipeline), *load_embedding(path), device="cpu")
+    assert generator.placeholder == placeholder_token(c.tokenizer, "c")

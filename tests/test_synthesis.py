@@ -450,9 +450,9 @@ def test_recipes_that_are_not_yaml_files_and_nothing_to_learn_are_one_line(tmp_p
 
 @pytest.mark.parametrize("existing_dir", [False, True])
 def test_a_corrupt_normal_image_leaves_no_library_behind(tmp_path, normals, existing_dir):
-    """The run that started the library stops on bad input and removes what it wrote: its
-    recipe.json pins the normal images, so once the user fixes the folder a re-run must start
-    afresh, not be refused as 'a different recipe'."""
+    """A file that is not an image is refused before the output is touched: recipe.json pins the
+    normal images, so once the user fixes the folder a re-run must start afresh, not be refused as
+    'a different recipe'."""
     out = tmp_path / "lib"
     if existing_dir:
         out.mkdir()  # made by the user, empty: kept, and left empty
@@ -466,6 +466,21 @@ def test_a_corrupt_normal_image_leaves_no_library_behind(tmp_path, normals, exis
     assert result.images == 13
 
 
+def test_images_that_fail_only_when_decoded_withdraw_a_library_with_nothing_finished(tmp_path, normals):
+    """Truncated files open (their header is fine) and fail in the workers: the run that started
+    the library, with no shard finished, removes what it wrote."""
+    out = tmp_path / "lib"
+    originals = {p: p.read_bytes() for p in (normals / "normal").glob("*.png")}
+    for path, data in originals.items():
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="corrupt"):
+        synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
+    assert not out.exists()
+    for path, data in originals.items():
+        path.write_bytes(data)
+    assert synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False).images == 13
+
+
 def test_bad_input_on_a_resumed_library_keeps_its_finished_shards(tmp_path, normals):
     """Only the run that started a library withdraws it: a resume keeps what earlier runs made."""
     out = tmp_path / "lib"
@@ -473,7 +488,21 @@ def test_bad_input_on_a_resumed_library_keeps_its_finished_shards(tmp_path, norm
     shutil.rmtree(out / "shards" / "scar-00000")
     before = sorted(p.name for p in (out / "shards").iterdir())
     for image in (normals / "normal").iterdir():
-        image.write_bytes(b"\x89PNG damaged")  # same names: the same recipe, now unreadable
+        image.write_bytes(image.read_bytes()[:60])  # same names: the same recipe, now truncated
     with pytest.raises(DataError):
         synthesize_library(parse_recipe(recipe_dict(normals, out)), progress=False)
     assert (out / "recipe.json").is_file() and sorted(p.name for p in (out / "shards").iterdir()) == before
+
+
+@pytest.mark.parametrize("defect, message", [
+    ({"name": "stain", "generator": "perlin", "count": 2, "settings": {"scale": [3, 3]}}, "defect stain: its settings cannot make a sample"),
+    ({"name": "crack", "generator": "anogen", "count": 2, "embedding": "x.pt", "pipeline": "sd",
+      "settings": {"stepz": 5}}, "defect crack:"),
+    ({"name": "crack", "generator": "anogen", "count": 2, "embedding": "x.pt"}, "defect crack: anogen needs `pipeline`"),
+])
+def test_bad_generator_settings_are_refused_before_the_output_is_touched(tmp_path, normals, defect, message):
+    out = tmp_path / "lib"
+    recipe = parse_recipe({**recipe_dict(normals, out), "defects": [defect]})
+    with pytest.raises(ConfigError, match=message):
+        synthesize_library(recipe, progress=False)
+    assert not out.exists()

@@ -17,6 +17,7 @@ import yaml
 
 from anomalyfleet import storage
 from anomalyfleet.data.readers import parse_data_spec
+from anomalyfleet.errors import ConfigError
 from anomalyfleet.synthesis.library import finished_shards, parse_recipe, synthesize_library
 from tests.image_sets import write_folder_dataset
 
@@ -248,7 +249,7 @@ def test_anogen_embedding_learned_by_a_ray_task(ray_cluster, tmp_path, monkeypat
     assert meta["learned_by"]["pid"] not in (os.getpid(), int(marker.read_text()))
     assert meta["learned_by"]["device"] == "cpu"  # no GPU granted (learn_gpus defaults to the actors' 0)
     assert meta["steps"] == 6 and meta["resumed_at_step"] == 3 and meta["config"]["seed"] == 7
-    assert (tmp_path / "ray" / "embeddings" / ".crack-checkpoints" / "latest.pt").is_file()
+    assert len(list((tmp_path / "ray" / "embeddings").glob(".crack-*-checkpoints/latest.pt"))) == 1
     assert {r["settings"]["embedding_defect"] for r in rows(tmp_path / "ray")} == {"crack"}
 
     # A re-run finds it and learns nothing (nor starts a learning task).
@@ -304,3 +305,36 @@ def test_normals_in_object_storage_read_by_the_actors(ray_cluster, tmp_path, s3_
     assert [Path(r["source_image"]).name for r in got] == [Path(r["source_image"]).name for r in want]
     strip = [{k: v for k, v in r.items() if k != "source_image"} for r in got]
     assert strip == [{k: v for k, v in r.items() if k != "source_image"} for r in want]
+
+
+def test_more_actors_than_the_cluster_holds_still_finish(ray_cluster, tmp_path):
+    """Three one-CPU actors on a two-CPU cluster: the third cannot start, and the shards it would
+    have been given go to the others instead of waiting for it forever."""
+    normals = write_folder_dataset(tmp_path / "normals", normals=4, anomalies=0, size=40, seed=2)
+    data = recipe(normals, tmp_path / "lib", count=8)
+    data["ray"]["actors"] = 3
+    result = synthesize_library(parse_recipe(data), progress=False)
+    local = synthesize_library(parse_recipe(recipe(normals, tmp_path / "local", count=8)), progress=False, actors=0)
+    assert result.images == local.images and rows(tmp_path / "lib") == rows(tmp_path / "local")
+
+
+def test_an_embedding_learned_from_other_support_examples_is_not_reused(tmp_path, capsys):
+    """`synth learn --recipe`, then the support masks are corrected in place: the library job must
+    not make the library with the embedding of the old masks (its card would show the new ones)."""
+    from anomalyfleet.cli import main
+    from tests.tiny_diffusion import build_tiny_pipeline
+
+    pipeline = build_tiny_pipeline(tmp_path / "sd")
+    data_root = write_folder_dataset(tmp_path / "data", normals=2, anomalies=2, size=32)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps(anogen_recipe(data_root, pipeline, tmp_path / "lib", actors=0)))
+    assert main(["synth", "learn", "--recipe", str(recipe_file), "--quiet"]) == 0
+    # Flags the recipe's `learn` settings decide are refused, not silently overruled.
+    assert main(["synth", "learn", "--recipe", str(recipe_file), "--steps", "2", "--quiet"]) == 2
+    assert "--steps does not apply with --recipe" in capsys.readouterr().err
+    mask = next((data_root / "masks").iterdir())
+    stat = mask.stat()
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # corrected in place
+    with pytest.raises(ConfigError, match="was learned from other support examples"):
+        synthesize_library(parse_recipe(anogen_recipe(data_root, pipeline, tmp_path / "lib", actors=0)), progress=False)
+    assert not (tmp_path / "lib" / "shards").exists()

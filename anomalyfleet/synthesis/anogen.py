@@ -120,14 +120,28 @@ def text_encoder_fingerprint(text_encoder: torch.nn.Module, rows: int = 1024) ->
 # --- the learned embedding -----------------------------------------------------------------------
 
 
+def placeholder_token(tokenizer, placeholder: str) -> str:
+    """The token the learned vector lives under. A placeholder that is already a word of the
+    tokenizer (the spec's own example, `*`) cannot be that token: its text tokenises to another id
+    (`*</w>`), so the vector would never be seen. Such a placeholder gets a token of its own, and
+    prompts name that token wherever the placeholder stands."""
+    vocab = tokenizer.get_vocab()
+    taken = placeholder in vocab and placeholder not in getattr(tokenizer, "get_added_vocab", dict)()
+    return f"<anomalyfleet:{placeholder}>" if taken else placeholder
+
+
 def add_placeholder(components: Components, placeholder: str, vector: torch.Tensor | None = None,
                     init_word: str = "defect") -> int:
-    """Add the token (or reuse it) and set its row; returns its id."""
+    """Add the placeholder's token (or reuse it) and set its row; returns its id."""
     tokenizer, encoder = components.tokenizer, components.text_encoder
-    if placeholder not in tokenizer.get_vocab():
-        tokenizer.add_tokens(placeholder)
+    token = placeholder_token(tokenizer, placeholder)
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens(token)
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set below
-    token_id = tokenizer.convert_tokens_to_ids(placeholder)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if tokenizer(token, add_special_tokens=False).input_ids != [token_id]:
+        raise ConfigError(f"placeholder {placeholder!r} does not tokenise to one token of its own; choose another "
+                          "(e.g. <crack>)")
     table = encoder.get_input_embeddings().weight
     with torch.no_grad():
         if vector is None:
@@ -311,10 +325,10 @@ def noise_loss_step(components: Components, scheduler, latents: torch.Tensor, we
 def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.ndarray, np.ndarray],
                     output: str | Path, config: LearnConfig | None = None, checkpoint_dir: str | Path | None = None,
                     progress: bool = True, defect_name: str | None = None,
-                    on_step: Callable[[int], None] | None = None) -> Path:
+                    on_step: Callable[[int], None] | None = None, metadata: dict | None = None) -> Path:
     """Textual inversion of one defect type. Resumes from `checkpoint_dir/latest.pt` when present.
     `on_step(steps_done)` runs after each step, its checkpoint written (the library job's fault
-    injection hooks in there)."""
+    injection hooks in there). `metadata` goes into the embedding's sidecar too."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -366,7 +380,7 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
         generator.set_state(state["generator"])
         start = state["step"]
 
-    hidden_prompt = [config.prompt.format(placeholder)] * config.batch_size
+    hidden_prompt = [config.prompt.format(placeholder_token(components.tokenizer, placeholder))] * config.batch_size
     override = _TokenOverride(components, token_id, vector)
     scaling = components.vae.config.scaling_factor
     losses: list[float] = []
@@ -402,12 +416,14 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     metadata = {
         "placeholder": placeholder, "defect": name, "init_word": config.init_word, "pipeline": components.source,
         "text_encoder": text_encoder_fingerprint(components.text_encoder), "resolution": resolution,
-        "steps": config.steps, "resumed_at_step": start, "support_images": int(len(images)), "config": asdict(config),
+        "steps": max(config.steps, start), "resumed_at_step": start, "support_images": int(len(images)), "config": asdict(config),
         "final_loss": float(np.mean(losses[-50:])) if losses else None, "versions": _versions(),
         # Which process learned it (a Ray task's worker, or the CLI), for tracing a library back.
         "learned_by": {"host": os.uname().nodename, "pid": os.getpid(), "device": str(device)},
+        **(metadata or {}),
     }
-    return save_embedding(output, placeholder, vector, metadata)
+    # Saved under its token: a stock pipeline (load_textual_inversion) refuses a word it already has.
+    return save_embedding(output, placeholder_token(components.tokenizer, placeholder), vector, metadata)
 
 
 def _versions() -> dict:
@@ -473,7 +489,8 @@ class AnoGenGenerator:
         self.default_region = RegionSpec.from_dict(self.config.region) if self.config.region else RegionSpec(
             shape="ellipse", size=(0.1, 0.3), aspect=(0.5, 2.0), rotation=(0, 180))
         with torch.no_grad():
-            prompts = [self.config.negative_prompt, self.config.prompt.format(placeholder)]
+            prompts = [self.config.negative_prompt,
+                       self.config.prompt.format(placeholder_token(components.tokenizer, placeholder))]
             self._hidden = encode_prompt(components, prompts, self.device)
 
     @classmethod
@@ -487,7 +504,10 @@ class AnoGenGenerator:
     def settings(self) -> dict:
         out = asdict(self.config)
         out.update({"placeholder": self.placeholder, "pipeline": self.components.source,
-                    "embedding_defect": self.metadata.get("defect")})
+                    "embedding_defect": self.metadata.get("defect"),
+                    # What ran, not what was asked ("auto"): a library resumed on other hardware
+                    # shows fp16 and fp32 samples apart.
+                    "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type})
         return out
 
     def versions(self) -> dict:
@@ -565,7 +585,8 @@ class AnoGenGenerator:
 def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = None, progress: bool = True) -> dict[str, str]:
     """Learn the embeddings a recipe's AnoGen types need (those with `support`), where the library
     job would put them; used by `anomalyfleet synth learn --recipe`."""
-    from anomalyfleet.synthesis.library import learn_defect_embedding, learn_library_embedding, load_recipe, output_root
+    from anomalyfleet.synthesis.library import (check_learned_from, embedding_cache_dir, learn_defect_embedding,
+                                                learn_library_embedding, load_recipe, output_root, publish_embedding)
 
     recipe = load_recipe(recipe_path)
     root = output_root(recipe.output)
@@ -574,9 +595,18 @@ def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = N
     for d in recipe.defects:
         if d.generator != "anogen" or not d.support or (wanted and d.name not in wanted):
             continue
-        if storage.is_remote(root) and not d.embedding:
-            # Into the library in object storage, where the library job looks for it.
-            out[d.name] = learn_library_embedding(recipe, root, d, progress)
+        if not d.embedding:
+            # Into the library, where the library job looks for it; one learned from other support
+            # examples is refused there, as the library job would refuse it.
+            check_learned_from(recipe, root, d)
+            if storage.is_remote(root):
+                out[d.name] = learn_library_embedding(recipe, root, d, progress)
+                continue
+        if d.embedding and storage.is_remote(d.embedding):
+            # Learned on this node, then uploaded (a Path of an s3:// URI would be a local folder "s3:").
+            local = embedding_cache_dir(recipe, d.embedding, d) / f"{d.name}.pt"
+            learn_defect_embedding(recipe, d, local, progress)
+            out[d.name] = publish_embedding(local, d.embedding)
             continue
         target = Path(d.embedding) if d.embedding else Path(root) / "embeddings" / f"{d.name}.pt"
         out[d.name] = str(learn_defect_embedding(recipe, d, target, progress))
@@ -585,5 +615,6 @@ def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = N
 
 __all__ = [
     "AnoGenGenerator", "Components", "GenerateConfig", "LearnConfig", "add_placeholder", "learn_embedding",
+    "placeholder_token",
     "learn_from_recipe", "load_components", "load_embedding", "masked_noise_loss", "save_embedding",
 ]

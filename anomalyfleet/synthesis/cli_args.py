@@ -65,10 +65,19 @@ def cmd_synthesize(args) -> int:
 
 
 def cmd_synth_learn(args) -> int:
+    from anomalyfleet import storage
     from anomalyfleet.errors import ConfigError
     from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding, learn_from_recipe
 
     if args.recipe:
+        # The recipe's `learn` settings decide; flags that would be silently overruled are refused.
+        ignored = [f"--{name.replace('_', '-')}" for name in ("pipeline", "support", "output", "steps", "batch_size",
+                                                              "learning_rate", "resolution", "init_word", "seed",
+                                                              "checkpoint_every", "device", "checkpoint_dir", "name")
+                   if getattr(args, name, None) is not None]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with --recipe: "
+                              "set them in the recipe's `learn` settings of each defect type")
         learned = learn_from_recipe(args.recipe, args.defect, progress=not args.quiet)
         if not learned:
             raise ConfigError(f"{args.recipe}: no anogen defect type with `support` examples to learn"
@@ -81,6 +90,20 @@ def cmd_synth_learn(args) -> int:
                  "resolution": args.resolution, "init_word": args.init_word, "seed": args.seed,
                  "checkpoint_every": args.checkpoint_every, "device": args.device}
     config = LearnConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    if storage.is_remote(args.output):
+        # Learned on this node (checkpoints beside it, so a rerun resumes), then uploaded.
+        import hashlib
+        from pathlib import Path
+
+        from anomalyfleet.synthesis.library import publish_embedding
+
+        key = hashlib.sha256(args.output.encode()).hexdigest()[:16]
+        local = Path(args.checkpoint_dir or storage.cache_dir("synthesis") / f"learn-{key}") / Path(args.output).name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        learn_embedding(args.pipeline, args.support, local, config, checkpoint_dir=local.parent / ".checkpoints",
+                        progress=not args.quiet, defect_name=args.name)
+        print(publish_embedding(local, args.output))
+        return 0
     path = learn_embedding(args.pipeline, args.support, args.output, config, checkpoint_dir=args.checkpoint_dir,
                            progress=not args.quiet, defect_name=args.name)
     print(path)

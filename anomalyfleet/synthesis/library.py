@@ -55,9 +55,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import anomalyfleet
 from anomalyfleet import storage
-from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
 from anomalyfleet.data.transforms import to_rgb
+from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
+from anomalyfleet.storage import ObjectNotFound
 from anomalyfleet.synthesis.regions import RegionSpec
 from anomalyfleet.yaml_unique import load_yaml_unique
 
@@ -338,6 +339,30 @@ def make_generator(defect: DefectRecipe, embedding: str | None = None, device: s
     return make_procedural(defect.generator, defect.settings)
 
 
+def check_generators(recipe: Recipe) -> None:
+    """Each procedural type builds and makes one sample on a plain grey image, and each AnoGen type's
+    settings parse, before the output is touched: a bad setting (a reversed range, a share above 1)
+    is a one-line error now, not a worker's traceback after the output was claimed, or hours into
+    learning embeddings."""
+    from anomalyfleet.synthesis.anogen import GenerateConfig
+
+    size = recipe.image_size or 64
+    grey = np.full((size, size, 3), 128, np.uint8)
+    for defect in recipe.defects:
+        try:
+            if defect.generator == "anogen":
+                GenerateConfig.from_dict(defect.settings)
+                if not defect.pipeline:
+                    raise ConfigError("anogen needs `pipeline` (a Stable Diffusion directory or s3:// prefix)")
+                continue
+            region = defect.region_spec()
+            make_generator(defect).generate(grey, recipe.seed, region, None)
+        except ConfigError as exc:
+            raise ConfigError(f"defect {defect.name}: {exc}") from None
+        except (ValueError, TypeError, ZeroDivisionError, IndexError) as exc:
+            raise ConfigError(f"defect {defect.name}: its settings cannot make a sample ({type(exc).__name__}: {exc})") from None
+
+
 def generator_versions(generator) -> dict:
     versions = {"anomalyfleet": anomalyfleet.__version__, "numpy": np.__version__}
     extra = getattr(generator, "versions", None)
@@ -363,6 +388,22 @@ def _load_remote_rgb(uri: str) -> Image.Image:
             return to_rgb(handle)  # deep (16-bit) normals rescaled as the detector reads them
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {uri}: corrupt, empty or not an image") from exc
+
+
+def _check_local_normals_open(normals: list[str]) -> None:
+    """Every local normal image opens as an image (its header; decoding happens in the workers):
+    the usual bad file (empty, not an image) is refused before the output is touched. Images in
+    object storage are met by the workers (a GET each up front would cost as much as the run)."""
+    for path in normals:
+        if storage.is_remote(path):
+            continue
+        try:
+            with Image.open(path):
+                pass
+        except Image.DecompressionBombError:
+            raise DataError(f"cannot read image {path}: too many pixels to decode") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: corrupt, empty or not an image") from exc
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -637,17 +678,52 @@ def _clean_partials(root: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def learned_from_key(recipe: Recipe, defect: DefectRecipe) -> str:
+    """What an embedding is learned from: the pipeline, the support examples (their files' sizes and
+    times too, where they are on disk, so masks corrected in place count), the learning settings and
+    the seed. Not the generation settings: more samples of a type reuse its embedding."""
+    files = None
+    location = (defect.support or "").partition(":")[2].partition("?")[0]
+    if defect.support and not storage.is_remote(location):
+        from anomalyfleet.data import parse_data_spec
+        from anomalyfleet.data.samples import files_fingerprint
+        from anomalyfleet.errors import AnomalyFleetError
+
+        try:
+            files = files_fingerprint(parse_data_spec(defect.support))
+        except AnomalyFleetError:
+            files = None  # learning reports what is wrong with the support examples
+    what = [recipe.seed, defect.pipeline, defect.support, defect.learn, files]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool,
                            device: str | None = None, on_step: Callable[[int], None] | None = None) -> Path:
     """Learn one AnoGen type's embedding into the local file `target`, resuming from the
-    checkpoints kept beside it. `device` applies unless the recipe's `learn` settings name one."""
+    checkpoints kept beside it (keyed by what it learns from: other support examples start
+    afresh). `device` applies unless the recipe's `learn` settings name one."""
     from anomalyfleet.synthesis.anogen import LearnConfig, learn_embedding
 
     settings = {"seed": recipe.seed, **({"device": device} if device else {}), **defect.learn}
     config = LearnConfig.from_dict(settings)
+    key = learned_from_key(recipe, defect)
     return learn_embedding(defect.pipeline, defect.support, target, config=config,
-                           checkpoint_dir=target.parent / f".{defect.name}-checkpoints", progress=progress,
-                           defect_name=defect.name, on_step=on_step)
+                           checkpoint_dir=target.parent / f".{defect.name}-{key}-checkpoints", progress=progress,
+                           defect_name=defect.name, on_step=on_step, metadata={"learned_from": key})
+
+
+def check_learned_from(recipe: Recipe, root: str, defect: DefectRecipe) -> None:
+    """An embedding already in the library must have been learned from what the recipe says now;
+    otherwise the library would be made with the old one while its card shows the new support."""
+    sidecar = embedding_uri(root, defect.name) + ".json"
+    try:
+        learned = json.loads(storage.read_bytes(sidecar)).get("learned_from")
+    except (ObjectNotFound, ValueError):
+        return  # learned before this was recorded (or given as a file): nothing to compare
+    if learned is not None and learned != learned_from_key(recipe, defect):
+        raise ConfigError(f"{embedding_uri(root, defect.name)} was learned from other support examples, pipeline or "
+                          f"learning settings than the recipe's {defect.name!r}; delete it and its .json to learn it again "
+                          "(a library already made with it: use a new output)")
 
 
 def embedding_uri(root: str, defect: str) -> str:
@@ -659,7 +735,7 @@ def embedding_cache_dir(recipe: Recipe, root: str, defect: DefectRecipe) -> Path
     """Where this node learns an object-storage library's embedding. Keyed by what the embedding is
     learned from as well as the library (the defect's recipe and the seed), so a library deleted and
     run again with other support images or learning settings does not upload the old finished one."""
-    learned_from = json.dumps([root, recipe.seed, defect.model_dump(mode="json")], sort_keys=True)
+    learned_from = json.dumps([root, learned_from_key(recipe, defect)], sort_keys=True)
     return storage.cache_dir("synthesis") / hashlib.sha256(learned_from.encode()).hexdigest()[:16]
 
 
@@ -681,10 +757,16 @@ def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, pro
         learn_defect_embedding(recipe, defect, target, progress, device, on_step)
     if not remote:
         return str(target)
-    sidecar = target.with_name(name + ".json")
+    return publish_embedding(target, uri)
+
+
+def publish_embedding(local: Path, uri: str) -> str:
+    """Upload a learned embedding to object storage: its sidecar first, then the .pt, whose
+    presence marks it done."""
+    sidecar = local.with_name(local.name + ".json")
     if sidecar.is_file():
         storage.upload_file(sidecar, uri + ".json")
-    storage.upload_file(target, uri)
+    storage.upload_file(local, uri)
     return uri
 
 
@@ -706,6 +788,9 @@ def _learn_missing_embeddings(recipe: Recipe, root: str, progress: bool, actors:
     here in this process."""
     wanted = _embeddings_to_learn(recipe)
     todo = [d for d in wanted if not storage.exists(embedding_uri(root, d.name))]
+    for defect in wanted:
+        if defect not in todo:
+            check_learned_from(recipe, root, defect)
     if todo and actors > 0:
         _learn_on_ray(recipe, root, todo, progress)
     else:
@@ -722,7 +807,9 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     root = output_root(recipe.output)
     # Everything that can be checked is checked before the output directory exists: a recipe that
     # cannot run leaves nothing behind.
+    check_generators(recipe)
     normals = resolve_normals(recipe.normal)
+    _check_local_normals_open(normals)
     plan = plan_shards(recipe, normals)
     created_dir = not storage.is_remote(root) and not Path(root).exists()
     if not storage.is_remote(root):
@@ -745,9 +832,11 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
             else:
                 _run_ray(recipe, root, pending, embeddings, progress, actors)
     except Exception as exc:
-        # Bad input (a corrupt normal image, say) found by the run that started this library:
-        # leave nothing of it. A crash or an interrupt keeps what is done, for a resume.
-        if started_library and user_error_in(exc) is not None:
+        # Bad data (a corrupt normal image) met before any shard was finished by the run that
+        # started this library: leave nothing of it, so the fixed input starts afresh. Finished
+        # shards are kept whatever happens (storage down, a crash, bad data late in the run):
+        # they may be hours of GPU work, and the same command resumes them once the cause is gone.
+        if started_library and isinstance(user_error_in(exc), DataError) and not finished_shards(root):
             _withdraw_library(root, created_dir)
         raise
     missing = [s.shard_id for s in plan if s.shard_id not in finished_shards(root)]
@@ -875,13 +964,29 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
             shard = queue.pop(0)
             in_flight[pool[slot].write.remote(shard)] = (slot, shard, pool[slot])
 
-    for slot in range(count):
-        submit(slot)
-        submit(slot)
+    # Shards go only to actors that have started: an actor the cluster cannot place (more actors
+    # than CPUs or GPUs) would otherwise hold its two shards forever while the others run dry.
+    starting: dict[Any, tuple[int, Any]] = {actor.__ray_ready__.remote(): (slot, actor) for slot, actor in enumerate(pool)}
+    failed_starts = 0
     try:
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+        while in_flight or (queue and starting):
+            ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
             ref = ready[0]
+            if ref in starting:
+                slot, actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    failed_starts += 1
+                    if user_error_in(exc) is not None or failed_starts > max_retries + count:
+                        raise  # a bad recipe fails every actor the same way; do not retry it
+                    if pool[slot] is actor:
+                        pool[slot] = spawn()
+                        starting[pool[slot].__ray_ready__.remote()] = (slot, pool[slot])
+                    continue
+                submit(slot)
+                submit(slot)
+                continue
             slot, shard, actor = in_flight.pop(ref)
             try:
                 ray.get(ref)
@@ -894,11 +999,15 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
                                        "giving up (ray.max_retries)") from exc
                 bar.write(f"worker lost on shard {shard.shard_id}; retrying on a new worker")
                 queue.insert(0, shard)
-                # Replace the actor once, not once per shard it had in flight.
+                # Replace the actor once, not once per shard it had in flight; it takes shards
+                # once it has started.
                 if pool[slot] is actor:
                     ray.kill(actor)
                     pool[slot] = spawn()
-            submit(slot)
+                    starting[pool[slot].__ray_ready__.remote()] = (slot, pool[slot])
+                continue
+            if pool[slot] is actor:
+                submit(slot)
         metrics.finish()
     finally:
         metrics.close()

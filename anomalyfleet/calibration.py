@@ -132,7 +132,9 @@ def curve(scores: Sequence[float], labels: Sequence[int]) -> dict[str, np.ndarra
         precision = tp / (tp + fp)
         recall = tp / positives if positives else np.full(len(tp), np.nan)
         fpr = fp / negatives if negatives else np.full(len(fp), np.nan)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        # From the counts: equal F1 values are then equal floats (2pr/(p+r) rounds two cuts of the
+        # same F1 differently, and the tie-break below would pick by rounding noise).
+        f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + (positives - tp)), 0.0)
     return {"threshold": thresholds, "tp": tp, "fp": fp, "precision": precision, "recall": recall, "fpr": fpr, "f1": f1}
 
 

@@ -104,6 +104,7 @@ def cmd_memory_build(args) -> int:
     spec = parse_backbone(args.backbone) if args.backbone else None
     # The bundle's own settings and fp32: the memory must match the features the service computes.
     detector = load_bundle(bundle, device=select_device(args.device), backbone_spec=spec)
+    previous = detector.memory
     detector.memory = None  # a previous memory is replaced, not extended
     fusion = FusionSettings(mode=args.mode, **_given(args))
     memory = build_line_memory(
@@ -113,8 +114,10 @@ def cmd_memory_build(args) -> int:
     )
     memory.info["data"] = list(args.data)
     memory.info["bundle_in"] = bundle
-    # Scores are on a new scale: thresholds set for the prompts' probabilities no longer apply.
-    dropped = _drop_thresholds(detector) if memory.active else {}
+    # Thresholds hold only on the scale they were set on: a new memory's calibrated scale is not the
+    # prompts' probabilities, nor an earlier memory's (other images); back to prompts alone, thresholds
+    # set on a memory's scale no longer apply either.
+    dropped = _drop_thresholds(detector) if memory.active or (previous is not None and previous.active) else {}
     detector.memory = memory
     detector.to("cpu")
     save_bundle(detector, args.out)

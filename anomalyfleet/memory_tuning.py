@@ -106,6 +106,10 @@ def candidate_settings(base: FusionSettings, weights: Sequence[float]) -> list[t
     for w in sorted(set(float(x) for x in weights) | ({own} if own is not None else set())):
         if w == 0.0:
             out.append(("memory", replace(base, mode="memory")))
+            if base.mode == "fused" and base.prompt_weight == 0.0:
+                # A fused setting without the prompts' score still has their position term: not
+                # the memory alone, and the bundle's own setting must be among the candidates.
+                out.append((candidate_name(base), base))
         else:
             # The memory keeps 1 - w - u: a large w leaves less room for the position term.
             out.append((f"fused w={w:g}", replace(base, mode="fused", prompt_weight=w,

@@ -186,3 +186,10 @@ def test_calibrate_command_refuses_contradictory_options(tiny_bundle, tmp_path):
     with pytest.raises(SystemExit):
         _parser().parse_args(["calibrate", "--detector", str(tiny_bundle), "--data", "folder:x",
                               "--false-alarm-rate", "1.5", "--out", str(tmp_path / "o")])
+
+
+def test_best_f1_ties_go_to_the_highest_threshold_exactly():
+    """Two cuts with F1 = 2/3 each: computed as 2pr/(p+r) they differed in the last bit and the
+    lowest threshold (every image flagged) won; from the counts they tie and the highest wins."""
+    point = best_f1([.5, .5, 0, 0, .5, .5, 0, .5], [0, 1, 1, 0, 0, 1, 0, 1])
+    assert point.threshold > 0 and point.fpr == 0.5

@@ -966,3 +966,14 @@ def test_memory_position_share_round_trips_and_older_bundles_keep_their_scores(t
                       image_calibration=MapCalibration.fit(torch.rand(4)))
     with pytest.raises(ValueError, match="need position statistics"):
         bare.fuse(torch.rand(2, 56, 56), None, None, sigma)
+
+
+def test_tune_keeps_a_fused_setting_without_the_prompt_score_among_its_candidates():
+    """`memory set --prompt-weight 0` on a fused bundle: its own setting (still with the prompts'
+    position term) is a candidate of its own, not the memory alone (tune used to stop on it)."""
+    from anomalyfleet.memory import FusionSettings
+    from anomalyfleet.memory_tuning import candidate_name, candidate_settings
+
+    base = FusionSettings(mode="fused", prompt_weight=0.0)
+    named = dict(candidate_settings(base, [0.1, 0.5]))
+    assert named[candidate_name(base)] == base and named["memory"].mode == "memory"

@@ -439,3 +439,24 @@ def test_training_from_a_bundle_with_a_memory_may_change_its_settings(memory_bun
     detector = build_detector(config)
     assert detector.memory is None
     assert detector.settings.image_size == 70 and detector.settings.dpam_layers == 3
+
+
+def test_a_memory_rebuilt_for_prompts_alone_drops_the_memory_scale_thresholds(memory_bundle, tmp_path):
+    """Thresholds set on a memory's calibrated scale (1 = normal images' 99th percentile) mean
+    nothing to probabilities: rebuilt with --mode prompts, the bundle drops them, and a registry
+    threshold above 1 on it is refused (no image would ever be flagged)."""
+    from anomalyfleet.bundle import read_bundle_metadata
+    from anomalyfleet.errors import ConfigError
+    from anomalyfleet.serving.registry import parse_registry, resolve_line
+    from tests.image_sets import write_folder_dataset
+
+    _, with_memory, _ = memory_bundle
+    assert read_bundle_metadata(with_memory)["thresholds"].get("image") == 0.5
+    normals = write_folder_dataset(tmp_path / "normals", normals=6, anomalies=0, seed=4)
+    prompts_only = tmp_path / "prompts-only"
+    assert main(["memory", "build", "--detector", str(with_memory), "--data", f"folder:{normals}", "--k", "2",
+                 "--views", "none", "--mode", "prompts", "--out", str(prompts_only), "--quiet"]) == 0
+    assert read_bundle_metadata(prompts_only)["thresholds"].get("image") is None
+    spec = parse_registry(f"lines:\n  a: {{bundle: {prompts_only}, threshold: 1.5}}\n").lines["a"]
+    with pytest.raises(ConfigError, match="above 1, but its bundle scores with prompts alone"):
+        resolve_line("a", spec, None)

@@ -308,7 +308,7 @@ def resolve_line(name: str, spec: LineSpec, registry_uri: str | None) -> LineSta
             f"line {name!r}: no threshold: calibrate its bundle (anomalyfleet calibrate) or set one in the registry"
         )
     memory = meta.get("memory") or {}
-    if threshold > 1.0 and (not memory or memory.get("mode") == "prompts"):
+    if threshold > 1.0 and (not memory or (memory.get("fusion") or {}).get("mode", "fused") == "prompts"):
         raise ConfigError(f"line {name!r}: threshold {threshold} is above 1, but its bundle scores with prompts alone "
                           "(probabilities, 0..1): no image would ever be flagged")
     settings = meta["settings"]

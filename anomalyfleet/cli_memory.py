@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from anomalyfleet.cli_types import in_range, layer_list, positive_int
+from anomalyfleet.cli_types import in_range, layer_list, non_negative_int, positive_int
 
 MODES = ("fused", "memory", "prompts")
 DEFAULT_MODE = "fused"
@@ -276,7 +276,7 @@ def add_memory_command(subparsers) -> argparse.ArgumentParser:
                    help=f"scoring sources recorded in the bundle (default {DEFAULT_MODE})")
     for flag, field, kind, text in FUSION_OPTIONS:
         b.add_argument(flag, dest=field, type=kind, default=None, help=text.format(FUSION_DEFAULTS[field]))
-    b.add_argument("--calibration-images", type=int, default=32,
+    b.add_argument("--calibration-images", type=non_negative_int, default=32,
                    help="normal images outside the memory that calibrate the scales (default 32)")
     b.add_argument("--seed", type=int, default=0, help="seed of the draw of memory images and the coreset")
     _add_feature_options(b)

@@ -96,6 +96,8 @@ def _image_inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     s = _to_numpy(scores).reshape(-1).astype(np.float64)
     if y.shape != s.shape:
         raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
+    if np.isnan(s).any():  # as for maps: a metric over NaN is no metric, whatever the classes present
+        raise ValueError("image scores contain NaN")
     return y, s
 
 

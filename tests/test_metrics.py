@@ -236,3 +236,13 @@ def test_evaluate_single_class_gives_none() -> None:
     assert all(report["mean"][key] is None for key in metrics.METRIC_KEYS)
     json.dumps(report)
     assert metrics.format_table(report).splitlines()[-1].split() == ["mean"] + ["-"] * 5
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 0, 1], [0, 0, 0, 0]])
+def test_nan_image_scores_are_refused_by_name(labels) -> None:
+    """With both classes sklearn said 'Input contains NaN'; with one, the NaN passed silently."""
+    from anomalyfleet.metrics import image_ap, image_auroc
+
+    for metric in (image_auroc, image_ap):
+        with pytest.raises(ValueError, match="image scores contain NaN"):
+            metric(labels, [0.1, float("nan"), 0.3, 0.4])

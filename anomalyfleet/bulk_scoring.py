@@ -275,6 +275,7 @@ class ShardScorer:
         self.batch_size = batch_size
         self.write_maps = write_maps
         self.detectors = {}
+        self.backbones: dict[tuple, object] = {}
         try:
             self.device = select_device(device)
             self._refused: AnomalyFleetError | None = None
@@ -284,11 +285,16 @@ class ShardScorer:
             self.device, self._refused = None, exc
 
     def _detector(self, bundle: str):
-        from anomalyfleet.bundle import load_bundle
+        from anomalyfleet.bundle import load_bundle, read_bundle
 
         if bundle not in self.detectors:
+            # One backbone per actor for all the lines whose bundles share it (as the service does):
+            # with many lines, a backbone per bundle in every actor runs out of memory.
+            contents = read_bundle(bundle)
+            key = (json.dumps(contents.meta["backbone"], sort_keys=True), str(contents.meta["backbone_fingerprint"]))
+            detector = load_bundle(bundle, device=self.device, backbone=self.backbones.get(key), contents=contents)
+            self.backbones.setdefault(key, detector.backbone)
             # The version of the very state load_bundle parsed (its manifest's digest).
-            detector = load_bundle(bundle, device=self.device)
             self.detectors[bundle] = (detector, detector.metadata["bundle_version"])
         return self.detectors[bundle]
 
@@ -298,6 +304,8 @@ class ShardScorer:
         from anomalyfleet.data.transforms import preprocess_image
 
         detector, version = self._detector(shard.bundle)
+        if detector.backbone.image_size != detector.image_size:
+            detector.backbone.set_image_size(detector.image_size)  # a shared backbone: another line's size
         if shard.version is not None and version != shard.version:
             raise DataError(f"bundle {shard.bundle} was saved again during the run (planned with version "
                             f"{shard.version}, this worker loaded {version}); run the command again")

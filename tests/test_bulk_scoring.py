@@ -328,3 +328,32 @@ def test_parts_read_as_one_dataset_and_one_bad_image_is_a_row(ray_local, tmp_pat
 def test_score_with_ray_refuses_options_its_actors_would_ignore(tmp_path, capsys):
     code = main(["score", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--ray", "--image-size", "112"])
     assert code == 2 and "--image-size does not apply with --ray" in capsys.readouterr().err
+
+
+def test_an_actor_shares_one_backbone_between_bundles_of_other_sizes(tmp_path, openai_clip_file):
+    """Many lines on one backbone: each actor builds it once (not once per bundle), and each line
+    still scores at its own image size, as the CLI scores it."""
+    import pyarrow.parquet as pq
+
+    from anomalyfleet.backbones import BackboneSpec
+    from anomalyfleet.bulk_scoring import Shard, ShardScorer
+    from anomalyfleet.bundle import save_bundle
+    from anomalyfleet.detector import Detector
+
+    data = write_folder_dataset(tmp_path / "d", normals=2, anomalies=1, size=48, seed=8)
+    images = sorted(str(p) for p in (data / "normal").glob("*.png"))
+    small = make_bundle(openai_clip_file, tmp_path / "small", seed=1, threshold=0.5)
+    large = save_bundle(Detector.create(BackboneSpec(kind="openai_file", pretrained=str(openai_clip_file)),
+                                        image_size=70, layers=(6,), dpam_layers=4, seed=2), tmp_path / "large")
+    scorer = ShardScorer(str(tmp_path / "out"), batch_size=2, write_maps=False, device="cpu")
+    shards = [Shard("a", 0, str(small), 0.5, images), Shard("b", 0, str(large), None, images),
+              Shard("a", 1, str(small), 0.5, images)]
+    for shard in shards:
+        scorer.score_shard(shard)
+    assert len(scorer.backbones) == 1
+    first, second = scorer.detectors[str(small)][0], scorer.detectors[str(large)][0]
+    assert first.backbone is second.backbone
+    for shard, bundle in zip(shards, (small, large, small)):
+        got = pq.read_table(shard.part_uri(str(tmp_path / "out"))).column("score").to_pylist()
+        expected = _cli_scores(bundle, data / "normal", tmp_path / f"cli-{shard.line}-{shard.index}")
+        assert got == pytest.approx([expected[Path(i).name] for i in images], abs=1e-5)

@@ -100,18 +100,23 @@ def confusion(scores: Sequence[float], labels: Sequence[int], threshold: float) 
     )
 
 
-def threshold_for_false_alarm_rate(normal_scores: Sequence[float], rate: float) -> float:
-    """The lowest threshold with at most floor(rate * n) normal scores at or above it."""
+def threshold_for_false_alarm_rate(normal_scores: Sequence[float], rate: float,
+                                   all_scores: Sequence[float] | None = None) -> float:
+    """The lowest threshold with at most floor(rate * n) normal scores at or above it, halfway
+    between neighbouring scores. `all_scores` (labelled calibration: normal and anomalous): the cut
+    is placed among all of them, so anomalies scoring between two normal images stay above it
+    (halfway between normals would drop them for no fewer false alarms)."""
     scores = np.asarray(normal_scores, dtype=np.float64)
     _check(scores)
     if not 0.0 <= rate < 1.0:
         raise ConfigError(f"false-alarm rate must be in [0, 1), got {rate}")
     allowed = math.floor(rate * len(scores) + 1e-9)
-    values, thresholds = cuts(scores)
-    counts = np.searchsorted(np.sort(-scores), -values, side="right")  # normals scoring >= each value
+    candidates = scores if all_scores is None else np.asarray(all_scores, dtype=np.float64)
+    _, thresholds = cuts(candidates)
+    counts = len(scores) - np.searchsorted(np.sort(scores), thresholds, side="left")  # normals >= each cut
     fits = np.nonzero(counts <= allowed)[0]
     if len(fits) == 0:
-        return _up(values[0])
+        return _up(float(scores.max()))
     return float(thresholds[fits[-1]])
 
 
@@ -188,7 +193,7 @@ def calibrate_scores(scores: Sequence[float], labels: Sequence[int], false_alarm
     if len(normals) == 0:
         raise DataError("calibration needs normal images (label 0)")
     rate = 0.01 if false_alarm_rate is None else false_alarm_rate
-    far_threshold = threshold_for_false_alarm_rate(normals, rate)
+    far_threshold = threshold_for_false_alarm_rate(normals, rate, scores if labels.any() else None)
     points: dict[str, dict] = {"false_alarm_rate": {"requested": rate, **confusion(scores, labels, far_threshold).to_dict()}}
     labelled = bool(labels.any())
     if not labelled:

@@ -193,3 +193,13 @@ def test_best_f1_ties_go_to_the_highest_threshold_exactly():
     lowest threshold (every image flagged) won; from the counts they tie and the highest wins."""
     point = best_f1([.5, .5, 0, 0, .5, .5, 0, .5], [0, 1, 1, 0, 0, 1, 0, 1])
     assert point.threshold > 0 and point.fpr == 0.5
+
+
+def test_a_labelled_false_alarm_threshold_keeps_anomalies_between_normals():
+    """Normals 0.1 and 0.9, anomalies 0.2 and 0.3, one false alarm allowed in two: halfway between
+    the normals (0.5) flags no anomaly; just above 0.1, with the same single false alarm, both."""
+    from anomalyfleet.calibration import calibrate_scores
+
+    calibration = calibrate_scores([.1, .9, .2, .3], [0, 0, 1, 1], false_alarm_rate=0.5)
+    point = calibration.operating_points["false_alarm_rate"]
+    assert point["fp"] == 1 and point["tp"] == 2 and 0.1 < calibration.threshold < 0.2

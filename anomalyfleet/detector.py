@@ -128,6 +128,13 @@ class Detector(nn.Module):
         self.settings.validate(self.backbone.num_layers, self.backbone.patch_size)
         self.backbone.set_image_size(self.settings.image_size)
         self._check_memory()
+        memory = self.memory
+        if memory is not None and memory.active and "sigma" in overrides \
+                and float(overrides["sigma"]) != float(memory.info.get("sigma", 4.0)):
+            # The image-score scales were fitted on maps smoothed at the build's sigma: refit them
+            # at this one from the calibration images the memory keeps, or the scores drift off-scale.
+            memory.configure(memory.fusion, float(self.settings.sigma))
+            memory.info["sigma"] = float(self.settings.sigma)
         return self
 
     def _check_memory(self) -> None:

@@ -266,7 +266,13 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     # The memory holds at the settings it was built at; others are refused rather than mis-scored.
     with pytest.raises(ConfigError, match="line memory was built at image_size 56"):
         _load(path, image_size=112)
-    assert _load(path, sigma=2.0).settings.sigma == 2.0
+    # Another smoothing is allowed: the image-score scale is refitted at it from the calibration
+    # images, as a memory built at that sigma would fit it.
+    resmoothed = _load(path, sigma=2.0)
+    assert resmoothed.settings.sigma == 2.0 and resmoothed.memory.info["sigma"] == 2.0
+    refit = loaded.memory.fit_image_calibration(2.0)
+    assert resmoothed.memory.image_calibration.to_dict() == refit.to_dict()
+    assert refit.to_dict() != loaded.memory.image_calibration.to_dict()
     # A bundle from a newer format is refused, naming the versions.
     import shutil
 

@@ -155,8 +155,13 @@ class Shard:
             what.append({"maps": False})
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
+    @property
+    def part_name(self) -> str:
+        """The part's path under the output."""
+        return f"parts/{self.line}/part-{self.index:05d}-{self.digest}.parquet"
+
     def part_uri(self, output: str) -> str:
-        return storage.join(output, "parts", self.line, f"part-{self.index:05d}-{self.digest}.parquet")
+        return storage.join(output, *self.part_name.split("/"))
 
 
 def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None) -> tuple[LineInput, ...]:
@@ -407,6 +412,26 @@ class ShardScorer:
         return {"line": np.array([d["line"] for d in done]), "images": np.array([d["images"] for d in done])}
 
 
+def conform_part(uri: str) -> bool:
+    """Rewrite a part written before parts had one schema (its types inferred: a column all null in
+    it is of type null) in that schema, so that old and new parts read as one dataset. True if it
+    was rewritten."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = part_schema()
+    raw = storage.read_bytes(uri)
+    if pq.read_schema(io.BytesIO(raw)).equals(schema):
+        return False
+    table = pq.read_table(io.BytesIO(raw))
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), buffer)
+    storage.write_bytes(uri, buffer.getvalue())  # a whole object or file, as when it was written
+    return True
+
+
 def summarize(output: str, shards: list[Shard]) -> dict:
     import pyarrow.parquet as pq
 
@@ -454,6 +479,10 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     config.check_peers()
     shards = plan_shards(config)
     todo = [s for s in shards if not storage.exists(s.part_uri(config.output))]
+    pending = {id(s) for s in todo}
+    for shard in shards:
+        if id(shard) not in pending:
+            conform_part(shard.part_uri(config.output))
     started = time.perf_counter()
     if todo:
         check_writable(config.output)
@@ -497,7 +526,7 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
         "lines": summarize(config.output, shards),
         # The parts of this run's results. parts/ may also hold parts of earlier runs on the same
         # output with other bundles, settings or images (kept: they are results too).
-        "parts": [p[len(config.output.rstrip("/")) + 1:] for p in parts],
+        "parts": [s.part_name for s in shards],
         "superseded_parts": _other_parts(config.output, set(parts)),
         "shards": len(shards),
         "shards_scored_now": len(todo),

@@ -357,3 +357,27 @@ def test_an_actor_shares_one_backbone_between_bundles_of_other_sizes(tmp_path, o
         got = pq.read_table(shard.part_uri(str(tmp_path / "out"))).column("score").to_pylist()
         expected = _cli_scores(bundle, data / "normal", tmp_path / f"cli-{shard.line}-{shard.index}")
         assert got == pytest.approx([expected[Path(i).name] for i in images], abs=1e-5)
+
+
+def test_a_part_of_an_older_run_is_rewritten_in_the_one_schema(tmp_path):
+    """Parts written before the schema was fixed keep their names (a re-run skips them): their
+    inferred types (an all-null column is of type null) are conformed, so old and new read as one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anomalyfleet.bulk_scoring import conform_part, part_schema
+
+    old = tmp_path / "parts" / "line" / "part-00000-aaaaaaaaaa.parquet"
+    old.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"line": ["line"], "image": ["a.png"], "score": [0.3], "threshold": [0.5],
+                             "anomalous": [False], "map_uri": [None], "detector_version": ["v"], "width": [48],
+                             "height": [48], "error": [None]}), old)
+    new = tmp_path / "parts" / "line" / "part-00001-bbbbbbbbbb.parquet"
+    pq.write_table(pa.table({"line": ["line"], "image": ["b.png"], "score": [float("nan")], "threshold": [0.5],
+                             "anomalous": [None], "map_uri": [None], "detector_version": ["v"], "width": [None],
+                             "height": [None], "error": ["corrupt"]}, schema=part_schema()), new)
+    with pytest.raises(pa.ArrowException):
+        pq.read_table(tmp_path / "parts")
+    assert conform_part(str(old)) and not conform_part(str(old))
+    table = pq.read_table(tmp_path / "parts")
+    assert table.num_rows == 2 and table.schema.equals(part_schema())

@@ -42,6 +42,9 @@ def test_registry_values_that_are_fine():
     # Above 1 is a valid threshold for a line memory's calibrated scores (checked against the bundle).
     document = parse_registry("lines:\n  a: {bundle: b, threshold: 1}\n  c: {bundle: b, threshold: 2.5}\n")
     assert document.lines["a"].threshold == 1.0 and document.lines["c"].threshold == 2.5
+    # Exponents without a dot (as json.dumps writes small numbers) are strings to YAML 1.1: numbers here.
+    exponents = parse_registry('{"lines": {"a": {"bundle": "b", "threshold": 1e-05, "pixel_threshold": 2e0}}}')
+    assert exponents.lines["a"].threshold == 1e-05 and exponents.lines["a"].pixel_threshold == 2.0
     merged = parse_registry("lines:\n  a: &base {bundle: x, threshold: 0.5}\n  b:\n    <<: *base\n    bundle: y\n")
     assert merged.lines["b"].bundle == "y" and merged.lines["b"].threshold == 0.5  # << then an override
 

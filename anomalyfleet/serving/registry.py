@@ -79,6 +79,12 @@ class LineSpec(BaseModel):
     def _number(cls, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return float(value)  # (strict floats refuse 1; YAML reads "1" as an int)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot), which json.dumps writes, as a string: a number still.
+            try:
+                return float(value)
+            except ValueError:
+                return value  # refused below, naming the field
         return value
 
     @field_validator("tokens", mode="before")

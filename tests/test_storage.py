@@ -538,12 +538,16 @@ def test_a_dataset_mirror_is_found_again_on_another_node(s3_env, tmp_path, monke
     image = str(driver_root / "normal" / "b.png")
     mirrors = storage.prefix_mirrors_of([image, None, str(tmp_path / "elsewhere.png")])
     assert mirrors == {str(driver_root): uri}
-    monkeypatch.setenv("ANOMALYFLEET_CACHE", str(tmp_path / "worker-cache"))  # the other node
+    assert storage.localize_mirrored(mirrors)(image) == image  # on the driver's node: its own mirror
+    stamp = os.stat(image).st_mtime_ns
+    os.rename(tmp_path / "driver-cache", tmp_path / "gone")  # the other node has no such directory
+    monkeypatch.setenv("ANOMALYFLEET_CACHE", str(tmp_path / "worker-cache"))  # and its cache elsewhere
     here = storage.localize_mirrored(mirrors)
     moved = here(image)
     assert moved.startswith(str(tmp_path / "worker-cache")) and Path(moved).read_bytes() == b"normal/b.png"
     assert here(None) is None and here("/data/local.png") == "/data/local.png"
-    assert os.stat(moved).st_mtime_ns == os.stat(image).st_mtime_ns  # the object's time, on both nodes
+    assert os.stat(moved).st_mtime_ns == stamp  # the object's time, on both nodes
     storage.write_bytes(storage.join(uri, "normal/c.png"), b"new")
+    os.rename(tmp_path / "worker-cache", tmp_path / "gone-too")  # a third node, after the prefix grew
     with pytest.raises(StorageError, match="changed since this job listed it"):
         storage.localize_mirrored(mirrors)

@@ -114,6 +114,7 @@ class FeatureActor:
         self.detector = source.load(select_device("auto" if use_gpu else "cpu"))
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
+        self._mirrors: dict[tuple, object] = {}
 
     def compute(self, index: int, start: int, samples: list[Sample], path: str,
                 mirrors: dict[str, str] | None = None) -> dict:
@@ -122,7 +123,12 @@ class FeatureActor:
         began = time.perf_counter()
         local = samples
         if mirrors:
-            here = storage.localize_mirrored(mirrors)
+            # Resolved once per actor: each resolution lists the prefix (and a prefix that grew during
+            # a long stage would then fail every later shard).
+            key = tuple(sorted(mirrors.items()))
+            if key not in self._mirrors:
+                self._mirrors[key] = storage.localize_mirrored(mirrors)
+            here = self._mirrors[key]
             local = [replace(s, image=here(s.image), mask=here(s.mask)) for s in samples]
         table = compute_feature_table(self.detector, local, dtype=self.dtype, batch_size=self.batch_size,
                                       progress=False)

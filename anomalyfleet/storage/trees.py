@@ -112,6 +112,10 @@ def localize_mirrored(mirrors: dict[str, str]) -> Callable[[str | None], str | N
     whose listing changed since the other node mirrored it is an error, not silently other data."""
     rebase: dict[str, str] = {}
     for root, uri in mirrors.items():
+        marker = Path(root) / ".complete"
+        if marker.is_file() and marker.read_text() == uri:
+            rebase[root] = root  # the same mirror is here (the driver's node, or a shared cache)
+            continue
         local = cached_prefix(uri)
         if local.name != Path(root).name:
             raise StorageError(f"{uri} changed since this job listed it (objects added, removed or rewritten); run it again")

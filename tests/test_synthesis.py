@@ -401,11 +401,11 @@ def test_the_readmes_recipe_is_valid():
 def test_an_embedding_learned_for_an_object_storage_library_is_cached_by_what_it_is_learned_from(tmp_path):
     from anomalyfleet.synthesis.library import embedding_cache_dir
 
-    def recipe(support: str, steps: int, seed: int = 3):
+    def recipe(support: str, steps: int, seed: int = 3, lr: float = 5e-3):
         return parse_recipe({
             "name": "lib", "normal": [str(tmp_path / "normal")], "output": "s3://bucket/lib", "seed": seed,
             "defects": [{"name": "crack", "generator": "anogen", "count": 2, "pipeline": str(tmp_path / "sd"),
-                         "support": f"folder:{tmp_path / support}", "learn": {"steps": steps}}],
+                         "support": f"folder:{tmp_path / support}", "learn": {"steps": steps, "learning_rate": lr}}],
         })
 
     def where(r):
@@ -414,7 +414,8 @@ def test_an_embedding_learned_for_an_object_storage_library_is_cached_by_what_it
     same = where(recipe("cracks", 100))
     assert where(recipe("cracks", 100)) == same  # a resumed run finds its checkpoints
     assert where(recipe("other-cracks", 100)) != same  # other support images: learned anew
-    assert where(recipe("cracks", 200)) != same and where(recipe("cracks", 100, seed=4)) != same
+    assert where(recipe("cracks", 100, lr=1e-3)) != same and where(recipe("cracks", 100, seed=4)) != same
+    assert where(recipe("cracks", 200)) == same  # more steps continue the same learning, as a resume does
 
 
 def test_a_folder_that_is_not_a_library_is_refused_and_left_as_it_was(tmp_path, normals):

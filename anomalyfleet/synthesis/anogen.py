@@ -220,10 +220,13 @@ class LearnConfig:
         return _config_from_dict(cls, data, "learn")
 
 
+# More steps may be asked for on resume (and checkpointing or device changed); anything else
+# changing would mix two runs.
+RESUMABLE_LEARN_SETTINGS = ("steps", "checkpoint_every", "device")
+
+
 def _resume_key(config: dict) -> dict:
-    """More steps may be asked for on resume (and checkpointing or device changed); anything else
-    changing would mix two runs."""
-    return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every", "device")}
+    return {k: v for k, v in config.items() if k not in RESUMABLE_LEARN_SETTINGS}
 
 
 def masked_noise_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -614,7 +617,7 @@ def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = N
 
 
 __all__ = [
-    "AnoGenGenerator", "Components", "GenerateConfig", "LearnConfig", "add_placeholder", "learn_embedding",
-    "placeholder_token",
-    "learn_from_recipe", "load_components", "load_embedding", "masked_noise_loss", "save_embedding",
+    "AnoGenGenerator", "Components", "GenerateConfig", "LearnConfig", "RESUMABLE_LEARN_SETTINGS", "add_placeholder",
+    "learn_embedding", "learn_from_recipe", "load_components", "load_embedding", "masked_noise_loss",
+    "placeholder_token", "save_embedding",
 ]

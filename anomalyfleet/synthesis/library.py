@@ -32,6 +32,7 @@ actor's half-built shard was never visible, so every sample ends up in the libra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -678,27 +679,37 @@ def _clean_partials(root: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def support_files_fingerprint(support: str | None) -> str | None:
+    """Sizes and times of a support data spec's files, where they are on disk (None elsewhere)."""
+    location = (support or "").partition(":")[2].partition("?")[0]
+    if not support or storage.is_remote(location):
+        return None
+    from anomalyfleet.data import parse_data_spec
+    from anomalyfleet.data.samples import files_fingerprint
+    from anomalyfleet.errors import AnomalyFleetError
+
+    try:
+        return files_fingerprint(parse_data_spec(support))
+    except AnomalyFleetError:
+        return None  # learning reports what is wrong with the support examples
+
+
 def learned_from_key(recipe: Recipe, defect: DefectRecipe) -> str:
     """What an embedding is learned from: the pipeline, the support examples (their files' sizes and
     times too, where they are on disk, so masks corrected in place count), the learning settings and
     the seed. Not the generation settings: more samples of a type reuse its embedding."""
-    files = None
-    location = (defect.support or "").partition(":")[2].partition("?")[0]
-    if defect.support and not storage.is_remote(location):
-        from anomalyfleet.data import parse_data_spec
-        from anomalyfleet.data.samples import files_fingerprint
-        from anomalyfleet.errors import AnomalyFleetError
+    files = support_files_fingerprint(defect.support)
+    from anomalyfleet.synthesis.anogen import RESUMABLE_LEARN_SETTINGS
 
-        try:
-            files = files_fingerprint(parse_data_spec(defect.support))
-        except AnomalyFleetError:
-            files = None  # learning reports what is wrong with the support examples
-    what = [recipe.seed, defect.pipeline, defect.support, defect.learn, files]
+    # More steps (or another device, checkpoint interval) continue the same learning, as a resume does.
+    learn = {k: v for k, v in defect.learn.items() if k not in RESUMABLE_LEARN_SETTINGS}
+    what = [recipe.seed, defect.pipeline, defect.support, learn, files]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool,
-                           device: str | None = None, on_step: Callable[[int], None] | None = None) -> Path:
+                           device: str | None = None, on_step: Callable[[int], None] | None = None,
+                           key: str | None = None) -> Path:
     """Learn one AnoGen type's embedding into the local file `target`, resuming from the
     checkpoints kept beside it (keyed by what it learns from: other support examples start
     afresh). `device` applies unless the recipe's `learn` settings name one."""
@@ -706,7 +717,7 @@ def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, p
 
     settings = {"seed": recipe.seed, **({"device": device} if device else {}), **defect.learn}
     config = LearnConfig.from_dict(settings)
-    key = learned_from_key(recipe, defect)
+    key = key or learned_from_key(recipe, defect)
     return learn_embedding(defect.pipeline, defect.support, target, config=config,
                            checkpoint_dir=target.parent / f".{defect.name}-{key}-checkpoints", progress=progress,
                            defect_name=defect.name, on_step=on_step, metadata={"learned_from": key})
@@ -731,16 +742,17 @@ def embedding_uri(root: str, defect: str) -> str:
     return storage.join(root, "embeddings", f"{defect}.pt")
 
 
-def embedding_cache_dir(recipe: Recipe, root: str, defect: DefectRecipe) -> Path:
+def embedding_cache_dir(recipe: Recipe, root: str, defect: DefectRecipe, key: str | None = None) -> Path:
     """Where this node learns an object-storage library's embedding. Keyed by what the embedding is
     learned from as well as the library (the defect's recipe and the seed), so a library deleted and
     run again with other support images or learning settings does not upload the old finished one."""
-    learned_from = json.dumps([root, learned_from_key(recipe, defect)], sort_keys=True)
+    learned_from = json.dumps([root, key or learned_from_key(recipe, defect)], sort_keys=True)
     return storage.cache_dir("synthesis") / hashlib.sha256(learned_from.encode()).hexdigest()[:16]
 
 
 def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, progress: bool,
-                            device: str | None = None, on_step: Callable[[int], None] | None = None) -> str:
+                            device: str | None = None, on_step: Callable[[int], None] | None = None,
+                            key: str | None = None) -> str:
     """Learn one AnoGen type's embedding into <root>/embeddings/<name>.pt, resumable; returns where it is.
 
     For an object-storage root it is learned in the node's cache (checkpoints included, so a killed
@@ -751,10 +763,12 @@ def learn_library_embedding(recipe: Recipe, root: str, defect: DefectRecipe, pro
     uri = embedding_uri(root, defect.name)
     if remote and storage.exists(uri):
         return uri
-    directory = embedding_cache_dir(recipe, root, defect) if remote else Path(root)
+    # The driver's key (a worker on another node would see other file times of the support examples).
+    key = key or learned_from_key(recipe, defect)
+    directory = embedding_cache_dir(recipe, root, defect, key) if remote else Path(root)
     target = directory / "embeddings" / name
     if not target.is_file():
-        learn_defect_embedding(recipe, defect, target, progress, device, on_step)
+        learn_defect_embedding(recipe, defect, target, progress, device, on_step, key)
     if not remote:
         return str(target)
     return publish_embedding(target, uri)
@@ -811,14 +825,21 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
     normals = resolve_normals(recipe.normal)
     _check_local_normals_open(normals)
     plan = plan_shards(recipe, normals)
-    created_dir = not storage.is_remote(root) and not Path(root).exists()
+    created_dir = False
     if not storage.is_remote(root):
-        Path(root).mkdir(parents=True, exist_ok=True)
+        Path(root).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(root).mkdir()
+            created_dir = True  # by this run: of two starting at once, only one creates it
+        except FileExistsError:
+            pass
     try:
         started_library = _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
     except BaseException:
         if created_dir:
-            shutil.rmtree(root, ignore_errors=True)
+            # Only if still empty: another run may have put its recipe (and shards) in meanwhile.
+            with contextlib.suppress(OSError):
+                Path(root).rmdir()
         raise
     _clean_partials(root)
     actors = recipe.ray.actors if actors is None else actors
@@ -903,7 +924,7 @@ def _learn_on_ray(recipe: Recipe, root: str, defects: list[DefectRecipe], progre
     recipe_json = recipe.model_dump(mode="json")
     # No GPU granted: say cpu, so a node that has one idle does not get used behind Ray's back.
     device = "auto" if gpus > 0 else "cpu"
-    names = {task.remote(recipe_json, root, d.name, device): d.name for d in defects}
+    names = {task.remote(recipe_json, root, d.name, device, learned_from_key(recipe, d)): d.name for d in defects}
     waiting = list(names)
     bar = _progress_bar(len(names), progress, desc="learn embeddings", unit="type")
     try:
@@ -921,7 +942,7 @@ def _learn_on_ray(recipe: Recipe, root: str, defects: list[DefectRecipe], progre
             ray.cancel(ref, force=True)
 
 
-def _learn_task(recipe_json: dict, root: str, name: str, device: str) -> str:
+def _learn_task(recipe_json: dict, root: str, name: str, device: str, key: str | None = None) -> str:
     """Ray task body: learn one type's embedding on the node Ray chose and write it into the library."""
     import torch
 
@@ -932,7 +953,7 @@ def _learn_task(recipe_json: dict, root: str, name: str, device: str) -> str:
     fault = recipe.ray.fault_injection
     on_step = (_kill_after(fault.kill_after_learn_steps, fault.once)
                if fault and fault.kill_after_learn_steps else None)
-    return learn_library_embedding(recipe, root, defect, progress=False, device=device, on_step=on_step)
+    return learn_library_embedding(recipe, root, defect, progress=False, device=device, on_step=on_step, key=key)
 
 
 def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
@@ -959,13 +980,27 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
     # Images done, rate and ETA on the Jobs dashboard (and the stalled-job alert), beside the bar.
     metrics = JobMetrics(recipe.name, kind="synthesis", total=sum(len(s.items) for s in pending))
 
-    def submit(slot: int) -> None:
-        if queue:
-            shard = queue.pop(0)
-            in_flight[pool[slot].write.remote(shard)] = (slot, shard, pool[slot])
+    # Shards go only to actors that have started, two at a time: an actor the cluster cannot place
+    # (more actors than CPUs or GPUs, a node gone) would otherwise hold its shards forever while the
+    # others run dry. `started` holds the slots whose current actor has started.
+    started: set[int] = set()
 
-    # Shards go only to actors that have started: an actor the cluster cannot place (more actors
-    # than CPUs or GPUs) would otherwise hold its two shards forever while the others run dry.
+    def load(slot: int) -> int:
+        return sum(1 for s, _, a in in_flight.values() if s == slot and a is pool[slot])
+
+    def fill() -> None:
+        """Give queued shards to started actors with fewer than two in flight."""
+        for slot in sorted(started):
+            while queue and load(slot) < 2:
+                shard = queue.pop(0)
+                in_flight[pool[slot].write.remote(shard)] = (slot, shard, pool[slot])
+
+    def replace_actor(slot: int) -> None:
+        started.discard(slot)
+        ray.kill(pool[slot])
+        pool[slot] = spawn()
+        starting[pool[slot].__ray_ready__.remote()] = (slot, pool[slot])
+
     starting: dict[Any, tuple[int, Any]] = {actor.__ray_ready__.remote(): (slot, actor) for slot, actor in enumerate(pool)}
     failed_starts = 0
     try:
@@ -981,11 +1016,11 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
                     if user_error_in(exc) is not None or failed_starts > max_retries + count:
                         raise  # a bad recipe fails every actor the same way; do not retry it
                     if pool[slot] is actor:
-                        pool[slot] = spawn()
-                        starting[pool[slot].__ray_ready__.remote()] = (slot, pool[slot])
+                        replace_actor(slot)
                     continue
-                submit(slot)
-                submit(slot)
+                if pool[slot] is actor:
+                    started.add(slot)
+                fill()
                 continue
             slot, shard, actor = in_flight.pop(ref)
             try:
@@ -999,15 +1034,11 @@ def _run_ray(recipe, root, pending, embeddings, progress, actors: int) -> None:
                                        "giving up (ray.max_retries)") from exc
                 bar.write(f"worker lost on shard {shard.shard_id}; retrying on a new worker")
                 queue.insert(0, shard)
-                # Replace the actor once, not once per shard it had in flight; it takes shards
-                # once it has started.
+                # Replace the actor once, not once per shard it had in flight; the shard goes to
+                # whichever started actor has room first (the replacement too, once it starts).
                 if pool[slot] is actor:
-                    ray.kill(actor)
-                    pool[slot] = spawn()
-                    starting[pool[slot].__ray_ready__.remote()] = (slot, pool[slot])
-                continue
-            if pool[slot] is actor:
-                submit(slot)
+                    replace_actor(slot)
+            fill()
         metrics.finish()
     finally:
         metrics.close()

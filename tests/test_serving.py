@@ -193,6 +193,9 @@ def test_bad_inputs_are_4xx_and_the_replica_keeps_serving(env):
         assert isinstance(r.json()["detail"], str) and r.json()["detail"], name
     r = requests.post(f"{base}/v1/lines/no-such-line/score", data=good, headers=_auth(), timeout=60)
     assert r.status_code == 404 and "no-such-line" in r.json()["detail"]
+    # A misspelt option is refused, not ignored (the client would get no map and no reason).
+    r = requests.post(f"{base}/v1/lines/line-a/score?return_maps=true", data=good, headers=_auth(), timeout=60)
+    assert r.status_code == 422 and "'return_maps'" in r.json()["detail"] and "return_map" in r.json()["detail"]
     r = requests.post(f"{base}/v1/lines/line-a/score", files={"file": ("notes.txt", b"abc", "text/plain")},
                       headers=_auth(), timeout=60)
     assert r.status_code == 415 and "notes.txt" in r.json()["detail"]

@@ -273,6 +273,17 @@ def map_png(amap: np.ndarray, scale: float) -> bytes:
 # Defined before the Gateway: `serve.ingress` freezes the FastAPI app, and with it the globals the
 # endpoints use, while the class is being created, so a helper defined after it would be missing
 # in the replica (a NameError, i.e. a 500, in place of the 503 below).
+SCORE_QUERY = frozenset({"return_map"})
+
+
+def check_query(given, known: frozenset) -> None:
+    """A misspelt option (`?return_maps=true`) is refused, not silently ignored (FastAPI's default)."""
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise InputError(422, "bad_query", f"unknown query parameter {', '.join(map(repr, unknown))} "
+                                           f"(known: {', '.join(sorted(known))})")
+
+
 def shared_threshold(results: list[dict]) -> float | None:
     """The threshold all of a batch's results were decided with, or None when they differ."""
     thresholds = {result["threshold"] for result in results}
@@ -503,6 +514,7 @@ class Gateway:
         try:
             await self._maybe_refresh()
             state, label = self._line(request, line, self.snapshot)
+            check_query(request.query_params.keys(), SCORE_QUERY)
             return await handle(state, started)
         except (Refusal, AuthError, InputError) as exc:
             refusal = _refusal(exc)

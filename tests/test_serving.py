@@ -412,5 +412,5 @@ def test_a_cancelled_request_is_counted_as_499_not_200():
 
     line_request = Gateway.func_or_class._line_request
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(line_request(gateway, None, "line-a", "score", cancelled))
+        asyncio.run(line_request(gateway, SimpleNamespace(query_params={}), "line-a", "score", cancelled))
     assert recorded == [("error", "line-a", "cancelled"), ("request", "line-a", CLIENT_CLOSED)]

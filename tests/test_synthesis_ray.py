@@ -177,8 +177,9 @@ def test_lost_actor_mid_shard_every_sample_once(ray_cluster, tmp_path):
     assert not [p for p in (tmp_path / "ray" / "shards").iterdir() if p.name.startswith(".")], "partial shard left"
     shards = sorted((tmp_path / "ray" / "shards").iterdir())
     pids = {json.loads((p / "shard.json").read_text())["pid"] for p in shards}
-    # the killed actor finished one shard first; the survivor and the replacement wrote the rest
-    assert killed in pids and len(pids) == 3
+    # The killed actor finished one shard first; the survivor wrote the rest, with the replacement
+    # if it started before the queue ran dry (re-queued shards go to whichever started actor has room).
+    assert killed in pids and len(pids) in (2, 3)
     got = rows(tmp_path / "ray")
     assert [r["image"] for r in got] == [r["image"] for r in rows(tmp_path / "local")]
     assert got == rows(tmp_path / "local")

@@ -298,6 +298,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if config.fail_after_epoch == epoch + 1:
             if metrics is not None:
                 metrics.close()  # a failed attempt is not a stalled job
+            # Every rank fails only once rank 0's report has returned (its checkpoint persisted):
+            # a rank failing first tears the group down while rank 0 may still be uploading, and
+            # the drill would then fail before epoch N's checkpoint exists (seen on a loaded machine).
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
             raise InjectedFailure(f"fault injection after epoch {epoch + 1} (fail_after_epoch)")
     if metrics is not None:
         metrics.finish()

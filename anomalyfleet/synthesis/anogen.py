@@ -225,7 +225,8 @@ class LearnConfig:
 RESUMABLE_LEARN_SETTINGS = ("steps", "checkpoint_every", "device")
 
 
-def _resume_key(config: dict) -> dict:
+def resume_key(config: dict) -> dict:
+    """The learning settings a resumed run must share with the run it continues."""
     return {k: v for k, v in config.items() if k not in RESUMABLE_LEARN_SETTINGS}
 
 
@@ -375,7 +376,7 @@ def learn_embedding(pipeline: str | Path | Components, support: str | tuple[np.n
     ckpt_path = Path(checkpoint_dir) / "latest.pt" if checkpoint_dir else None
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # plain values: no code runs
-        if state["placeholder"] != placeholder or _resume_key(state["config"]) != _resume_key(asdict(config)):
+        if state["placeholder"] != placeholder or resume_key(state["config"]) != resume_key(asdict(config)):
             raise ConfigError(f"{ckpt_path}: checkpoint from different settings; delete it to start over")
         with torch.no_grad():
             vector.copy_(state["vector"])
@@ -619,5 +620,5 @@ def learn_from_recipe(recipe_path: str | Path, defects: Iterable[str] | None = N
 __all__ = [
     "AnoGenGenerator", "Components", "GenerateConfig", "LearnConfig", "RESUMABLE_LEARN_SETTINGS", "add_placeholder",
     "learn_embedding", "learn_from_recipe", "load_components", "load_embedding", "masked_noise_loss",
-    "placeholder_token", "save_embedding",
+    "placeholder_token", "resume_key", "save_embedding",
 ]

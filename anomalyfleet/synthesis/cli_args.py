@@ -92,18 +92,14 @@ def cmd_synth_learn(args) -> int:
     config = LearnConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     if storage.is_remote(args.output):
         # Learned on this node (checkpoints beside it, so a rerun resumes), then uploaded.
-        import hashlib
         from dataclasses import asdict
         from pathlib import Path
 
-        from anomalyfleet.synthesis.anogen import RESUMABLE_LEARN_SETTINGS
-        from anomalyfleet.synthesis.library import publish_embedding, support_files_fingerprint
+        from anomalyfleet.synthesis.library import learning_key, publish_embedding
 
         # Keyed by what it learns from, not only where it goes: other support examples or another
         # pipeline must not resume (and publish) an earlier learning's finished vector.
-        learning = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_LEARN_SETTINGS}
-        what = [args.output, args.pipeline, args.support, learning, support_files_fingerprint(args.support)]
-        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = learning_key(args.pipeline, args.support, asdict(config), args.output)
         local = Path(args.checkpoint_dir or storage.cache_dir("synthesis") / f"learn-{key}") / Path(args.output).name
         local.parent.mkdir(parents=True, exist_ok=True)
         learn_embedding(args.pipeline, args.support, local, config, checkpoint_dir=local.parent / ".checkpoints",

@@ -694,17 +694,21 @@ def support_files_fingerprint(support: str | None) -> str | None:
         return None  # learning reports what is wrong with the support examples
 
 
-def learned_from_key(recipe: Recipe, defect: DefectRecipe) -> str:
+def learning_key(pipeline: str | None, support: str | None, learn: dict, *context) -> str:
     """What an embedding is learned from: the pipeline, the support examples (their files' sizes and
-    times too, where they are on disk, so masks corrected in place count), the learning settings and
-    the seed. Not the generation settings: more samples of a type reuse its embedding."""
-    files = support_files_fingerprint(defect.support)
-    from anomalyfleet.synthesis.anogen import RESUMABLE_LEARN_SETTINGS
+    times too, where they are on disk, so masks corrected in place count) and the learning settings
+    a resume must share (more steps, another device or checkpoint interval continue the same
+    learning), plus `context` (a seed, a destination)."""
+    from anomalyfleet.synthesis.anogen import resume_key
 
-    # More steps (or another device, checkpoint interval) continue the same learning, as a resume does.
-    learn = {k: v for k, v in defect.learn.items() if k not in RESUMABLE_LEARN_SETTINGS}
-    what = [recipe.seed, defect.pipeline, defect.support, learn, files]
+    what = [*context, pipeline, support, resume_key(learn), support_files_fingerprint(support)]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def learned_from_key(recipe: Recipe, defect: DefectRecipe) -> str:
+    """A recipe's defect type's `learning_key`, with the recipe's seed. Not the generation settings:
+    more samples of a type reuse its embedding."""
+    return learning_key(defect.pipeline, defect.support, defect.learn, recipe.seed)
 
 
 def learn_defect_embedding(recipe: Recipe, defect: DefectRecipe, target: Path, progress: bool,

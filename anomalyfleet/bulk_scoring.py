@@ -397,12 +397,8 @@ class ShardScorer:
 
     def _write_part(self, shard: Shard, rows: dict) -> dict:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        table = pa.table(rows, schema=part_schema())
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(shard.part_uri(self.output), buffer.getvalue())  # the shard's commit point
+        _write_table(shard.part_uri(self.output), pa.table(rows, schema=part_schema()))
         return {"line": shard.line, "images": len(shard.images)}
 
     def __call__(self, batch: dict) -> dict:
@@ -412,24 +408,36 @@ class ShardScorer:
         return {"line": np.array([d["line"] for d in done]), "images": np.array([d["images"] for d in done])}
 
 
-def conform_part(uri: str) -> bool:
-    """Rewrite a part written before parts had one schema (its types inferred: a column all null in
-    it is of type null) in that schema, so that old and new parts read as one dataset. True if it
-    was rewritten."""
+def conform_table(table):
+    """A part's table in the one part schema: parts written before it had one had their types
+    inferred (a column all null in a part is of type null), so old and new would not read as one
+    dataset. Returns (table, whether it had to change)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = part_schema()
-    raw = storage.read_bytes(uri)
-    if pq.read_schema(io.BytesIO(raw)).equals(schema):
-        return False
-    table = pq.read_table(io.BytesIO(raw))
+    if table.schema.equals(schema):
+        return table, False
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
                for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema), True
+
+
+def _write_table(uri: str, table) -> None:
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_arrays(columns, schema=schema), buffer)
-    storage.write_bytes(uri, buffer.getvalue())  # a whole object or file, as when it was written
-    return True
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())  # a whole object or file: a part's commit point
+
+
+def conform_part(uri: str) -> bool:
+    """Rewrite a part in the one schema if it is not; True if it was rewritten."""
+    import pyarrow.parquet as pq
+
+    table, changed = conform_table(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
+    if changed:
+        _write_table(uri, table)
+    return changed
 
 
 def summarize(output: str, shards: list[Shard]) -> dict:
@@ -437,7 +445,11 @@ def summarize(output: str, shards: list[Shard]) -> dict:
 
     per_line: dict[str, dict] = {}
     for shard in shards:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(shard.part_uri(output))))
+        uri = shard.part_uri(output)
+        # Every part is read here anyway: one of an earlier run in an older schema is rewritten now.
+        table, changed = conform_table(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
+        if changed:
+            _write_table(uri, table)
         scores = np.asarray(table.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
         stats = per_line.setdefault(shard.line, {"images": 0, "errors": 0, "anomalous": 0, "scores": []})
         stats["images"] += table.num_rows
@@ -479,10 +491,6 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     config.check_peers()
     shards = plan_shards(config)
     todo = [s for s in shards if not storage.exists(s.part_uri(config.output))]
-    pending = {id(s) for s in todo}
-    for shard in shards:
-        if id(shard) not in pending:
-            conform_part(shard.part_uri(config.output))
     started = time.perf_counter()
     if todo:
         check_writable(config.output)

@@ -290,13 +290,13 @@ class ShardScorer:
             self.device, self._refused = None, exc
 
     def _detector(self, bundle: str):
-        from anomalyfleet.bundle import load_bundle, read_bundle
+        from anomalyfleet.bundle import backbone_key, load_bundle, read_bundle
 
         if bundle not in self.detectors:
             # One backbone per actor for all the lines whose bundles share it (as the service does):
             # with many lines, a backbone per bundle in every actor runs out of memory.
             contents = read_bundle(bundle)
-            key = (json.dumps(contents.meta["backbone"], sort_keys=True), str(contents.meta["backbone_fingerprint"]))
+            key = backbone_key(contents.meta)
             detector = load_bundle(bundle, device=self.device, backbone=self.backbones.get(key), contents=contents)
             self.backbones.setdefault(key, detector.backbone)
             # The version of the very state load_bundle parsed (its manifest's digest).

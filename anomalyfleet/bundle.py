@@ -203,6 +203,11 @@ def read_bundle(path: str | Path) -> BundleContents:
     return BundleContents(meta, files)
 
 
+def backbone_key(meta: dict) -> tuple[str, str]:
+    """Bundles with equal keys run on the same backbone weights: one built backbone can serve them all."""
+    return json.dumps(meta["backbone"], sort_keys=True), str(meta["backbone_fingerprint"])
+
+
 def read_bundle_metadata(path: str | Path) -> dict:
     return read_bundle(path).meta
 

@@ -24,7 +24,6 @@ consistent across replicas and kept through replica restarts, at the cost of one
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import weakref
@@ -37,7 +36,7 @@ from PIL import Image
 from ray import serve
 
 from anomalyfleet.backbones import Features
-from anomalyfleet.bundle import load_bundle, read_bundle
+from anomalyfleet.bundle import backbone_key, load_bundle, read_bundle
 from anomalyfleet.data.transforms import preprocess_image
 from anomalyfleet.detector import Detector
 from anomalyfleet.device import select_device
@@ -173,7 +172,7 @@ class DetectorPool:
         # the detector built from the same files.
         contents = read_bundle(uri)
         meta = contents.meta
-        key = (json.dumps(meta["backbone"], sort_keys=True), str(meta["backbone_fingerprint"]))
+        key = backbone_key(meta)
         shared = self._backbones.get(key)
         detector = load_bundle(uri, device=self.device, backbone=shared, contents=contents).eval()
         before = detector.metadata["bundle_version"]

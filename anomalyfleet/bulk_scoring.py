@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from anomalyfleet import storage
+from anomalyfleet.data.transforms import UNREADABLE
 from anomalyfleet.errors import AnomalyFleetError, ConfigError, DataError, StorageError
 from anomalyfleet.storage import ObjectNotFound
 
@@ -247,9 +248,6 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
                                 config.batch_zero_shot, config.peers, [b - a for a, b in groups], version,
                                 config.write_maps))
     return shards
-
-
-UNREADABLE = "corrupt, empty or not an image"
 
 
 def _read_image(uri: str):

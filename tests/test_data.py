@@ -112,6 +112,24 @@ def test_empty_layout_is_an_error(tmp_path):
         parse_data_spec(f"folder:{tmp_path}")
 
 
+def test_every_reader_refuses_an_undecodable_file_with_the_same_line(tmp_path):
+    """Training data, synthesis normals (local header check and the object-storage reader) name the
+    file and say why in one shared sentence."""
+    from anomalyfleet.data.transforms import UNREADABLE, load_image
+    from anomalyfleet.synthesis import library
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    expected = f"cannot read image {bad}: {UNREADABLE}"
+    with pytest.raises(DataError) as loaded:
+        load_image(bad)
+    with pytest.raises(DataError) as checked:
+        library._check_local_normals_open([str(bad)])
+    with pytest.raises(DataError) as remote:
+        library._load_remote_rgb(str(bad))
+    assert [str(e.value) for e in (loaded, checked, remote)] == [expected] * 3
+
+
 def test_corrupt_image_and_mask_size_mismatch(tmp_path):
     root = write_folder_dataset(tmp_path / "w", normals=1, anomalies=1)
     broken = root / "normal" / "n000.png"

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from anomalyfleet.errors import DataError
 
@@ -17,6 +17,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+UNREADABLE = "corrupt, empty or not an image"
+# What PIL raises on a file it cannot decode (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+def unreadable_image(where: str | Path) -> DataError:
+    """The one error every reader gives for bytes that do not decode as an image."""
+    return DataError(f"cannot read image {where}: {UNREADABLE}")
+
+
 def _open(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
@@ -24,8 +34,8 @@ def _open(path: str | Path) -> Image.Image:
             return image.copy()
     except FileNotFoundError as exc:
         raise DataError(f"image not found: {path}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: corrupt, empty or not an image") from exc
+    except DECODE_ERRORS as exc:
+        raise unreadable_image(path) from exc
 
 
 # Sensor depths written in 16-bit containers: an image is read at the smallest that holds its values.

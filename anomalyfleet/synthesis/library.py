@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import anomalyfleet
 from anomalyfleet import storage
-from anomalyfleet.data.transforms import to_rgb
+from anomalyfleet.data.transforms import DECODE_ERRORS, to_rgb, unreadable_image
 from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.storage import ObjectNotFound
@@ -387,8 +387,8 @@ def _load_remote_rgb(uri: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(raw)) as handle:
             return to_rgb(handle)  # deep (16-bit) normals rescaled as the detector reads them
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read image {uri}: corrupt, empty or not an image") from exc
+    except DECODE_ERRORS as exc:
+        raise unreadable_image(uri) from exc
 
 
 def _check_local_normals_open(normals: list[str]) -> None:
@@ -403,8 +403,8 @@ def _check_local_normals_open(normals: list[str]) -> None:
                 pass
         except Image.DecompressionBombError:
             raise DataError(f"cannot read image {path}: too many pixels to decode") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: corrupt, empty or not an image") from exc
+        except DECODE_ERRORS as exc:
+            raise unreadable_image(path) from exc
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -233,6 +233,39 @@ def test_library_refuses_a_different_recipe(tmp_path, normals):
                               progress=False).shards_done_now == 0
 
 
+def test_a_local_shard_is_on_disk_before_it_is_renamed_finished(tmp_path, normals, monkeypatch):
+    """The rename marks a shard finished, so every file and directory in it is flushed first and
+    the shards directory after: a power loss cannot leave a "finished" shard of empty files."""
+    from anomalyfleet.synthesis import library
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(a, b):
+        events.append(("rename", str(a)))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(library.os, "rename", rename)
+    out = tmp_path / "lib"
+    recipe = recipe_dict(normals, out)
+    recipe["defects"] = recipe["defects"][:1]
+    synthesize_library(parse_recipe(recipe), progress=False)
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename" and "/shards/.tmp-" in _]
+    assert len(renames) == 3  # stain: 7 images in shards of 3
+    first = events[renames[0]][1]
+    flushed = {path for kind, path in events[:renames[0]] if kind == "fsync"}
+    final = out / "shards" / "stain-00000"
+    built = {f"{first}/{p.relative_to(final)}" for p in final.rglob("*")} | {first}
+    assert len(built) == 1 + 2 + 2 * 3 + 3  # images/, masks/, 3 images and masks, shard.json, manifests
+    assert built <= flushed  # every file and directory, before the rename
+    assert ("fsync", str(out / "shards")) in events[renames[0] + 1:]
+
+
 def test_plan_is_deterministic_and_shards_are_contiguous(normals, tmp_path):
     recipe = parse_recipe(recipe_dict(normals, tmp_path / "x"))
     sources = resolve_normals(recipe.normal)

@@ -203,6 +203,31 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def sync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` (and `root`) to disk, deepest first: a directory
+    renamed into place afterwards holds whole files after a power loss, not empty or torn ones."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_directory(Path(directory))
+
+
+def sync_directory(path: Path) -> None:
+    """Flush a directory's entries (a rename into it is durable once this returns)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems refuse fsync on a directory: nothing more to do there
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def replace_directory(new: Path, target: Path) -> None:
     """Put the directory `new` at `target`, replacing what is there. Where the system allows, the two
     are exchanged in one step, so `target` always holds a whole directory, the old or the new (a

@@ -60,6 +60,7 @@ from anomalyfleet.data.transforms import DECODE_ERRORS, to_rgb, unreadable_image
 from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.storage import ObjectNotFound
+from anomalyfleet.storage.local import sync_directory, sync_tree
 from anomalyfleet.synthesis.regions import RegionSpec
 from anomalyfleet.yaml_unique import load_yaml_unique
 
@@ -496,6 +497,9 @@ class ShardWriter:
         tmp = root / SHARDS / _build_dir_name(".tmp-", shard.shard_id)
         try:
             info = self._build(shard, tmp)
+            # The rename is the finished mark: after a power loss a shard directory there must hold
+            # whole files, or a resumed run would skip a shard of empty PNGs.
+            sync_tree(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -503,6 +507,8 @@ class ShardWriter:
                 if not (final / "manifest.jsonl").is_file():
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                sync_directory(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -206,6 +206,30 @@ def test_library_resume_skips_finished_and_redoes_missing(tmp_path, normals):
     assert synthesize_library(recipe, progress=False).shards_done_now == 0
 
 
+def test_a_given_embedding_file_is_part_of_the_recipe_by_content(tmp_path, normals):
+    """A recipe names its embedding files by path; a file replaced there is another recipe, so a
+    resumed library is not finished with a different defect. Recipes without such files keep the
+    fingerprint earlier versions wrote (their libraries still resume)."""
+    from anomalyfleet.synthesis import library
+
+    emb = tmp_path / "crack.pt"
+    emb.write_bytes(b"first embedding")
+    defect = {"name": "crack", "generator": "anogen", "count": 2, "embedding": str(emb), "pipeline": "sd"}
+    recipe = parse_recipe({**recipe_dict(normals, tmp_path / "lib"), "defects": [defect]})
+    sources = resolve_normals(recipe.normal)
+    before = library.recipe_fingerprint(recipe, sources)
+    assert library.recipe_fingerprint(recipe, sources) == before
+    emb.write_bytes(b"other embedding")
+    assert library.recipe_fingerprint(recipe, sources) != before
+    emb.unlink()
+    with pytest.raises(DataError, match=f"defect crack: embedding {emb} not found"):
+        library.recipe_fingerprint(recipe, sources)
+
+    plain = parse_recipe(recipe_dict(normals, tmp_path / "lib2"))
+    earlier = hashlib.sha256(json.dumps({"recipe": plain.content(), "normals": sources}, sort_keys=True).encode())
+    assert library.recipe_fingerprint(plain, sources) == earlier.hexdigest()
+
+
 def test_of_two_runs_starting_on_one_output_with_different_recipes_one_is_refused(tmp_path, normals, monkeypatch):
     """Both find no recipe.json and both write one: the run whose recipe did not land must not go on
     (it would add its shards to a library described by the other's recipe)."""

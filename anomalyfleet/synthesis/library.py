@@ -319,9 +319,27 @@ def plan_shards(recipe: Recipe, normals: list[str]) -> list[ShardPlan]:
     return shards
 
 
+def given_embeddings_digest(recipe: Recipe) -> dict[str, str]:
+    """{defect type: sha256} of the embedding files a recipe names (`embedding:`): the recipe holds
+    only their paths, and a file replaced there would paint another defect into the rest of a
+    resumed library. An embedding is a few kilobytes, so reading it whole costs nothing."""
+    digests = {}
+    for defect in recipe.defects:
+        if defect.generator != "anogen" or not defect.embedding:
+            continue
+        try:
+            digests[defect.name] = hashlib.sha256(storage.read_bytes(defect.embedding)).hexdigest()
+        except ObjectNotFound:
+            raise DataError(f"defect {defect.name}: embedding {defect.embedding} not found") from None
+    return digests
+
+
 def recipe_fingerprint(recipe: Recipe, normals: list[str]) -> str:
-    payload = json.dumps({"recipe": recipe.content(), "normals": normals}, sort_keys=True).encode()
-    return hashlib.sha256(payload).hexdigest()
+    content = {"recipe": recipe.content(), "normals": normals}
+    given = given_embeddings_digest(recipe)
+    if given:  # only then: libraries without such files keep the fingerprint they were made with
+        content["embedding_files"] = given
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 # --- generators ----------------------------------------------------------------------------------
@@ -648,8 +666,8 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> bool:
     # recipe did not land is refused here rather than mixing its shards in.
     previous = json.loads(storage.read_bytes(path))
     if previous.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images); "
-                          "use a new output directory")
+        raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images or "
+                          "embedding files); use a new output directory")
     return created
 
 

@@ -207,18 +207,30 @@ def resolve_inputs(pairs: list[str], registry: str | None, detector: str | None)
 
 
 def list_line_images(uri: str) -> list[str]:
-    """Image URIs under a prefix (listed, not fetched: actors read each image themselves)."""
+    """Image URIs under a prefix (listed, not fetched: actors read each image themselves); [] for an
+    empty prefix or directory (a line that made no images today). A local path that does not exist
+    is an error: it is a typo, not a quiet line."""
     from anomalyfleet.scoring import IMAGE_SUFFIXES, list_images
 
     if not storage.is_remote(uri):
+        path = storage.parse(uri).path
+        if path.is_dir() and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            return []
         return [str(p) for p in list_images(uri)]
     # Ordered by path components, as `score` orders files (its groups, and so peers' and batch
     # zero-shot scores, depend on the order): "cam/" before "cam-2/", which plain text reverses.
-    found = sorted((o.uri for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda u: u.split("/"))
-    if not found:
-        raise DataError(f"no images (png, jpg, bmp, tif) under {uri}")
-    return found
+    return sorted((o.uri for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in IMAGE_SUFFIXES),
+                  key=lambda u: u.split("/"))
+
+
+def empty_lines(config: BulkScoreConfig, shards: list[Shard]) -> dict[str, str]:
+    """{line: prefix} of the inputs that hold no image. One quiet line must not stop a run over every
+    line of a factory; a run where no line has an image is an error."""
+    planned = {s.line for s in shards}
+    empty = {item.line: item.images for item in config.inputs if item.line not in planned}
+    if len(empty) == len(config.inputs):
+        raise DataError("no images (png, jpg, bmp, tif) under " + ", ".join(sorted(set(empty.values()))))
+    return empty
 
 
 def plan_shards(config: BulkScoreConfig) -> list[Shard]:
@@ -488,6 +500,9 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
     config.validate()
     config.check_peers()
     shards = plan_shards(config)
+    empty = empty_lines(config, shards)
+    for line, prefix in empty.items():
+        print(f"warning: line {line}: no images under {prefix}; the other lines are scored", file=sys.stderr)
     todo = [s for s in shards if not storage.exists(s.part_uri(config.output))]
     started = time.perf_counter()
     if todo:
@@ -534,6 +549,7 @@ def run_bulk_score(config: BulkScoreConfig, progress: bool = True) -> dict:
         # output with other bundles, settings or images (kept: they are results too).
         "parts": [s.part_name for s in shards],
         "superseded_parts": _other_parts(config.output, set(parts)),
+        "empty_lines": empty,
         "shards": len(shards),
         "shards_scored_now": len(todo),
         "seconds": time.perf_counter() - started,
@@ -557,6 +573,8 @@ def format_summary(summary: dict) -> str:
         mean = "-" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
         p95 = "-" if s["p95_score"] is None else f"{s['p95_score']:.3f}"
         lines.append(f"{line:<16}{s['images']:>8}{s['errors']:>8}{s['anomalous']:>11}{rate:>8}{mean:>8}{p95:>8}")
+    for line, prefix in summary.get("empty_lines", {}).items():
+        lines.append(f"{line:<16}{'no images under ' + prefix}")
     lines.append(f"{summary['shards']} shards, {summary['shards_scored_now']} scored now, {summary['seconds']:.1f} s")
     if summary.get("superseded_parts"):
         lines.append(f"{summary['superseded_parts']} other part(s) under parts/ are from earlier runs with other "

@@ -17,6 +17,7 @@ import pytest
 
 from anomalyfleet import storage
 from anomalyfleet.cli import main
+from anomalyfleet.errors import DataError
 from tests.image_sets import write_folder_dataset, write_line_images
 from tests.ray_serve_helpers import make_bundle
 
@@ -49,7 +50,7 @@ def ray_local():
     ray.shutdown()
 
 
-def test_two_lines_from_s3_match_the_cli(ray_local, s3_env, tmp_path, openai_clip_file):
+def test_two_lines_from_s3_match_the_cli(ray_local, s3_env, tmp_path, openai_clip_file, capsys):
     data_a = write_folder_dataset(tmp_path / "a", normals=3, anomalies=3, size=48, seed=1)
     data_b = write_folder_dataset(tmp_path / "b", normals=2, anomalies=3, size=48, seed=2)
     bundle_a = make_bundle(openai_clip_file, tmp_path / "bundle-a", seed=1, threshold=None)
@@ -92,11 +93,38 @@ def test_two_lines_from_s3_match_the_cli(ray_local, s3_env, tmp_path, openai_cli
 
     # A corrupt upload is a row with an error, not a failed job; an unknown line is refused up front.
     storage.write_bytes(storage.join(root, "images", "line-a", "zz-corrupt.png"), b"\x89PNG\r\n\x1a\nbroken")
+    # A line with no image today (an empty prefix) is reported and skipped; the others are scored.
+    quiet_line = storage.join(root, "images", "line-b-today")
     assert main(["bulk-score", "--registry", str(registry), "--input", f"line-a={storage.join(root, 'images', 'line-a')}",
-                 "--out", storage.join(root, "results2"), "--quiet", "--device", "cpu"]) == 0
+                 "--input", f"line-b={quiet_line}", "--out", storage.join(root, "results2"), "--quiet",
+                 "--device", "cpu"]) == 0
     bad = [r for r in _parts(storage.join(root, "results2")) if r["image"].endswith("zz-corrupt.png")]
     assert len(bad) == 1 and bad[0]["error"] and np.isnan(bad[0]["score"])
+    summary = json.loads(storage.read_bytes(storage.join(root, "results2", "summary.json")))
+    assert summary["empty_lines"] == {"line-b": quiet_line} and list(summary["lines"]) == ["line-a"]
+    assert "no images under" in capsys.readouterr().err
+    # ...but a run where no line has an image is an error, and writes nothing.
+    assert main(["bulk-score", "--registry", str(registry), "--input", f"line-b={quiet_line}",
+                 "--out", storage.join(root, "results3"), "--quiet", "--device", "cpu"]) == 2
+    assert f"no images (png, jpg, bmp, tif) under {quiet_line}" in capsys.readouterr().err
+    assert not list(storage.list_objects(storage.join(root, "results3")))
     assert main(["bulk-score", "--registry", str(registry), "--input", "line-x=/nowhere", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_an_empty_line_directory_is_skipped_but_a_missing_one_is_an_error(tmp_path):
+    from anomalyfleet.bulk_scoring import BulkScoreConfig, LineInput, Shard, empty_lines, list_line_images
+
+    (tmp_path / "quiet" / "sub").mkdir(parents=True)
+    (tmp_path / "quiet" / "notes.txt").write_text("no image here")
+    assert list_line_images(str(tmp_path / "quiet")) == []
+    with pytest.raises(DataError, match="no such image file or directory"):
+        list_line_images(str(tmp_path / "typo"))
+    inputs = (LineInput("a", str(tmp_path / "busy"), "bundle", None), LineInput("b", str(tmp_path / "quiet"), "bundle", None))
+    config = BulkScoreConfig(inputs=inputs, output=str(tmp_path / "out"))
+    busy = Shard("a", 0, "bundle", None, [str(tmp_path / "busy" / "x.png")])
+    assert empty_lines(config, [busy]) == {"b": str(tmp_path / "quiet")}
+    with pytest.raises(DataError, match=f"no images .* under {tmp_path}/busy, {tmp_path}/quiet"):
+        empty_lines(config, [])
 
 
 def test_killed_job_resumes_without_gaps_or_repeats(tmp_path, openai_clip_file):

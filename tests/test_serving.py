@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -334,6 +335,14 @@ def test_metrics_on_rays_export_port(env):
     for line in ("line-a", "line-b"):
         assert requests.post(f"{base}/v1/lines/{line}/score", data=image, headers=_auth(), timeout=60).status_code == 200
     requests.post(f"{base}/v1/lines/line-a/score", data=image, timeout=60)  # refused: counted
+    # A client that hangs up halfway through its upload: counted as cancelled (499), not as an
+    # internal error that would page someone, nor as a success.
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/lines/line-r/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALL_TOKEN.encode()
+                     + b"\r\nContent-Type: image/png\r\nContent-Length: " + str(len(image)).encode() + b"\r\n\r\n"
+                     + image[:len(image) // 2])
+        time.sleep(3)  # the request reaches the gateway, which waits for the rest of the body (body timeout: 10 s)
     wanted = [
         'ray_anomalyfleet_requests_total{', 'ray_anomalyfleet_errors_total{', 'ray_anomalyfleet_score_bucket{',
         'ray_anomalyfleet_request_latency_ms_bucket{', 'ray_anomalyfleet_model_latency_ms_bucket{',
@@ -347,15 +356,23 @@ def test_metrics_on_rays_export_port(env):
         except requests.RequestException:
             text = ""
         series = [line for line in text.splitlines() if line.startswith("ray_anomalyfleet_")]
+        hung_up = [s for s in series if 'line="line-r"' in s and not s.startswith("ray_anomalyfleet_model")]
         if all(any(s.startswith(w) and 'line="line-a"' in s for s in series) for w in wanted) and \
-                any('line="line-b"' in s for s in series) and any('kind="unauthorized"' in s for s in series):
+                any('line="line-b"' in s for s in series) and any('kind="unauthorized"' in s for s in series) and \
+                any('kind="cancelled"' in s for s in hung_up) and any('code="499"' in s for s in hung_up):
             break
         time.sleep(1)
     else:
-        pytest.fail("app series missing on the metrics port:\n" + "\n".join(
-            line for line in text.splitlines() if "anomalyfleet" in line)[:3000])
+        def short(series: str) -> str:  # name, the labels we set, value (Ray's own labels are long)
+            ours = re.findall(r'\b(?:line|kind|code|endpoint)="[^"]*"', series)
+            return f"{series.split('{', 1)[0]}{{{','.join(ours)}}} {series.rsplit(' ', 1)[-1]}"
+
+        pytest.fail("app series missing on the metrics port:\n" + "\n".join(sorted(
+            short(s) for s in text.splitlines() if s.startswith(("ray_anomalyfleet_requests", "ray_anomalyfleet_errors")))))
     # Serve's own series are exported beside ours.
     assert "ray_serve_" in text
+    # (line-r's earlier requests in this module were 200s; none of its requests was an internal error)
+    assert not [s for s in hung_up if 'kind="internal"' in s or 'code="500"' in s], hung_up
 
 
 def test_pool_shares_one_backbone_between_lines_and_matches_predict(tmp_path, openai_clip_file):

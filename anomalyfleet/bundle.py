@@ -36,13 +36,14 @@ from anomalyfleet.prompts import AnomalyCLIPPromptLearner, PromptConfig
 from anomalyfleet.storage.local import replace_directory
 
 FORMAT = "anomalyfleet-detector"
-FORMAT_VERSION = 4  # the newest this code reads and writes
+FORMAT_VERSION = 5  # the newest this code reads and writes
 REQUIRED_KEYS = ("backbone", "backbone_fingerprint", "settings", "prompt_kind")
 MEMORY_FORMAT_VERSION = 2  # bundles with a line memory; those without stay at 1
 # A fused score with the position term: older code would read the bundle and score without the term,
 # against thresholds set with it; a newer format makes it refuse the bundle instead.
 POSITION_FORMAT_VERSION = 3
 MEMORY_POSITION_FORMAT_VERSION = 4  # likewise for the memory's position share
+MAP_SCORE_FORMAT_VERSION = 5  # and for a fused map that takes the memory's image score
 DETECTOR_JSON = "detector.json"
 PROMPTS_FILE = "prompts.pt"
 MEMORY_FILE = "memory.pt"
@@ -58,6 +59,8 @@ def _prompt_config_dict(prompts) -> dict | None:
 def _format_version(memory: LineMemory | None) -> int:
     if memory is None:
         return 1
+    if memory.fusion.uses_memory_map_score:
+        return MAP_SCORE_FORMAT_VERSION
     if memory.fusion.uses_memory_position:
         return MEMORY_POSITION_FORMAT_VERSION
     return POSITION_FORMAT_VERSION if memory.fusion.position_weight > 0 else MEMORY_FORMAT_VERSION

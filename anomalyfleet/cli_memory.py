@@ -17,6 +17,14 @@ TUNING_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
 # memory_views' view sets and default, likewise.
 VIEW_SETS = ("none", "flips", "d4")
 DEFAULT_VIEWS = "d4"
+# FusionSettings' map scores, likewise.
+MAP_SCORES = ("memory", "fused")
+
+
+def _map_score(text: str) -> str:
+    if text not in MAP_SCORES:
+        raise argparse.ArgumentTypeError(f"map score must be one of {', '.join(MAP_SCORES)}, got {text!r}")
+    return text
 
 
 def weight_list(text: str) -> tuple[float, ...]:
@@ -30,7 +38,7 @@ def weight_list(text: str) -> tuple[float, ...]:
 # FusionSettings' defaults, for help texts only (the parser is built without importing torch);
 # tests check they agree.
 FUSION_DEFAULTS = {"prompt_weight": 0.1, "prompt_map_weight": 0.0, "image_evidence": 0.5, "top_fraction": 0.01,
-                   "position_weight": 0.1, "memory_position": 1.0}
+                   "position_weight": 0.1, "memory_position": 1.0, "map_score": "memory"}
 # Options that set a FusionSettings field, shared by `build` and `set`: only those given are applied.
 FUSION_OPTIONS = (
     ("--prompt-weight", "prompt_weight", _weight,
@@ -44,9 +52,12 @@ FUSION_OPTIONS = (
     ("--prompt-map-weight", "prompt_map_weight", _weight,
      "share of the prompt map in each pixel's local evidence (default {})"),
     ("--image-evidence", "image_evidence", _weight,
-     "share of the image's fused score in each pixel of the fused map (default {})"),
+     "share of the image's score in each pixel of the map (default {})"),
     ("--top-fraction", "top_fraction", _fraction,
      "share of a map's top pixels whose mean is the image score (default {})"),
+    ("--map-score", "map_score", _map_score,
+     "the image score each pixel of the fused map takes its share from: the memory's own or the fused "
+     "one (default {})"),
 )
 
 

@@ -17,7 +17,8 @@ detector runs (`fit_line_memory`, `LineMemory.fuse`). Rows: the prompts alone, t
 with its raw map (a = 0) and with image evidence (a = 0.5, the default; its image score without
 and with its position-normalised share s), the prompts' position-normalised score alone, and the
 fused detector at each prompt weight w, position weight u and memory position share s (v = 0,
-a = 0.5); and, for lines without normal images, batch zero-shot mode
+a = 0.5 of the memory's image score in each pixel), and the previous default (the fused score in
+each pixel); and, for lines without normal images, batch zero-shot mode
 (each test image against the others of its group of at most 32, three seeded orders). Then the
 default fused detector minus the best single source, per metric; positive means the fusion wins.
 
@@ -204,6 +205,7 @@ def batch_rows(detector, patches: torch.Tensor, labels: np.ndarray, masks: np.nd
 
 
 POSITION_ROW = "prompts, position-normalised (w=0, u=1)"
+PREVIOUS_ROW = "fused, fused score in the map (previous default)"
 # The single sources the default fused detector is compared with.
 SINGLE_ROWS = ("prompts", "memory, raw map (a=0)", "memory (a=0.5, s=0)", "memory (a=0.5)", POSITION_ROW)
 
@@ -213,8 +215,9 @@ def variants(weights: list[float], positions: list[float], memory_positions: lis
     """Rows as (name, FusionSettings): the memory alone (raw; its calibrated score without and with
     its position-normalised share s), the prompts' position-normalised score alone (its image score
     only: the map stays the memory's), the fused detector at each prompt weight w (default u, s),
-    at each position weight u and at each memory position share s (other weights default), and the
-    memory alone and fused at each top fraction t the image scores read (default t: 0.01)."""
+    at each position weight u and at each memory position share s (other weights default), the
+    previous default (the fused score in the map), and the memory alone and fused at each top
+    fraction t the image scores read (default t: 0.01)."""
     from anomalyfleet.memory import FusionSettings
 
     default = FusionSettings()
@@ -225,6 +228,7 @@ def variants(weights: list[float], positions: list[float], memory_positions: lis
     for w in sorted(set(weights) | {default.prompt_weight}):
         mark = " (default)" if w == default.prompt_weight else ""
         rows.append((f"fused w={w:g}{mark}", replace(default, prompt_weight=w)))
+    rows.append((PREVIOUS_ROW, replace(default, map_score="fused")))
     for u in sorted(set(positions) - {default.position_weight}):
         rows.append((f"fused w={default.prompt_weight:g} u={u:g}", replace(default, position_weight=u)))
     for s in sorted(set(memory_positions) - {default.memory_position}):

@@ -103,9 +103,12 @@ def fusion_variants() -> list[tuple[str, object]]:
     """The fused rules compared: the default, one change at a time, and the rules it replaced."""
     from anomalyfleet.memory import FusionSettings
 
+    # The earlier defaults took the fused score into the map (map_score "fused", before rules 5).
     return [("equal weights (w=0.5, no position terms), the first calibrated default",
-             FusionSettings(prompt_weight=0.5, position_weight=0.0, memory_position=0.0)),
-            ("no memory position share (s=0), the previous default", FusionSettings(memory_position=0.0)),
+             FusionSettings(prompt_weight=0.5, position_weight=0.0, memory_position=0.0, map_score="fused")),
+            ("no memory position share (s=0), fused score in the map, the default before the previous",
+             FusionSettings(memory_position=0.0, map_score="fused")),
+            ("fused score in the map, the previous default", FusionSettings(map_score="fused")),
             ("no position term (u=0)", FusionSettings(position_weight=0.0)),
             ("prompt map share v=0.1", FusionSettings(prompt_map_weight=0.1)),
             ("no image evidence in the map (a=0)", FusionSettings(image_evidence=0.0)),

@@ -240,7 +240,9 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
     before = detector.predict(images)
     path = save_bundle(detector, tmp_path / "with-memory")
     meta = read_bundle_metadata(path)  # the manifest, memory.pt included, verifies
-    assert meta["format_version"] == 2
+    # The fused map takes the memory's image score (rules 5): code before it refuses the bundle.
+    assert meta["format_version"] == 5 and meta["memory"]["fusion"]["rules"] == 5
+    assert meta["memory"]["fusion"]["map_score"] == "memory"
     assert "memory.pt" in json.loads((path / "manifest.json").read_text())["files"]
     memory = meta["memory"]
     # Four memory images of 16 patches with their eight flips and turns each (the default views): 512
@@ -281,9 +283,9 @@ def test_memory_round_trips_in_a_bundle(tiny_detector_bundle, line_data, tmp_pat
 
     newer = shutil.copytree(path, tmp_path / "newer")
     meta = json.loads((newer / "detector.json").read_text())
-    (newer / "detector.json").write_text(json.dumps(dict(meta, format_version=5)))
+    (newer / "detector.json").write_text(json.dumps(dict(meta, format_version=6)))
     write_manifest(newer)
-    with pytest.raises(BundleError, match="bundle format 5 is newer"):
+    with pytest.raises(BundleError, match="bundle format 6 is newer"):
         _load(newer)
 
 
@@ -347,11 +349,17 @@ def test_switching_sources(tiny_detector_bundle, line_data):
     one = configured(prompt_weight=0.0, prompt_map_weight=1.0, image_evidence=0.0)
     np.testing.assert_allclose(one.maps, (prompts.maps - cal.centre) / cal.spread, atol=1e-4)
     # Defaults: the image score is 0.9 of the memory's calibrated score and 0.1 of the prompts',
-    # and each pixel averages the memory's local evidence with its image's score.
+    # and each pixel averages the memory's local evidence with its image's memory score: the fused
+    # map is exactly the memory mode's.
     default = configured()
     prompt_z = (prompts.scores - score_cal.centre) / score_cal.spread
     np.testing.assert_allclose(default.scores, 0.9 * memory_z + 0.1 * prompt_z, atol=1e-4)
-    np.testing.assert_allclose(default.maps, 0.5 * memory_only.maps + 0.5 * default.scores[:, None, None], atol=1e-4)
+    np.testing.assert_allclose(default.maps, 0.5 * memory_only.maps + 0.5 * memory_z[:, None, None], atol=1e-4)
+    np.testing.assert_array_equal(default.maps, evidence.maps)
+    # map_score "fused" (bundles before rules 5): each pixel takes the fused score instead.
+    legacy = configured(map_score="fused")
+    np.testing.assert_array_equal(legacy.scores, default.scores)
+    np.testing.assert_allclose(legacy.maps, 0.5 * memory_only.maps + 0.5 * default.scores[:, None, None], atol=1e-4)
     # Inside one image the fused map ranks pixels as the memory does.
     assert [m.argmax() for m in default.maps] == [m.argmax() for m in memory_only.maps]
 
@@ -563,7 +571,7 @@ def test_memory_show_prints_the_memory_metadata(tiny_detector_bundle, line_data,
     code, out, err = _cli(["memory", "show", "--detector", str(built)], capsys)
     assert code == 0, err
     shown = json.loads(out)
-    assert shown["format_version"] == 2 and shown["thresholds"] == {}
+    assert shown["format_version"] == 5 and shown["thresholds"] == {}
     memory = shown["memory"]
     assert memory["shots"] == 4 and memory["coreset"] == 40 and memory["bank_sizes"] == {"4": 40}
     assert memory["fusion"]["mode"] == "fused" and memory["calibration_images"] == 4
@@ -582,8 +590,12 @@ def test_cli_help_defaults_are_the_fusion_defaults():
 
     from anomalyfleet.cli_memory import FUSION_DEFAULTS
 
+    from anomalyfleet import memory
+    from anomalyfleet.cli_memory import MAP_SCORES
+
     defaults = asdict(FusionSettings())
     assert FUSION_DEFAULTS == {key: defaults[key] for key in FUSION_DEFAULTS}
+    assert MAP_SCORES == memory.MAP_SCORES
 
 
 def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported(tiny_detector_bundle, line_data,
@@ -858,16 +870,21 @@ def test_fused_score_holds_the_position_terms_as_documented(tiny_detector_bundle
     path = save_bundle(detector, tmp_path / "positioned")
     meta = read_bundle_metadata(path)["memory"]
     assert meta["fusion"]["position_weight"] == 0.1 and meta["fusion"]["memory_position"] == 1.0
-    assert meta["fusion"]["rules"] == 4
+    assert meta["fusion"]["rules"] == 5
     # Older code would score without the terms: the bundle's format is one it refuses.
-    assert read_bundle_metadata(path)["format_version"] == 4
+    assert read_bundle_metadata(path)["format_version"] == 5
     assert meta["calibration"]["prompt_position_score"] == memory.position_calibration.to_dict()
     assert meta["calibration"]["memory_position_score"] == memory.memory_position_calibration.to_dict()
     again = _load(path).predict(images)
     assert np.array_equal(again.scores, fused.scores) and np.array_equal(again.maps, fused.maps)
-    # Only the prompts' position term: format 3, as before the memory's share.
-    memory.configure(FusionSettings(memory_position=0.0), sigma)
+    # Only the prompts' position term, and the fused score in the map: format 3, as before the
+    # memory's share; with the share, format 4; the memory's score in the map (the default), 5.
+    memory.configure(FusionSettings(memory_position=0.0, map_score="fused"), sigma)
     assert read_bundle_metadata(save_bundle(detector, tmp_path / "prompt-position"))["format_version"] == 3
+    memory.configure(FusionSettings(map_score="fused"), sigma)
+    assert read_bundle_metadata(save_bundle(detector, tmp_path / "share"))["format_version"] == 4
+    memory.configure(FusionSettings(memory_position=0.0), sigma)
+    assert read_bundle_metadata(save_bundle(detector, tmp_path / "map-score"))["format_version"] == 5
     # A bundle from before either term (neither weight recorded) loads without them.
     old = {k: v for k, v in meta["fusion"].items() if k not in ("position_weight", "memory_position")}
     assert FusionSettings.from_dict(old).position_weight == 0.0
@@ -983,3 +1000,54 @@ def test_tune_keeps_a_fused_setting_without_the_prompt_score_among_its_candidate
     base = FusionSettings(mode="fused", prompt_weight=0.0)
     named = dict(candidate_settings(base, [0.1, 0.5]))
     assert named[candidate_name(base)] == base and named["memory"].mode == "memory"
+
+
+def test_fused_bundles_from_before_the_map_score_keep_their_maps(tiny_detector_bundle, line_data, tmp_path, capsys):
+    """Before rules 5 the fused map took the fused image score. Such a bundle (no map score recorded)
+    loads with it, so its maps, and the pixel thresholds set on them, do not change; `memory set
+    --map-score` switches it, dropping the thresholds set on the other maps."""
+    import shutil
+
+    from anomalyfleet.bundle import read_bundle_metadata, save_bundle
+    from anomalyfleet.manifest import write_manifest
+
+    detector = _with_memory(tiny_detector_bundle, line_data[0])
+    images, _ = _images(_samples(line_data[1]), detector)
+    detector.thresholds = {"image": 1.0, "pixel": 2.0}
+    current = save_bundle(detector, tmp_path / "current")
+    older = shutil.copytree(current, tmp_path / "older")
+    meta = json.loads((older / "detector.json").read_text())
+    meta["format_version"] = 2
+    meta["memory"]["fusion"] = {k: v for k, v in meta["memory"]["fusion"].items() if k != "map_score"}
+    meta["memory"]["fusion"]["rules"] = 3
+    (older / "detector.json").write_text(json.dumps(meta))
+    write_manifest(older)
+    old = _load(older)
+    assert old.memory.fusion.map_score == "fused"
+    new, legacy = _load(current).predict(images), old.predict(images)
+    np.testing.assert_array_equal(legacy.scores, new.scores)  # the image score is the same formula
+    # new = local/2 + memory score/2 and legacy = local/2 + fused score/2, pixel by pixel
+    shift = 0.5 * (legacy.scores - _memory_scores(old, images))
+    np.testing.assert_allclose(legacy.maps, new.maps + shift[:, None, None], atol=1e-4)
+    assert not np.allclose(legacy.maps, new.maps, atol=1e-3)
+    code, _, err = _cli(["memory", "set", "--detector", str(older), "--map-score", "memory"], capsys)
+    assert code == 0, err
+    assert "thresholds (image, pixel)" in err
+    switched = _load(older)
+    assert switched.memory.fusion.map_score == "memory" and switched.thresholds == {}
+    assert read_bundle_metadata(older)["memory"]["fusion"]["rules"] == 5
+    np.testing.assert_array_equal(switched.predict(images).maps, new.maps)
+    with pytest.raises(SystemExit) as refused:
+        _cli(["memory", "set", "--detector", str(older), "--map-score", "pixels"], capsys)
+    assert refused.value.code == 2 and "map score must be one of memory, fused" in capsys.readouterr().err
+
+
+def _memory_scores(detector, images) -> np.ndarray:
+    """The memory mode's (calibrated) image scores of `images` under the detector's memory."""
+    before = detector.memory.fusion
+    detector.memory.configure(FusionSettings(mode="memory", memory_position=before.memory_position,
+                                             top_fraction=before.top_fraction), detector.settings.sigma)
+    try:
+        return detector.predict(images).scores
+    finally:
+        detector.memory.configure(before, detector.settings.sigma)

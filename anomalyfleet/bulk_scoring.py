@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from anomalyfleet import storage
-from anomalyfleet.data.transforms import UNREADABLE
-from anomalyfleet.errors import AnomalyFleetError, ConfigError, DataError, StorageError
+from anomalyfleet.errors import UNREADABLE, AnomalyFleetError, ConfigError, DataError, StorageError
 from anomalyfleet.storage import ObjectNotFound
 
 COLUMNS = ("line", "image", "score", "threshold", "anomalous", "map_uri", "detector_version", "width", "height")
@@ -237,6 +236,8 @@ def plan_shards(config: BulkScoreConfig) -> list[Shard]:
     shards = []
     for item in config.inputs:
         images = list_line_images(item.images)
+        if not images:
+            continue  # a quiet line: reported by empty_lines, and no group to form
         version = config.bundle_metadata[item.bundle]["_version"]
         if config.group_size is None:
             for index, start in enumerate(range(0, len(images), config.shard_size)):

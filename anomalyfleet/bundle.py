@@ -7,8 +7,9 @@ settings are under "memory" in detector.json) and `manifest.json` (sizes and SHA
 last and checked on load). A bundle without a memory is written as format 1, exactly as before;
 one with a memory as format 2, so an older anomalyfleet refuses it instead of silently scoring
 with the prompts alone against thresholds set for fused scores. Likewise format 3 for a fused score
-with the prompts' position term, and 4 where the memory's image score has its position share:
-each is refused by code that would score it without. It is published by writing a temporary
+with the prompts' position term, 4 where the memory's image score has its position share, and 5
+where the fused map takes the memory's image score: each is refused by code that would score it
+without. It is published by writing a temporary
 directory and renaming it, so a reader never sees half a bundle.
 """
 

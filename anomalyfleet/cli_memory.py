@@ -65,13 +65,21 @@ def _given(args) -> dict:
     return {field: getattr(args, field) for _, field, _, _ in FUSION_OPTIONS if getattr(args, field) is not None}
 
 
-def _drop_thresholds(detector) -> dict:
-    """Forget thresholds set on another score scale (and the calibration report behind them)."""
-    dropped = dict(detector.thresholds)
-    detector.thresholds = {}
-    extras = dict(detector.metadata.get("extras", {}))
-    extras.pop("calibration", None)
-    detector.metadata["extras"] = extras
+def _drop_thresholds(detector, before=None) -> dict:
+    """Forget thresholds set on another scale than the memory's fusion now has: image thresholds
+    (and the calibration report behind them) when the image scores' scale changed, pixel ones when
+    the maps' did. `before`: the FusionSettings they were set under (None: another memory, all go)."""
+    image = pixel = True
+    if before is not None:
+        now = detector.memory.fusion
+        image, pixel = now.score_scale() != before.score_scale(), now.map_scale() != before.map_scale()
+    dropped = {k: v for k, v in detector.thresholds.items()
+               if (image and k.startswith("image")) or (pixel and k.startswith("pixel"))}
+    detector.thresholds = {k: v for k, v in detector.thresholds.items() if k not in dropped}
+    if image:
+        extras = dict(detector.metadata.get("extras", {}))
+        extras.pop("calibration", None)
+        detector.metadata["extras"] = extras
     return dropped
 
 
@@ -170,7 +178,7 @@ def cmd_memory_set(args) -> int:
         changes["mode"] = args.mode
     if not changes:
         raise ConfigError("nothing to set: give --mode, --prompt-weight, --position-weight, --memory-position, "
-                          "--prompt-map-weight, --image-evidence or --top-fraction")
+                          "--prompt-map-weight, --image-evidence, --top-fraction or --map-score")
     bundle = resolve_detector(args.detector)
     out = args.out or bundle
     check_bundle_target(out)
@@ -179,7 +187,7 @@ def cmd_memory_set(args) -> int:
     before = memory.fusion
     memory.configure(replace(before, **changes), sigma=detector.settings.sigma)
     detector.with_settings()  # the memory's checks for the mode it is now in (e.g. prompts -> fused)
-    dropped = _drop_thresholds(detector) if memory.fusion.score_scale() != before.score_scale() else {}
+    dropped = _drop_thresholds(detector, before)
     save_bundle(detector, out)
     summary = {"bundle": str(out), "before": before.to_dict(), "fusion": memory.fusion.to_dict(),
                "fused_score_calibration": memory.metadata()["calibration"]["fused_score"],
@@ -218,7 +226,7 @@ def cmd_memory_tune(args) -> int:
         detector.with_settings()  # the memory's checks for the mode it is now in
         memory.info["tuned"] = {"metric": args.metric, "data": list(args.data), "chosen": best.name,
                                 "candidates": table}
-        dropped = _drop_thresholds(detector) if memory.fusion.score_scale() != before.score_scale() else {}
+        dropped = _drop_thresholds(detector, before)
         detector.to("cpu")
         save_bundle(detector, out)
         summary.update(out=str(out), thresholds_dropped=sorted(dropped))

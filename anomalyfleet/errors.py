@@ -25,6 +25,16 @@ class ConfigError(AnomalyFleetError):
     """An option or configuration value is invalid."""
 
 
+UNREADABLE = "corrupt, empty or not an image"
+# What PIL raises on a file it cannot decode (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+def unreadable_image(where) -> DataError:
+    """The one error every reader gives for bytes that do not decode as an image."""
+    return DataError(f"cannot read image {where}: {UNREADABLE}")
+
+
 def user_error_in(exc: BaseException) -> AnomalyFleetError | None:
     """The AnomalyFleetError behind `exc`, also when Ray carried it from a worker: Ray wraps a task's
     or actor's exception (RayTaskError, and Ray Data's UserCodeException) in messages holding the

@@ -373,14 +373,28 @@ class FusionSettings:
         return {"prompts": self.mode in ("fused", "prompts"), "memory": self.mode in ("fused", "memory")}
 
     def score_scale(self) -> tuple:
-        """What the scores' scale depends on: thresholds set under one value do not hold under another."""
+        """What the image scores' scale depends on: thresholds set under one value do not hold under another."""
         if self.mode == "prompts":
             return ("prompts",)
         share = self.memory_position if self.uses_memory_position else 0.0
         if self.mode == "memory":
             return ("memory", self.top_fraction, self.image_evidence > 0, share)
         return ("fused", self.prompt_weight, self.top_fraction, self.prompt_map_weight, self.image_evidence,
-                self.position_weight, share, self.uses_memory_map_score)
+                self.position_weight, share)
+
+    def map_scale(self) -> tuple:
+        """What the maps' scale depends on (pixel thresholds), as `score_scale` for image scores. Since
+        rules 5 the fused map is the memory mode's map: the prompts' weights do not reach it."""
+        if self.mode == "prompts":
+            return ("prompts",)
+        a = self.image_evidence
+        v = self.prompt_map_weight if self.mode == "fused" else 0.0
+        if a > 0 and self.mode == "fused" and self.map_score == "fused":
+            return ("fused score", v, a) + self.score_scale()[1:]
+        if a == 0:
+            return ("memory map", v)
+        share = self.memory_position if self.uses_memory_position else 0.0
+        return ("memory map", v, a, self.top_fraction, share)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "prompt_weight": self.prompt_weight, "top_fraction": self.top_fraction,
@@ -412,13 +426,15 @@ class FusionSettings:
             evidence = 0.0
         # Bundles from before the per-pair weights used one weight for the map and the score.
         # Bundles from before rules 3 (4) had no position term (no memory position share): 0 keeps
-        # their scores. Before rules 5 the fused map took the fused score (and no map score was
-        # recorded; since, every bundle records it, the rules only say which code can read it).
+        # their scores. Before rules 5 the fused map took the fused score, and no map score was
+        # recorded: such a bundle keeps that formula where it is used (fused with image evidence), and
+        # takes today's default for a later switch where it is not. Since, every bundle records it.
         return cls(mode=mode, prompt_weight=weight, top_fraction=float(data.get("top_fraction", 0.01)),
                    prompt_map_weight=float(data.get("prompt_map_weight", weight)), image_evidence=evidence,
                    position_weight=float(data.get("position_weight", 0.0)),
                    memory_position=float(data.get("memory_position", 0.0)),
-                   map_score=str(data.get("map_score", "memory" if rules > RULES_BEFORE_MAP_SCORE else "fused")))
+                   map_score=str(data.get("map_score", "fused" if rules <= RULES_BEFORE_MAP_SCORE and mode == "fused"
+                                          and evidence > 0 else "memory")))
 
 
 @dataclass

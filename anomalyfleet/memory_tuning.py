@@ -203,8 +203,10 @@ def choose_candidate(candidates: list[Candidate], metric: str, labels: np.ndarra
                      reference: Candidate | None = None, confidence: float = 0.0) -> Candidate:
     """The candidate to use; `candidates` in `candidate_settings` order.
 
-    Without a reference (or confidence 0): the best on `metric`, ties to the smaller prompt weight
-    (memory alone first, prompts alone last). With one, on image AUROC: the best of the candidates
+    Without a reference (or confidence 0): the best on `metric`, ties to the reference, then to the
+    smaller prompt weight (memory alone first, prompts alone last): the fused map is the memory's,
+    so on pixel metrics every fused weight ties with the memory alone, and a tie must not switch a
+    fused bundle to memory mode (losing the prompts' image evidence). With one, on image AUROC: the best of the candidates
     whose gain over the reference has a positive lower bound at `confidence` (paired bootstrap),
     else the reference. With a handful of labelled defects the ranking of weights is mostly noise
     (benchmarks/line_memory_products.py measures it); this keeps a bundle from moving on noise.
@@ -215,7 +217,7 @@ def choose_candidate(candidates: list[Candidate], metric: str, labels: np.ndarra
     order = {c.name: i for i, c in enumerate(candidates[1:] + candidates[:1])}
 
     def best_of(pool: list[Candidate]) -> Candidate:
-        return max(pool, key=lambda c: (round(c.report[metric], 9), -order[c.name]))
+        return max(pool, key=lambda c: (round(c.report[metric], 9), c is reference, -order[c.name]))
 
     best = best_of(ranked)
     if reference is None or confidence <= 0 or metric != "image_auroc" or best is reference:

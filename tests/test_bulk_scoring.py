@@ -111,8 +111,8 @@ def test_two_lines_from_s3_match_the_cli(ray_local, s3_env, tmp_path, openai_cli
     assert main(["bulk-score", "--registry", str(registry), "--input", "line-x=/nowhere", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_an_empty_line_directory_is_skipped_but_a_missing_one_is_an_error(tmp_path):
-    from anomalyfleet.bulk_scoring import BulkScoreConfig, LineInput, Shard, empty_lines, list_line_images
+def test_an_empty_line_directory_is_skipped_but_a_missing_one_is_an_error(tmp_path, openai_clip_file):
+    from anomalyfleet.bulk_scoring import BulkScoreConfig, LineInput, Shard, empty_lines, list_line_images, plan_shards
 
     (tmp_path / "quiet" / "sub").mkdir(parents=True)
     (tmp_path / "quiet" / "notes.txt").write_text("no image here")
@@ -125,6 +125,15 @@ def test_an_empty_line_directory_is_skipped_but_a_missing_one_is_an_error(tmp_pa
     assert empty_lines(config, [busy]) == {"b": str(tmp_path / "quiet")}
     with pytest.raises(DataError, match=f"no images .* under {tmp_path}/busy, {tmp_path}/quiet"):
         empty_lines(config, [])
+    # Grouped modes plan the busy line's groups and nothing for the quiet one.
+    busy_images = write_line_images(tmp_path / "busy", normals=6, anomalies=0, size=48, seed=5)
+    bundle = str(make_bundle(openai_clip_file, tmp_path / "bundle", seed=4, threshold=0.5))
+    grouped = BulkScoreConfig(inputs=(LineInput("a", str(busy_images), bundle, None),
+                                      LineInput("b", str(tmp_path / "quiet"), bundle, None)),
+                              output=str(tmp_path / "out"), batch_zero_shot=5)
+    shards = plan_shards(grouped)
+    assert {s.line for s in shards} == {"a"} and sum(len(s.images) for s in shards) == 6
+    assert empty_lines(grouped, shards) == {"b": str(tmp_path / "quiet")}
 
 
 def test_killed_job_resumes_without_gaps_or_repeats(tmp_path, openai_clip_file):

@@ -249,3 +249,12 @@ def test_console_script_help():
     assert result.returncode == 0
     for command in ("train", "score", "eval", "import-checkpoint"):
         assert command in result.stdout
+
+
+def test_the_parser_builds_without_importing_torch():
+    """Every command, `--help` included, builds the whole parser first: a module it imports that
+    pulls in torch (seconds) would make each of them slow."""
+    code = ("import sys; from anomalyfleet.cli import build_parser; build_parser(); "
+            "heavy = sorted(m for m in ('torch', 'ray', 'PIL') if m in sys.modules); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -115,7 +115,8 @@ def test_empty_layout_is_an_error(tmp_path):
 def test_every_reader_refuses_an_undecodable_file_with_the_same_line(tmp_path):
     """Training data, synthesis normals (local header check and the object-storage reader) name the
     file and say why in one shared sentence."""
-    from anomalyfleet.data.transforms import UNREADABLE, load_image
+    from anomalyfleet.data.transforms import load_image
+    from anomalyfleet.errors import UNREADABLE
     from anomalyfleet.synthesis import library
 
     bad = tmp_path / "bad.png"

@@ -617,8 +617,10 @@ def test_memory_tune_writes_the_best_candidate_and_the_bundle_scores_as_reported
     # The bundle's own weight (the default 0.1) is always a candidate.
     assert list(table) == ["prompts", "memory", "fused w=0.1", "fused w=0.3", "fused w=1"]
     assert summary["images"] == 12 + 8 - 4
-    order = ["memory", "fused w=0.1", "fused w=0.3", "fused w=1", "prompts"]  # ties: the smaller prompt weight
-    expected = max(order, key=lambda name: (round(table[name]["image_auroc"], 9), -order.index(name)))
+    # Ties: the bundle's own setting (fused w=0.1), then the smaller prompt weight.
+    order = ["memory", "fused w=0.1", "fused w=0.3", "fused w=1", "prompts"]
+    expected = max(order, key=lambda name: (round(table[name]["image_auroc"], 9), name == "fused w=0.1",
+                                            -order.index(name)))
     assert summary["chosen"] == expected
     tuned = _load(tmp_path / "tuned")
     assert tuned.memory.fusion.mode == ("prompts" if expected == "prompts" else "memory" if expected == "memory"
@@ -698,6 +700,12 @@ def test_auroc_gain_bound_keeps_the_reference_on_noise_and_moves_on_evidence():
     # Clearly better: it is chosen.
     clear = candidate("memory", strong)
     assert choose_candidate([pool[0], clear, reference, nudged], "image_auroc", labels, reference, 0.95) is clear
+    # A tie (pixel metrics: every fused weight has the memory's map) keeps the reference; without a
+    # reference, ties go to the memory alone, then the smaller weight.
+    tied = [Candidate(name, FusionSettings(), {"pixel_auroc": 0.8}, signal)
+            for name in ("prompts", "memory", "fused w=0", "fused w=0.1", "fused w=0.3")]
+    assert choose_candidate(tied, "pixel_auroc", labels, tied[3], 0.95) is tied[3]
+    assert choose_candidate(tied, "pixel_auroc") is tied[1]
 
 
 def test_memory_mode_bundles_from_before_rules_2_score_as_they_did(tiny_detector_bundle, line_data):
@@ -965,7 +973,8 @@ def test_memory_position_share_round_trips_and_older_bundles_keep_their_scores(t
     older = shutil.copytree(fused, tmp_path / "older")
     meta = json.loads((older / "detector.json").read_text())
     meta["format_version"] = 3
-    meta["memory"]["fusion"] = {k: v for k, v in meta["memory"]["fusion"].items() if k != "memory_position"}
+    meta["memory"]["fusion"] = {k: v for k, v in meta["memory"]["fusion"].items() if k not in ("memory_position",
+                                                                                               "map_score")}
     meta["memory"]["fusion"]["rules"] = 3
     del meta["memory"]["calibration"]["memory_position_score"]
     (older / "detector.json").write_text(json.dumps(meta))
@@ -1030,13 +1039,26 @@ def test_fused_bundles_from_before_the_map_score_keep_their_maps(tiny_detector_b
     shift = 0.5 * (legacy.scores - _memory_scores(old, images))
     np.testing.assert_allclose(legacy.maps, new.maps + shift[:, None, None], atol=1e-4)
     assert not np.allclose(legacy.maps, new.maps, atol=1e-3)
+    # The maps change, the image scores do not: only the pixel threshold goes.
     code, _, err = _cli(["memory", "set", "--detector", str(older), "--map-score", "memory"], capsys)
     assert code == 0, err
-    assert "thresholds (image, pixel)" in err
+    assert "thresholds (pixel)" in err
     switched = _load(older)
-    assert switched.memory.fusion.map_score == "memory" and switched.thresholds == {}
+    assert switched.memory.fusion.map_score == "memory" and switched.thresholds == {"image": 1.0}
     assert read_bundle_metadata(older)["memory"]["fusion"]["rules"] == 5
     np.testing.assert_array_equal(switched.predict(images).maps, new.maps)
+    # A prompt weight changes the image scores, not the fused map (the memory's): the image threshold goes.
+    switched.thresholds = {"image": 1.0, "pixel": 2.0}
+    save_bundle(switched, older)
+    code, out, err = _cli(["memory", "set", "--detector", str(older), "--prompt-weight", "0.3"], capsys)
+    assert code == 0 and json.loads(out)["thresholds_dropped"] == ["image"], err
+    assert _load(older).thresholds == {"pixel": 2.0}
+    # Where the old formula was not in use (memory mode, no image evidence), an old bundle takes
+    # today's default for a later switch to fused mode.
+    legacy_memory_mode = {k: v for k, v in meta["memory"]["fusion"].items() if k != "map_score"} | {"mode": "memory"}
+    assert FusionSettings.from_dict(legacy_memory_mode).map_score == "memory"
+    assert FusionSettings.from_dict(legacy_memory_mode | {"mode": "fused"}).map_score == "fused"
+    assert FusionSettings.from_dict(legacy_memory_mode | {"mode": "fused", "image_evidence": 0.0}).map_score == "memory"
     with pytest.raises(SystemExit) as refused:
         _cli(["memory", "set", "--detector", str(older), "--map-score", "pixels"], capsys)
     assert refused.value.code == 2 and "map score must be one of memory, fused" in capsys.readouterr().err

@@ -342,7 +342,7 @@ def test_metrics_on_rays_export_port(env):
         conn.sendall(b"POST /v1/lines/line-r/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALL_TOKEN.encode()
                      + b"\r\nContent-Type: image/png\r\nContent-Length: " + str(len(image)).encode() + b"\r\n\r\n"
                      + image[:len(image) // 2])
-        time.sleep(3)  # the request reaches the gateway, which waits for the rest of the body (body timeout: 10 s)
+        time.sleep(6)  # the request reaches the gateway (can take seconds on a loaded machine); body timeout: 10 s
     wanted = [
         'ray_anomalyfleet_requests_total{', 'ray_anomalyfleet_errors_total{', 'ray_anomalyfleet_score_bucket{',
         'ray_anomalyfleet_request_latency_ms_bucket{', 'ray_anomalyfleet_model_latency_ms_bucket{',

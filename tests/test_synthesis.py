@@ -206,7 +206,7 @@ def test_library_resume_skips_finished_and_redoes_missing(tmp_path, normals):
     assert synthesize_library(recipe, progress=False).shards_done_now == 0
 
 
-def test_a_given_embedding_file_is_part_of_the_recipe_by_content(tmp_path, normals):
+def test_a_given_embedding_file_is_part_of_the_recipe_by_content(tmp_path, normals, capsys):
     """A recipe names its embedding files by path; a file replaced there is another recipe, so a
     resumed library is not finished with a different defect. Recipes without such files keep the
     fingerprint earlier versions wrote (their libraries still resume)."""
@@ -228,6 +228,19 @@ def test_a_given_embedding_file_is_part_of_the_recipe_by_content(tmp_path, norma
     plain = parse_recipe(recipe_dict(normals, tmp_path / "lib2"))
     earlier = hashlib.sha256(json.dumps({"recipe": plain.content(), "normals": sources}, sort_keys=True).encode())
     assert library.recipe_fingerprint(plain, sources) == earlier.hexdigest()
+
+    # A library started by the version before (its fingerprint without the files) is taken up, once:
+    # recipe.json then pins the files as they are, and a file replaced later is refused.
+    emb.write_bytes(b"first embedding")
+    root = str(tmp_path / "lib")
+    legacy = library.recipe_fingerprint(recipe, sources, embedding_files=False)
+    assert legacy != before and library._check_recipe(root, recipe, legacy)  # as the older version wrote it
+    assert not library._check_recipe(root, recipe, before, legacy)
+    assert "started before embedding files counted" in capsys.readouterr().err
+    assert json.loads((tmp_path / "lib" / "recipe.json").read_text())["fingerprint"] == before
+    emb.write_bytes(b"other embedding")
+    with pytest.raises(ConfigError, match="different recipe .*embedding files"):
+        library._check_recipe(root, recipe, library.recipe_fingerprint(recipe, sources), legacy)
 
 
 def test_of_two_runs_starting_on_one_output_with_different_recipes_one_is_refused(tmp_path, normals, monkeypatch):
@@ -257,6 +270,7 @@ def test_library_refuses_a_different_recipe(tmp_path, normals):
                               progress=False).shards_done_now == 0
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the flushed files through /proc")
 def test_a_local_shard_is_on_disk_before_it_is_renamed_finished(tmp_path, normals, monkeypatch):
     """The rename marks a shard finished, so every file and directory in it is flushed first and
     the shards directory after: a power loss cannot leave a "finished" shard of empty files."""

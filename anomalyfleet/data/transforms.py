@@ -9,22 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalyfleet.errors import DataError
+from anomalyfleet.errors import DECODE_ERRORS, DataError, unreadable_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-UNREADABLE = "corrupt, empty or not an image"
-# What PIL raises on a file it cannot decode (UnidentifiedImageError is an OSError).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)
-
-
-def unreadable_image(where: str | Path) -> DataError:
-    """The one error every reader gives for bytes that do not decode as an image."""
-    return DataError(f"cannot read image {where}: {UNREADABLE}")
 
 
 def _open(path: str | Path) -> Image.Image:

@@ -216,13 +216,24 @@ def sync_tree(root: Path) -> None:
         sync_directory(Path(directory))
 
 
+# How systems say a directory cannot be opened or flushed (Windows, some network and FUSE file
+# systems): nothing more can be done there. An I/O error stays an error.
+_NO_DIRECTORY_SYNC = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES,
+                      errno.EPERM, errno.EISDIR}
+
+
 def sync_directory(path: Path) -> None:
     """Flush a directory's entries (a rename into it is durable once this returns)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        if exc.errno in _NO_DIRECTORY_SYNC:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError as exc:  # some file systems refuse fsync on a directory: nothing more to do there
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECTORY_SYNC:
             raise
     finally:
         os.close(fd)

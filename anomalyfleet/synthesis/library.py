@@ -56,8 +56,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import anomalyfleet
 from anomalyfleet import storage
-from anomalyfleet.data.transforms import DECODE_ERRORS, to_rgb, unreadable_image
-from anomalyfleet.errors import ConfigError, DataError, user_error_in, validation_problem, yaml_problem
+from anomalyfleet.data.transforms import to_rgb
+from anomalyfleet.errors import (DECODE_ERRORS, ConfigError, DataError, unreadable_image, user_error_in, validation_problem,
+                                 yaml_problem)
 from anomalyfleet.manifest import MANIFEST_NAME, write_manifest
 from anomalyfleet.storage import ObjectNotFound
 from anomalyfleet.storage.local import sync_directory, sync_tree
@@ -334,9 +335,11 @@ def given_embeddings_digest(recipe: Recipe) -> dict[str, str]:
     return digests
 
 
-def recipe_fingerprint(recipe: Recipe, normals: list[str]) -> str:
+def recipe_fingerprint(recipe: Recipe, normals: list[str], embedding_files: bool = True) -> str:
+    """What a library is made from. `embedding_files` False: as written before embedding files were
+    counted by content (libraries of that version still resume)."""
     content = {"recipe": recipe.content(), "normals": normals}
-    given = given_embeddings_digest(recipe)
+    given = given_embeddings_digest(recipe) if embedding_files else {}
     if given:  # only then: libraries without such files keep the fingerprint they were made with
         content["embedding_files"] = given
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -637,9 +640,12 @@ def finished_shards(root: str | Path) -> set[str]:
     return {p.name for p in directory.iterdir() if not p.name.startswith(".") and (p / "manifest.jsonl").is_file()}
 
 
-def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> bool:
+def _check_recipe(root: str, recipe: Recipe, fingerprint: str, before_embedding_files: str | None = None) -> bool:
     """recipe.json goes in before any shard, so a killed run can be resumed and a different recipe
-    is refused instead of mixed in. True when this call wrote it (this run starts the library)."""
+    is refused instead of mixed in. True when this call wrote it (this run starts the library).
+    `before_embedding_files`: the fingerprint the version before embedding files were counted
+    would have written; a library it started is taken up, its recipe.json rewritten (the files
+    cannot be checked against what it was made with, and the run says so)."""
     path = storage.join(root, "recipe.json")
     if not storage.exists(path):
         if finished_shards(root):
@@ -665,6 +671,11 @@ def _check_recipe(root: str, recipe: Recipe, fingerprint: str) -> bool:
     # Read back, also after writing: of two runs started on the same output at once, the one whose
     # recipe did not land is refused here rather than mixing its shards in.
     previous = json.loads(storage.read_bytes(path))
+    if before_embedding_files is not None and previous.get("fingerprint") == before_embedding_files:
+        print(f"note: {root} was started before embedding files counted in a library's recipe; its remaining "
+              "shards use the embedding files as they are now", file=sys.stderr)
+        previous["fingerprint"] = fingerprint
+        storage.write_bytes(path, json.dumps(previous, indent=1, sort_keys=True).encode())
     if previous.get("fingerprint") != fingerprint:
         raise ConfigError(f"{root} holds a library made from a different recipe (or different normal images or "
                           "embedding files); use a new output directory")
@@ -862,7 +873,9 @@ def synthesize_library(recipe: Recipe, *, progress: bool = True, actors: int | N
         except FileExistsError:
             pass
     try:
-        started_library = _check_recipe(root, recipe, recipe_fingerprint(recipe, normals))
+        fingerprint = recipe_fingerprint(recipe, normals)
+        legacy = recipe_fingerprint(recipe, normals, embedding_files=False)
+        started_library = _check_recipe(root, recipe, fingerprint, None if legacy == fingerprint else legacy)
     except BaseException:
         if created_dir:
             # Only if still empty: another run may have put its recipe (and shards) in meanwhile.

@@ -316,9 +316,10 @@ class FusionSettings:
     is not used as a map: it lowered pixel AUROC and AUPRO on Magnetic Tile (the image score
     carries its gain into the map through a).
     The fused map takes the memory's image score, not the fused one: the fused score ranks images
-    better, yet mixed into the map it cost Magnetic Tile 0.2-0.9 pixel AUROC and 0.5-0.7 AUPRO at
-    k = 4 and 16 (and the synthetic-defect check 1.1-1.3 pixel AUROC), as the prompts carry image-level
-    evidence only; so the fused map is the memory's, and the fusion adds to the image score.
+    better, yet mixed into the map it cost Magnetic Tile 0.7-0.9 pixel AUROC and 0.5-0.7 AUPRO at
+    k = 4 and 16 (and the synthetic-defect check 1.1-1.3 pixel AUROC; results-zero-shot-memory-224.txt,
+    its "previous default" rows), as the prompts carry image-level evidence only; so the fused map is
+    the memory's, and the fusion adds to the image score.
     The weights are chosen on those products' labels: defaults, not per-line optima (`memory set
     --prompt-weight / --position-weight / --memory-position`).
     """

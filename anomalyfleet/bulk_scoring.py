@@ -212,10 +212,7 @@ def list_line_images(uri: str) -> list[str]:
     from anomalyfleet.scoring import IMAGE_SUFFIXES, list_images
 
     if not storage.is_remote(uri):
-        path = storage.parse(uri).path
-        if path.is_dir() and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
-            return []
-        return [str(p) for p in list_images(uri)]
+        return [str(p) for p in list_images(uri, allow_empty=True)]
     # Ordered by path components, as `score` orders files (its groups, and so peers' and batch
     # zero-shot scores, depend on the order): "cam/" before "cam-2/", which plain text reverses.
     return sorted((o.uri for o in storage.list_objects(uri) if Path(o.uri).suffix.lower() in IMAGE_SUFFIXES),
@@ -441,26 +438,21 @@ def _write_table(uri: str, table) -> None:
     storage.write_bytes(uri, buffer.getvalue())  # a whole object or file: a part's commit point
 
 
-def conform_part(uri: str) -> bool:
-    """Rewrite a part in the one schema if it is not; True if it was rewritten."""
+def conform_part(uri: str):
+    """(the part's table, whether it was rewritten): a part not in the one schema is rewritten in it."""
     import pyarrow.parquet as pq
 
     table, changed = conform_table(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
     if changed:
         _write_table(uri, table)
-    return changed
+    return table, changed
 
 
 def summarize(output: str, shards: list[Shard]) -> dict:
-    import pyarrow.parquet as pq
-
     per_line: dict[str, dict] = {}
     for shard in shards:
-        uri = shard.part_uri(output)
         # Every part is read here anyway: one of an earlier run in an older schema is rewritten now.
-        table, changed = conform_table(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
-        if changed:
-            _write_table(uri, table)
+        table, _ = conform_part(shard.part_uri(output))
         scores = np.asarray(table.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
         stats = per_line.setdefault(shard.line, {"images": 0, "errors": 0, "anomalous": 0, "scores": []})
         stats["images"] += table.num_rows

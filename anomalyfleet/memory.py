@@ -391,7 +391,7 @@ class FusionSettings:
         a = self.image_evidence
         v = self.prompt_map_weight if self.mode == "fused" else 0.0
         if a > 0 and self.mode == "fused" and self.map_score == "fused":
-            return ("fused score", v, a) + self.score_scale()[1:]
+            return ("fused score",) + self.score_scale()[1:]  # which holds v and a
         if a == 0:
             return ("memory map", v)
         share = self.memory_position if self.uses_memory_position else 0.0

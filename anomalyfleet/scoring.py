@@ -27,8 +27,9 @@ from anomalyfleet.manifest import atomic_write_bytes, default_mode, write_manife
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def list_images(path: str | Path) -> list[Path]:
-    """One image file, or every image below a directory (sorted, recursive).
+def list_images(path: str | Path, allow_empty: bool = False) -> list[Path]:
+    """One image file, or every image below a directory (sorted, recursive); a directory without one
+    is an error unless `allow_empty`.
 
     An s3:// object or prefix is fetched into the node's read-through cache first.
     """
@@ -40,7 +41,7 @@ def list_images(path: str | Path) -> list[Path]:
     if not path.is_dir():
         raise DataError(f"no such image file or directory: {path}")
     images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
+    if not images and not allow_empty:
         raise DataError(f"no images (png, jpg, bmp, tif) found under {path}")
     return images
 
